@@ -1,0 +1,33 @@
+# make install: .venv with the pinned, tested versions; make test: the suite; make demo: the digits run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LAUNCH := $(BIN)/accelerate launch --config_file accelerate_config.yaml --num_processes 2
+RUN_DIR := runs/digits
+
+.PHONY: install test test-fast demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest tests
+
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not slow"
+
+demo: install
+	$(LAUNCH) train.py --config configs/digits.yaml output_dir=$(RUN_DIR) --overwrite
+	$(LAUNCH) predict.py --config configs/digits.yaml output_dir=$(RUN_DIR) --checkpoint $(RUN_DIR)/checkpoints/best
+	@echo
+	@echo "submission:       $(RUN_DIR)/submission.csv"
+	@echo "TensorBoard logs: $(RUN_DIR)/tensorboard   ($(BIN)/tensorboard --logdir $(RUN_DIR)/tensorboard)"
+	@echo "metrics:          $(RUN_DIR)/metrics.jsonl"
+
+clean:
+	rm -rf runs data

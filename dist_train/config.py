@@ -1,0 +1,366 @@
+"""Typed run configuration: dataclass sections, strict YAML/JSON loading, dotted command-line overrides."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_train.errors import ConfigError
+
+MONITORABLE = ("val_loss", "val_accuracy", "val_f1_macro", "val_precision_macro", "val_recall_macro")
+
+
+@dataclass
+class DataConfig:
+    """Where the images and labels come from and how they are batched."""
+
+    source: Literal["digits", "csv", "folder"] = "digits"
+    """digits: scikit-learn's digits written once as PNGs + CSVs under `root`; csv: tables of image
+    paths and labels; folder: `train/<class>/*` style directories."""
+    root: str = "data/digits"
+    """Base directory; relative `train`/`val`/`test`/`image_root` paths resolve against it."""
+    train: str = "train.csv"
+    """csv: the training table; folder: the directory of class sub-folders."""
+    val: str | None = "val.csv"
+    """Validation table/directory; None holds out `val_fraction` of `train` (stratified, seeded)."""
+    test: str | None = "info.csv"
+    """Inference table (ids + image paths, no labels) or a flat directory of images."""
+    image_root: str | None = None
+    """Directory the CSV image paths are relative to (default: `root`)."""
+    image_column: str = "image"
+    label_column: str = "label"
+    id_column: str = "id"
+    classes: list[str] | None = None
+    """Class names in output order; None: the sorted labels found in `train`."""
+    val_fraction: float = 0.1
+    image_size: int = 32
+    """Images are resized to image_size x image_size."""
+    channels: Literal[1, 3] = 3
+    """1: grayscale, 3: RGB (images are converted on load)."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    train_augment: list[dict[str, Any]] = field(default_factory=list)
+    """torchvision.transforms.v2 transforms applied to training images, e.g.
+    `[{name: RandomAffine, degrees: 10}]`; applied after the resize, before normalisation."""
+    batch_size: int = 64
+    """Per process: the global batch is batch_size x processes x grad_accum_steps."""
+    eval_batch_size: int | None = None
+    """Per process, for validation and inference (default: batch_size)."""
+    num_workers: int = 2
+    pin_memory: bool = True
+    """Only takes effect on CUDA."""
+    persistent_workers: bool = True
+    balanced_sampler: bool = False
+    """Draw training samples with probability inversely proportional to their class frequency."""
+
+
+@dataclass
+class ModelConfig:
+    """Which network, its head, and which parts of it train."""
+
+    name: str = "small_cnn"
+    """`small_cnn` (for tiny images) or any torchvision classification model name, e.g. resnet18."""
+    num_classes: int | None = None
+    """None: the number of classes found in the data."""
+    pretrained: str | None = None
+    """Local weights file (.safetensors, or a weights-only torch .pt/.pth); a head of another
+    size is skipped. Nothing is ever downloaded."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name prefixes to freeze, e.g. [conv1, bn1, layer1] for transfer learning."""
+    dropout: float = 0.0
+    """Dropout before the small CNN's classifier (torchvision models keep their own)."""
+
+
+@dataclass
+class LossConfig:
+    """The training objective."""
+
+    name: Literal["cross_entropy", "focal", "f1"] = "cross_entropy"
+    label_smoothing: float = 0.0
+    """cross_entropy only: mass spread uniformly over all classes."""
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = None
+    """focal only: weight of the true class's term (None: no weighting)."""
+    class_weights: list[float] | None = None
+    """cross_entropy/focal: per-class weights, one per class."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and its hyper-parameters."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    decay_norm_and_bias: bool = False
+    """False puts normalisation weights and biases (tensors of one dimension) in a group without
+    weight decay."""
+    momentum: float = 0.9
+    """sgd only."""
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule, a function of optimizer steps (never of processes or micro-batches)."""
+
+    name: Literal["constant", "step", "cosine", "plateau"] = "cosine"
+    warmup_epochs: float = 0.0
+    """Linear warm-up length, in epochs (converted to optimizer steps)."""
+    warmup_start_factor: float = 0.01
+    step_size_epochs: float = 10.0
+    """step: multiply the LR by `gamma` every this many epochs."""
+    gamma: float = 0.1
+    min_lr: float = 0.0
+    """cosine: the LR reached at the last step; plateau: the floor."""
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    """plateau: evaluations without improvement of `checkpoint.monitor` before the LR drops."""
+    plateau_threshold: float = 1e-4
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    epochs: int = 10
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; None disables clipping."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """fp16 needs a GPU; bf16 runs on recent GPUs and on CPU."""
+    log_every_n_steps: int = 10
+    """Training loss, LR and gradient norm go to TensorBoard every this many optimizer steps."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement of `checkpoint.monitor`; 0 disables."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): slower, reproducible to the bit on one machine."""
+    distributed_timeout_s: int = 600
+    """How long a collective waits for the other processes before the job fails."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Which checkpoints are kept."""
+
+    monitor: str = "val_accuracy"
+    """The metric that picks `best`, drives early stopping and ReduceLROnPlateau."""
+    mode: Literal["max", "min"] = "max"
+    save_last: bool = True
+
+
+@dataclass
+class InferenceConfig:
+    """The submission file."""
+
+    output: str | None = None
+    """Submission CSV path; None: <output_dir>/submission.csv."""
+    id_column: str = "id"
+    label_column: str = "label"
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    output_dir: str = "runs/digits"
+    """Run directory: config, logs, checkpoints, TensorBoard, submission."""
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML/JSON at `path` (None: all defaults), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_file(Path(path))
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(raw, key, value)
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. optim.lr=3e-4)")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw[name], kind, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Return `value` as type `kind` or raise a ConfigError naming `key`."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if kind is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {kind}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    return number
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise TypeError(f"config type {kind} of {key} is not supported")
+    raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that must hold before any process starts."""
+    checks = [
+        (config.data.batch_size > 0, "data.batch_size must be positive"),
+        (config.data.eval_batch_size is None or config.data.eval_batch_size > 0, "data.eval_batch_size must be positive"),
+        (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.data.image_size > 0, "data.image_size must be positive"),
+        (len(config.data.mean) == config.data.channels, f"data.mean needs {config.data.channels} values (data.channels)"),
+        (len(config.data.std) == config.data.channels, f"data.std needs {config.data.channels} values (data.channels)"),
+        (all(s > 0 for s in config.data.std), "data.std values must be positive"),
+        (0.0 < config.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
+        (config.train.epochs > 0, "train.epochs must be positive"),
+        (config.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),
+        (config.train.max_grad_norm is None or config.train.max_grad_norm > 0, "train.max_grad_norm must be positive or null"),
+        (config.train.log_every_n_steps > 0, "train.log_every_n_steps must be positive"),
+        (config.train.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0"),
+        (config.optim.lr > 0, "optim.lr must be positive"),
+        (len(config.optim.betas) == 2, "optim.betas needs two values"),
+        (0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
+        (config.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs must be >= 0"),
+        (0.0 < config.scheduler.warmup_start_factor <= 1.0, "scheduler.warmup_start_factor must be in (0, 1]"),
+        (config.scheduler.step_size_epochs > 0, "scheduler.step_size_epochs must be positive"),
+        (config.model.num_classes is None or config.model.num_classes > 1, "model.num_classes must be at least 2"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if config.checkpoint.monitor not in MONITORABLE:
+        close = difflib.get_close_matches(config.checkpoint.monitor, MONITORABLE, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; choose one of {', '.join(MONITORABLE)}"
+        raise ConfigError(f"checkpoint.monitor: unknown metric {config.checkpoint.monitor!r}{hint}")
+    if config.data.classes is not None and len(set(config.data.classes)) != len(config.data.classes):
+        raise ConfigError("data.classes contains duplicates")
+    for i, spec in enumerate(config.data.train_augment):
+        if "name" not in spec:
+            raise ConfigError(f"data.train_augment[{i}] needs a `name` (a torchvision.transforms.v2 class)")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,298 @@
+"""Datasets (CSV tables, class folders, the embedded digits), transforms, samplers and loaders."""
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from dist_train.config import DataConfig
+from dist_train.errors import ConfigError, DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+DIGITS_SPLIT_SEED = 0
+DIGITS_MARKER = ".complete"
+
+
+@dataclass
+class Records:
+    """One split as plain lists: image paths, integer targets (-1 when unlabelled) and row ids."""
+
+    paths: list[Path]
+    targets: list[int]
+    ids: list[str]
+
+
+class ImageDataset(Dataset):
+    """Loads `records` one image at a time; yields (image, target, index into the split)."""
+
+    def __init__(self, records: Records, transform, channels: int):
+        self.records = records
+        self.transform = transform
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __len__(self) -> int:
+        return len(self.records.paths)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.records.paths[index]) as image:
+            image = image.convert(self.mode)
+        return self.transform(image), self.records.targets[index], index
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+
+
+def resolve(cfg: DataConfig, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(cfg.root) / p
+
+
+def read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"CSV file not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        for column in required:
+            if column not in columns:
+                close = difflib.get_close_matches(column, columns, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise DataError(f"{path}: missing column {column!r}{hint}; columns found: {', '.join(columns) or 'none'}")
+        return list(reader)
+
+
+def _check_images_exist(paths: list[Path], where: str) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(f"{where}: image file not found: {missing[0]}{more}")
+
+
+def _targets(labels: list[str], classes: list[str], where: str) -> list[int]:
+    index = {c: i for i, c in enumerate(classes)}
+    for row, label in enumerate(labels):
+        if label not in index:
+            raise DataError(
+                f"{where}: row {row + 1} has label {label!r}, which is not one of the "
+                f"{len(classes)} classes ({', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''})"
+            )
+    return [index[label] for label in labels]
+
+
+def sorted_labels(labels: list[str]) -> list[str]:
+    """Unique labels, numerically sorted when all are integers (so "10" comes after "9")."""
+    unique = set(labels)
+    if all(label.lstrip("-").isdigit() for label in unique):
+        return sorted(unique, key=int)
+    return sorted(unique)
+
+
+def _csv_split(cfg: DataConfig, table: str, labelled: bool) -> tuple[list[Path], list[str], list[str]]:
+    path = resolve(cfg, table)
+    required = [cfg.image_column] + ([cfg.label_column] if labelled else [cfg.id_column])
+    rows = read_csv(path, required)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.root)
+    paths = [image_root / row[cfg.image_column] for row in rows]
+    _check_images_exist(paths, str(path))
+    labels = [row[cfg.label_column] for row in rows] if labelled else []
+    if cfg.id_column in rows[0]:
+        ids = [row[cfg.id_column] for row in rows]
+    else:
+        ids = [Path(row[cfg.image_column]).stem for row in rows]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: column {cfg.id_column!r} has duplicate ids")
+    return paths, labels, ids
+
+
+def _folder_split(cfg: DataConfig, directory: str, labelled: bool) -> tuple[list[Path], list[str], list[str]]:
+    root = resolve(cfg, directory)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    paths, labels = [], []
+    if labelled:
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+        if not class_dirs:
+            raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
+        for class_dir in class_dirs:
+            files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += files
+            labels += [class_dir.name] * len(files)
+    else:
+        paths = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    ids = [str(p.relative_to(root).with_suffix("")) for p in paths]
+    return paths, labels, ids
+
+
+def _split(cfg: DataConfig, where: str, labelled: bool):
+    if cfg.source == "folder":
+        return _folder_split(cfg, where, labelled)
+    return _csv_split(cfg, where, labelled)
+
+
+def load_records(cfg: DataConfig, seed: int) -> tuple[Records, Records, list[str]]:
+    """The training and validation splits, and the class names (index = target)."""
+    if cfg.source == "digits":
+        materialize_digits(Path(cfg.root))
+    paths, labels, ids = _split(cfg, cfg.train, labelled=True)
+    classes = list(cfg.classes) if cfg.classes is not None else sorted_labels(labels)
+    if len(classes) < 2:
+        raise DataError(f"{resolve(cfg, cfg.train)}: found {len(classes)} class; need at least 2")
+    train = Records(paths, _targets(labels, classes, str(resolve(cfg, cfg.train))), ids)
+    if cfg.val is not None:
+        vpaths, vlabels, vids = _split(cfg, cfg.val, labelled=True)
+        val = Records(vpaths, _targets(vlabels, classes, str(resolve(cfg, cfg.val))), vids)
+    else:
+        train, val = _holdout(train, cfg.val_fraction, seed)
+    return train, val, classes
+
+
+def load_test_records(cfg: DataConfig) -> Records:
+    if cfg.test is None:
+        raise ConfigError("data.test is not set: nothing to predict")
+    if cfg.source == "digits":
+        materialize_digits(Path(cfg.root))
+    paths, _, ids = _split(cfg, cfg.test, labelled=False)
+    return Records(paths, [-1] * len(paths), ids)
+
+
+def _holdout(records: Records, fraction: float, seed: int) -> tuple[Records, Records]:
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(records.paths))
+    train_idx, val_idx = train_test_split(index, test_size=fraction, random_state=seed, stratify=records.targets)
+
+    def take(idx):
+        idx = sorted(idx)
+        return Records([records.paths[i] for i in idx], [records.targets[i] for i in idx], [records.ids[i] for i in idx])
+
+    return take(train_idx), take(val_idx)
+
+
+def materialize_digits(root: Path) -> None:
+    """Write scikit-learn's 1,797 digits once as 8x8 PNGs + train/val CSVs + an unlabelled info.csv.
+
+    The split is fixed (stratified 70/15/15, seed 0). Written into a temporary directory and renamed,
+    so concurrent processes or an interrupted run never see a half-written data set.
+    """
+    if (root / DIGITS_MARKER).is_file():
+        return
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    labels = digits.target
+    index = np.arange(len(labels))
+    train_idx, rest = train_test_split(index, test_size=0.3, random_state=DIGITS_SPLIT_SEED, stratify=labels)
+    val_idx, test_idx = train_test_split(rest, test_size=0.5, random_state=DIGITS_SPLIT_SEED, stratify=labels[rest])
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image, mode="L").save(tmp / "images" / f"{i:04d}.png")
+
+    def write(name: str, idx, header: list[str], row) -> None:
+        with open(tmp / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(row(i) for i in sorted(idx))
+
+    write("train.csv", train_idx, ["id", "image", "label"], lambda i: [f"digit_{i:04d}", f"images/{i:04d}.png", labels[i]])
+    write("val.csv", val_idx, ["id", "image", "label"], lambda i: [f"digit_{i:04d}", f"images/{i:04d}.png", labels[i]])
+    write("info.csv", test_idx, ["id", "image"], lambda i: [f"digit_{i:04d}", f"images/{i:04d}.png"])
+    write("test_labels.csv", test_idx, ["id", "label"], lambda i: [f"digit_{i:04d}", labels[i]])
+    (tmp / DIGITS_MARKER).write_text("scikit-learn digits, stratified 70/15/15 split, seed 0\n")
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        # Another process finished first (the target now exists) or `root` holds something else.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / DIGITS_MARKER).is_file():
+            raise DataError(f"cannot write the digits data set to {root}: the directory exists and is not a complete digits set") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms, samplers, loaders
+
+
+def build_transform(cfg: DataConfig, train: bool):
+    steps = [v2.ToImage(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)]
+    if train:
+        steps += [_augmentation(spec, i) for i, spec in enumerate(cfg.train_augment)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    return v2.Compose(steps)
+
+
+def _augmentation(spec: dict, i: int):
+    kwargs = dict(spec)
+    name = kwargs.pop("name")
+    cls = getattr(v2, str(name), None)
+    if not isinstance(cls, type):
+        names = [n for n in dir(v2) if n[:1].isupper()]
+        close = difflib.get_close_matches(str(name), names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"data.train_augment[{i}]: {name!r} is not a torchvision.transforms.v2 transform{hint}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"data.train_augment[{i}] ({name}): {exc}") from None
+
+
+class ClassBalancedSampler(Sampler[int]):
+    """Draws len(targets) indices per epoch with replacement, each class equally likely.
+
+    The draw is a function of (seed, epoch) only, so every process draws the same sequence and the
+    distributed loader's batch sharding splits it without overlap.
+    """
+
+    def __init__(self, targets: list[int], seed: int):
+        counts = np.bincount(targets)
+        self.weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
+
+
+def build_loader(dataset: ImageDataset, cfg: DataConfig, train: bool, seed: int) -> DataLoader:
+    """A loader for one process; `accelerator.prepare` shards it. Training order is seeded."""
+    workers = cfg.num_workers
+    sampler = None
+    if train and cfg.balanced_sampler:
+        sampler = ClassBalancedSampler(dataset.records.targets, seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size),
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        persistent_workers=cfg.persistent_workers and workers > 0,
+        # A loader-owned generator: creating an iterator never draws from the global RNG.
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=False,
+    )

@@ -1,0 +1,61 @@
+"""predict(): shard the test set over all processes, gather, and write one submission in the input's order."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dist_train.checkpoint import WEIGHTS_FILE
+from dist_train.config import Config
+from dist_train.data import ImageDataset, build_loader, build_transform, load_records, load_test_records
+from dist_train.distributed import build_accelerator, main_print
+from dist_train.engine import check_each_once, predict_gathered
+from dist_train.errors import CheckpointError
+from dist_train.models import build_model, read_weights
+from dist_train.submission import write_submission
+from dist_train.trainer import CLASSES_FILE
+
+
+def resolve_weights(checkpoint: str | Path) -> Path:
+    """A checkpoint directory (its model.safetensors) or a weights file itself."""
+    path = Path(checkpoint)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise CheckpointError(f"--checkpoint {checkpoint}: no weights at {weights}")
+    return weights
+
+
+def predict(config: Config, checkpoint: str | Path, output: str | Path | None = None) -> Path | None:
+    """Write the submission CSV; returns its path on the main process (None elsewhere)."""
+    weights = resolve_weights(checkpoint)
+    accelerator = build_accelerator(
+        seed=config.seed, mixed_precision=config.train.mixed_precision, timeout_s=config.train.distributed_timeout_s
+    )
+    classes_file = weights.parent / CLASSES_FILE
+    with accelerator.main_process_first():
+        records = load_test_records(config.data)
+        if classes_file.is_file():
+            classes = json.loads(classes_file.read_text())
+        else:  # a bare weights file: the classes come from the training data, as in training
+            classes = load_records(config.data, config.seed)[2]
+
+    # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
+    model = build_model(replace(config.model, pretrained=None, freeze=[]), len(classes), config.data.channels)
+    model.load_state_dict(read_weights(weights))
+    model.to(accelerator.device)
+    dataset = ImageDataset(records, build_transform(config.data, train=False), config.data.channels)
+    loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))
+    out = predict_gathered(accelerator, model, loader, "predict")
+    check_each_once(out["indices"], len(dataset), "inference")
+
+    path = Path(output or config.inference.output or Path(config.output_dir) / "submission.csv")
+    if accelerator.is_main_process:
+        order = torch.argsort(out["indices"])
+        predicted = out["logits"].argmax(dim=1)[order].tolist()
+        ids = [records.ids[i] for i in out["indices"][order].tolist()]
+        write_submission(path, ids, [classes[p] for p in predicted], config.inference.id_column, config.inference.label_column)
+        main_print(accelerator, f"wrote {len(ids)} predictions from {accelerator.num_processes} process(es) to {path}")
+    accelerator.wait_for_everyone()
+    return path if accelerator.is_main_process else None

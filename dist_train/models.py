@@ -1,0 +1,124 @@
+"""Build a classifier: torchvision models by name or a small CNN, local pretrained weights, head size, freezing."""
+from __future__ import annotations
+
+import difflib
+import pickle
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch import nn
+
+from dist_train.config import ModelConfig
+from dist_train.errors import CheckpointError, ConfigError
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks and a linear head: enough for 8x8-32x32 images such as the digits."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, dropout: float = 0.0):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.features = nn.Sequential(
+            block(in_channels, width),
+            nn.MaxPool2d(2),
+            block(width, 2 * width),
+            nn.MaxPool2d(2),
+            block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.features(x)))
+
+
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """The network named by `cfg.name` with a `num_classes` head, pretrained weights loaded, prefixes frozen."""
+    if cfg.name == "small_cnn":
+        model = SmallCNN(num_classes, in_channels, dropout=cfg.dropout)
+    else:
+        available = torchvision.models.list_models(module=torchvision.models)
+        if cfg.name not in available:
+            close = difflib.get_close_matches(cfg.name, available + ["small_cnn"], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"model.name: unknown model {cfg.name!r}{hint}")
+        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            raise ConfigError(f"model.name={cfg.name} expects 3-channel images; set data.channels=3")
+    if cfg.pretrained:
+        load_pretrained(model, cfg.pretrained)
+    if cfg.freeze:
+        freeze(model, cfg.freeze)
+    return model
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a weights-only torch file; pickled code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path), device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: refused to load, it holds more than weights ({reason})") from None
+    except Exception as exc:  # a corrupt or foreign file: name it instead of a deep traceback
+        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Load matching weights; tensors whose shape differs (the old head) are skipped and returned.
+
+    Any other missing or unexpected key is an error: a silently half-loaded backbone is worse than none.
+    """
+    state = read_weights(path)
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    for key in skipped:
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in skipped]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+        )
+    return skipped
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> int:
+    """Set requires_grad=False on parameters whose name starts with a prefix; returns how many."""
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in names):
+            raise ConfigError(f"model.freeze: no parameter name starts with {prefix!r} (e.g. {', '.join(names[:4])})")
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in prefixes):
+            param.requires_grad_(False)
+            frozen += 1
+    if frozen == len(names):
+        raise ConfigError("model.freeze froze every parameter: nothing would train")
+    return frozen
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen

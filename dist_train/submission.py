@@ -1,0 +1,23 @@
+"""The submission CSV: one row per input id, in the input's order, written atomically by one process."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+
+def write_submission(path: Path, ids: list[str], labels: list[str], id_column: str = "id", label_column: str = "label") -> Path:
+    if len(ids) != len(labels):
+        raise ValueError(f"submission: {len(ids)} ids but {len(labels)} labels")
+    if len(set(ids)) != len(ids):
+        raise ValueError("submission: duplicate ids")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow([id_column, label_column])
+        writer.writerows(zip(ids, labels))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,26 @@
+"""Package metadata for dist_train; exact tested versions live in constraints.txt."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dist_train",
+    version="0.1.0",
+    description="Distributed training of PyTorch image classifiers on Accelerate: CPU, one GPU, many GPUs, SLURM.",
+    packages=find_packages(include=["dist_train", "dist_train.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.11",
+        "torchvision>=0.26",
+        "accelerate>=1.10,<2",
+        "tensorboard>=2.15",
+        "scikit-learn>=1.3",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "pillow>=10",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15", "transformers>=4.40"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+)
