@@ -1,6 +1,7 @@
 """The explicit loop: train_one_epoch and evaluate. Everything else (what to build, when to save) lives elsewhere."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -9,6 +10,14 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dist_train.optim import Schedule
+
+
+def progress(iterable, desc: str, accelerator: Accelerator) -> tqdm:
+    """A bar on the main process only; redrawn rarely when the output is a log file, not a terminal."""
+    return tqdm(
+        iterable, desc=desc, disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
 
 
 @dataclass
@@ -45,7 +54,7 @@ def train_one_epoch(
     local_samples = local_batches = steps = 0
     window_start = time.perf_counter()
     window_samples = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True)
+    bar = progress(loader, f"epoch {epoch}", accelerator)
     for images, targets, _ in bar:
         # accumulate() turns off DDP's gradient all-reduce on all but the last micro-batch of each
         # window (and always syncs at the end of the loader, so no gradient leaks into the next epoch).
@@ -100,7 +109,7 @@ def predict_gathered(accelerator: Accelerator, model: torch.nn.Module, loader, d
     """
     model.eval()
     outputs = {"logits": [], "targets": [], "indices": [], "losses": []}
-    for images, targets, indices in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
+    for images, targets, indices in progress(loader, desc, accelerator):
         with accelerator.autocast():
             logits = model(images)
         batch = {"logits": logits.float(), "targets": targets, "indices": indices}

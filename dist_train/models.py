@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import difflib
 import pickle
+import pickletools
+import zipfile
 from pathlib import Path
 
 import torch
@@ -68,10 +70,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = str(exc).splitlines()
-        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-        raise CheckpointError(f"{path}: refused to load, it holds more than weights ({reason})") from None
+    except pickle.UnpicklingError:
+        found = ", ".join(pickled_globals(path)) or "unsupported pickle content"
+        raise CheckpointError(f"{path}: refused to load, it holds more than weights (it would import: {found})") from None
     except Exception as exc:  # a corrupt or foreign file: name it instead of a deep traceback
         raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -79,6 +80,28 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
     return state
+
+
+def pickled_globals(path: Path) -> list[str]:
+    """The `module.name` globals a pickle (raw, or inside a torch zip file) would import, read without running it."""
+    data = path.read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            data = archive.read(member) if member else b""
+    found, strings = [], []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # a truncated pickle: report what was read so far
+        pass
+    harmless = ("torch.", "collections.OrderedDict", "numpy.")
+    return sorted({g for g in found if not g.startswith(harmless)})
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:

@@ -189,7 +189,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
             + ("  * best" if improved else ""),
         )
         patience = config.train.early_stopping_patience
-        if patience and state.evals_without_improvement >= patience:
+        if patience and state.evals_without_improvement >= patience and state.epoch < config.train.epochs:
             main_print(accelerator, f"early stop: {monitor} did not improve for {patience} evaluations")
             stopped_early = True
             break

@@ -1,0 +1,88 @@
+"""Optimizers and schedules: weight-decay groups, and LR curves as closed-form functions of optimizer steps."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dist_train.config import OptimConfig, SchedulerConfig
+from dist_train.optim import Schedule, build_optimizer, param_groups
+
+
+def model():
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    groups = param_groups(model(), 0.05, decay_norm_and_bias=False)
+    assert [len(g["params"]) for g in groups] == [2, 4]
+    assert all(p.ndim == 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.05
+    assert all(p.ndim == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+    assert len(param_groups(model(), 0.05, decay_norm_and_bias=True)) == 1
+
+
+@pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_optimizers(name, cls):
+    m = model()
+    m[0].weight.requires_grad_(False)
+    opt = build_optimizer(OptimConfig(name=name, lr=0.1, weight_decay=0.01), m)
+    assert isinstance(opt, cls) and opt.param_groups[0]["lr"] == 0.1
+    assert sum(len(g["params"]) for g in opt.param_groups) == 5  # frozen weights are left out
+
+
+def lrs(cfg, steps_per_epoch=10, epochs=3, lr=1.0):
+    opt = torch.optim.SGD(model().parameters(), lr=lr)
+    schedule = Schedule(cfg, opt, steps_per_epoch, epochs, "max")
+    out = [schedule.lr()]
+    for _ in range(steps_per_epoch * epochs):
+        opt.step()
+        schedule.step()
+        out.append(schedule.lr())
+    return out, schedule
+
+
+def test_warmup_then_cosine_is_closed_form():
+    curve, _ = lrs(SchedulerConfig(name="cosine", warmup_epochs=1, warmup_start_factor=0.1, min_lr=0.01))
+    warm, total = 10, 30
+    for step, lr in enumerate(curve):
+        if step < warm:
+            expected = 0.1 + 0.9 * step / warm
+        else:
+            expected = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+        assert lr == pytest.approx(expected, abs=1e-9), step
+
+
+def test_step_decay_every_n_epochs():
+    curve, _ = lrs(SchedulerConfig(name="step", step_size_epochs=1, gamma=0.5))
+    assert curve[:10] == [1.0] * 10 and curve[10:20] == [0.5] * 10 and curve[20:30] == [0.25] * 10
+
+
+def test_constant_with_warmup():
+    curve, _ = lrs(SchedulerConfig(name="constant", warmup_epochs=0.5, warmup_start_factor=0.2))
+    assert curve[0] == pytest.approx(0.2) and curve[5:] == [1.0] * 26
+
+
+def test_plateau_reduces_after_patience_and_not_per_step():
+    curve, schedule = lrs(SchedulerConfig(name="plateau", plateau_patience=1, plateau_factor=0.5))
+    assert curve == [1.0] * 31
+    for value, expected in [(0.5, 1.0), (0.5, 1.0), (0.5, 0.5), (0.6, 0.5), (0.6, 0.5), (0.6, 0.25)]:
+        schedule.step_metric(value)
+        assert schedule.lr() == expected
+
+
+def test_state_dict_resumes_the_same_curve():
+    cfg = SchedulerConfig(name="cosine", warmup_epochs=1)
+    full, _ = lrs(cfg)
+    opt = torch.optim.SGD(model().parameters(), lr=1.0)
+    first = Schedule(cfg, opt, 10, 3, "max")
+    for _ in range(13):
+        first.step()
+    opt2 = torch.optim.SGD(model().parameters(), lr=1.0)
+    second = Schedule(cfg, opt2, 10, 3, "max")
+    second.load_state_dict(first.state_dict())
+    opt2.param_groups[0]["lr"] = first.lr()  # the optimizer's own state_dict carries the LR on resume
+    rest = []
+    for _ in range(17):
+        second.step()
+        rest.append(second.lr())
+    assert rest == pytest.approx(full[14:])
