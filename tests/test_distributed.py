@@ -1,0 +1,170 @@
+"""Real multi-process runs (gloo on CPU): sharding, gathering, identical weights, one submission, LR parity, resume."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
+from dist_train.config import ModelConfig
+from dist_train.models import build_model, read_weights
+from dist_train.trainer import weights_digest
+
+TRAIN = 1257  # digits training split
+VAL = 270
+TEST = 270
+
+
+def train_run(digits_root, out, processes, **overrides):
+    run_cli("train.py", ["--config", config_path("digits.yaml"), *tiny_overrides(digits_root, out, **overrides)], processes)
+    return json.loads((out / "run_info.json").read_text()), read_jsonl(out / "metrics.jsonl")
+
+
+def scalars(run_dir, tag):
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(digits_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two")
+    info, metrics = train_run(digits_root, out, 2)
+    return out, info, metrics
+
+
+def test_two_processes_each_train_on_half_and_end_with_identical_weights(two_process_run):
+    out, info, metrics = two_process_run
+    assert info["num_processes"] == 2 and info["distributed_type"] == "DistributedType.MULTI_CPU"
+    batches = math.ceil(math.ceil(TRAIN / 32) / 2)  # 40 batches of 32 dealt out to 2 ranks
+    assert info["batches_per_epoch_per_process"] == batches == 20
+    assert info["global_batch"] == 64
+    for record in metrics:
+        assert record["rank_batches"] == [batches, batches]
+        # each rank sees half; the last batch is completed with repeats from the epoch's start
+        assert record["rank_samples"] == [batches * 32, batches * 32]
+        assert sum(record["rank_samples"]) - TRAIN < 64
+        assert record["val_samples"] == VAL  # gathered, padding dropped: each sample once
+    digests = info["final_weights_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    model = build_model(ModelConfig(), 10, 1)
+    model.load_state_dict(read_weights(out / "checkpoints" / "last" / "model.safetensors"))
+    assert weights_digest(model) == digests[0]  # the checkpoint holds exactly the trained weights
+    assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: the main process
+
+
+def test_run_directory_contents(two_process_run):
+    out, info, metrics = two_process_run
+    assert (out / "config.yaml").is_file()
+    assert [m["epoch"] for m in metrics] == [1, 2] and [m["step"] for m in metrics] == [20, 40]
+    for key in ("val_loss", "val_accuracy", "val_f1_macro", "lr", "samples_per_sec"):
+        assert all(isinstance(m[key], float) for m in metrics), key
+    assert info["versions"]["torch"] == torch.__version__
+    state = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2 and state["global_step"] == 40
+    assert [s[1] for s in scalars(out, "val/accuracy")] == pytest.approx([m["val_accuracy"] for m in metrics])
+    assert len(scalars(out, "train/loss")) == 40  # log_every_n_steps=1: one point per optimizer step
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_submission_is_identical_whatever_the_number_of_processes(two_process_run, tmp_path, digits_root, processes):
+    out, _, _ = two_process_run
+    files = {}
+    for n in (1, processes):
+        files[n] = tmp_path / f"submission_{n}.csv"
+        args = ["--config", config_path("digits.yaml"), "--checkpoint", str(out / "checkpoints" / "best"),
+                "--output", str(files[n]), *tiny_overrides(digits_root, out)]
+        run_cli("predict.py", args, processes=n)
+    assert files[1].read_bytes() == files[processes].read_bytes()
+    with open(files[1]) as f:
+        rows = list(csv.DictReader(f))
+    with open(digits_root / "info.csv") as f:
+        expected_ids = [r["id"] for r in csv.DictReader(f)]
+    assert [r["id"] for r in rows] == expected_ids  # every id once, in the input's order
+    assert len(rows) == TEST and {r["label"] for r in rows} <= {str(d) for d in range(10)}
+
+
+@pytest.fixture(scope="module")
+def reference_run(digits_root, tmp_path_factory):
+    """One process with the global batch (64): the run the others must reproduce."""
+    out = tmp_path_factory.mktemp("ref")
+    train_run(digits_root, out, 1, **{"data.batch_size": 64, "train.epochs": 4, "scheduler.warmup_epochs": 1})
+    return out
+
+
+def test_lr_schedule_is_the_same_with_two_processes_and_accumulation(reference_run, digits_root, tmp_path):
+    info, _ = train_run(digits_root, tmp_path, 2, **{"data.batch_size": 16, "train.grad_accum_steps": 2,
+                                                     "train.epochs": 4, "scheduler.warmup_epochs": 1})
+    assert info["global_batch"] == 64 and info["optimizer_steps_per_epoch"] == 20
+    reference = scalars(reference_run, "train/lr")
+    assert [s for s, _ in reference] == list(range(1, 81))
+    assert scalars(tmp_path, "train/lr") == reference
+    # and it is the closed form: linear warm-up over one epoch, then cosine to 0 over the rest
+    lr = 3e-3
+    expected = [lr * (0.01 + 0.99 * s / 20) if s < 20 else lr * 0.5 * (1 + math.cos(math.pi * (s - 20) / 60)) for s in range(1, 81)]
+    assert [v for _, v in reference] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_resume_after_kill_continues_the_run(reference_run, digits_root, tmp_path):
+    args = ["--config", config_path("digits.yaml"),
+            *tiny_overrides(digits_root, tmp_path, **{"train.epochs": 4, "scheduler.warmup_epochs": 1})]
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+           "--num_processes", "2", str(ROOT / "train.py"), *args]
+    job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics_file = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics_file.exists() or len(read_jsonl(metrics_file)) < 2):
+        assert job.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    done = json.loads((tmp_path / "checkpoints" / "last" / "trainer_state.json").read_text())["epoch"]
+    assert 2 <= done < 4
+
+    run_cli("train.py", [*args, "--resume", "auto"], processes=2)
+    metrics = read_jsonl(metrics_file)
+    assert [m["epoch"] for m in metrics] == list(range(1, 5))
+    assert [m["step"] for m in metrics] == [20, 40, 60, 80]
+    assert all(m["rank_batches"] == [20, 20] for m in metrics)
+    # the schedule picks up where it stopped: the resumed steps have the uninterrupted run's LRs
+    resumed = [(s, v) for s, v in scalars(tmp_path, "train/lr") if s > done * 20]
+    assert resumed == [(s, v) for s, v in scalars(reference_run, "train/lr") if s > done * 20]
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["epochs_completed"] == 4 and len(set(info["final_weights_sha256_per_rank"])) == 1
+
+
+def test_plain_num_processes_on_cpu_is_refused_not_run_unsharded(digits_root, tmp_path):
+    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "2", str(ROOT / "train.py"),
+           "--config", config_path("digits.yaml"), *tiny_overrides(digits_root, tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "error: `accelerate launch --num_processes 2` started 1 process" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_default_digits_config_reaches_097_and_a_good_submission(digits_root, tmp_path):
+    """The shipped default, as `make demo` runs it, on 2 processes."""
+    overrides = [f"data.root={digits_root}", f"output_dir={tmp_path}"]
+    run_cli("train.py", ["--config", config_path("digits.yaml"), *overrides], processes=2, timeout=600)
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["best"]["metric"] == "val_accuracy" and info["best"]["value"] >= 0.97
+    run_cli("predict.py", ["--config", config_path("digits.yaml"), "--checkpoint", str(tmp_path / "checkpoints" / "best"),
+                           *overrides], processes=2)
+    with open(tmp_path / "submission.csv") as f:
+        predicted = {r["id"]: r["label"] for r in csv.DictReader(f)}
+    with open(digits_root / "test_labels.csv") as f:
+        truth = {r["id"]: r["label"] for r in csv.DictReader(f)}
+    assert predicted.keys() == truth.keys()
+    assert sum(predicted[k] == truth[k] for k in truth) / len(truth) >= 0.95
