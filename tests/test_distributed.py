@@ -168,3 +168,32 @@ def test_default_digits_config_reaches_097_and_a_good_submission(digits_root, tm
         truth = {r["id"]: r["label"] for r in csv.DictReader(f)}
     assert predicted.keys() == truth.keys()
     assert sum(predicted[k] == truth[k] for k in truth) / len(truth) >= 0.95
+
+
+def test_decisions_are_identical_on_every_rank(digits_root, tmp_path):
+    """Early stopping, ReduceLROnPlateau and the best checkpoint, driven by the gathered metric.
+
+    Monitoring val_accuracy in `min` mode makes every epoch after the first a non-improvement, so the
+    decisions are known in advance: plateau cuts the LR after epoch 2, the run stops after epoch 3 on
+    both ranks (a rank that went on alone would hang the job), and `best` stays at epoch 1.
+    Also runs the class-balanced sampler across 2 processes.
+    """
+    info, metrics = train_run(digits_root, tmp_path, 2, **{
+        "train.epochs": 6, "train.early_stopping_patience": 2, "checkpoint.mode": "min",
+        "scheduler.name": "plateau", "scheduler.plateau_patience": 0, "data.balanced_sampler": "true"})
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[0]["val_accuracy"] < metrics[1]["val_accuracy"] and metrics[0]["val_accuracy"] < metrics[2]["val_accuracy"]
+    assert metrics[0]["lr"] == metrics[1]["lr"] == pytest.approx(3e-3)
+    assert metrics[2]["lr"] == pytest.approx(3e-4)
+    assert info["stopped_early"] and info["epochs_completed"] == 3
+    assert info["best"]["epoch"] == 1 and info["best"]["value"] == metrics[0]["val_accuracy"]
+    assert len(set(info["final_weights_sha256_per_rank"])) == 1
+    assert all(m["rank_batches"] == [20, 20] for m in metrics)
+    best = json.loads((tmp_path / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert best["epoch"] == 1
+
+
+def test_bf16_mixed_precision_on_cpu(digits_root, tmp_path):
+    info, metrics = train_run(digits_root, tmp_path, 1, **{"train.mixed_precision": "bf16", "train.epochs": 1})
+    assert info["mixed_precision"] == "bf16" and metrics[0]["val_samples"] == VAL
+    assert math.isfinite(metrics[0]["val_loss"])
