@@ -22,7 +22,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = _parser("Train a classifier (accelerate launch train.py ... for several processes).")
     parser.add_argument("--resume", metavar="auto|DIR", help="continue from <output_dir>/checkpoints/last (auto) or a checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if output_dir already holds a run")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(args.config, args.overrides)
         from dist_train.trainer import fit  # torch & co. load only once the config is known to be good
@@ -37,12 +37,14 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser = _parser("Write a submission CSV from a checkpoint (sharded over all launched processes).")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/digits/checkpoints/best) or a .safetensors file")
     parser.add_argument("--output", help="submission path (default: inference.output or <output_dir>/submission.csv)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="val: predict the labelled validation split and write its metrics beside the CSV")
+    args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(args.config, args.overrides)
         from dist_train.inference import predict
 
-        predict(config, args.checkpoint, args.output)
+        predict(config, args.checkpoint, args.output, args.split)
     except DistTrainError as exc:
         fail(str(exc))
     return 0

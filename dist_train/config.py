@@ -67,7 +67,11 @@ class ModelConfig:
     """Which network, its head, and which parts of it train."""
 
     name: str = "small_cnn"
-    """`small_cnn` (for tiny images) or any torchvision classification model name, e.g. resnet18."""
+    """`small_cnn` or `mlp` (for tiny images) or any torchvision classification model name, e.g. resnet18."""
+    width: int = 32
+    """small_cnn: channels of the first block; mlp: hidden units."""
+    sync_batchnorm: bool = False
+    """Batch statistics over the global batch of all processes instead of each process's own."""
     num_classes: int | None = None
     """None: the number of classes found in the data."""
     pretrained: str | None = None
@@ -134,6 +138,8 @@ class TrainConfig:
     """The loop."""
 
     epochs: int = 10
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in all (then validate and save); None: run all epochs."""
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this value; None disables clipping."""
@@ -332,6 +338,7 @@ def validate(config: Config) -> None:
         (all(s > 0 for s in config.data.std), "data.std values must be positive"),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
         (config.train.epochs > 0, "train.epochs must be positive"),
+        (config.train.max_steps is None or config.train.max_steps > 0, "train.max_steps must be positive or null"),
         (config.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),
         (config.train.max_grad_norm is None or config.train.max_grad_norm > 0, "train.max_grad_norm must be positive or null"),
         (config.train.log_every_n_steps > 0, "train.log_every_n_steps must be positive"),
@@ -342,6 +349,7 @@ def validate(config: Config) -> None:
         (config.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs must be >= 0"),
         (0.0 < config.scheduler.warmup_start_factor <= 1.0, "scheduler.warmup_start_factor must be in (0, 1]"),
         (config.scheduler.step_size_epochs > 0, "scheduler.step_size_epochs must be positive"),
+        (config.model.width > 0, "model.width must be positive"),
         (config.model.num_classes is None or config.model.num_classes > 1, "model.num_classes must be at least 2"),
     ]
     for ok, message in checks:

@@ -13,6 +13,8 @@ from dist_train.data import ImageDataset, build_loader, build_transform, load_re
 from dist_train.distributed import build_accelerator, main_print
 from dist_train.engine import check_each_once, predict_gathered
 from dist_train.errors import CheckpointError
+from dist_train.losses import build_loss
+from dist_train.metrics import classification_metrics
 from dist_train.models import build_model, read_weights
 from dist_train.submission import write_submission
 from dist_train.trainer import CLASSES_FILE
@@ -27,27 +29,35 @@ def resolve_weights(checkpoint: str | Path) -> Path:
     return weights
 
 
-def predict(config: Config, checkpoint: str | Path, output: str | Path | None = None) -> Path | None:
-    """Write the submission CSV; returns its path on the main process (None elsewhere)."""
+def predict(config: Config, checkpoint: str | Path, output: str | Path | None = None, split: str = "test") -> Path | None:
+    """Write the submission CSV; returns its path on the main process (None elsewhere).
+
+    split="val" predicts the labelled validation split instead and also writes its metrics to
+    `<output stem>.metrics.json`: the scores of a checkpoint, whatever the number of processes.
+    """
     weights = resolve_weights(checkpoint)
     accelerator = build_accelerator(
         seed=config.seed, mixed_precision=config.train.mixed_precision, timeout_s=config.train.distributed_timeout_s
     )
     classes_file = weights.parent / CLASSES_FILE
     with accelerator.main_process_first():
-        records = load_test_records(config.data)
+        if split == "val":
+            _, records, data_classes = load_records(config.data, config.seed)
+        else:
+            records = load_test_records(config.data)
         if classes_file.is_file():
             classes = json.loads(classes_file.read_text())
         else:  # a bare weights file: the classes come from the training data, as in training
-            classes = load_records(config.data, config.seed)[2]
+            classes = data_classes if split == "val" else load_records(config.data, config.seed)[2]
 
     # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
-    model = build_model(replace(config.model, pretrained=None, freeze=[]), len(classes), config.data.channels)
+    model = build_model(replace(config.model, pretrained=None, freeze=[]), len(classes), config.data.channels, config.data.image_size)
     model.load_state_dict(read_weights(weights))
     model.to(accelerator.device)
     dataset = ImageDataset(records, build_transform(config.data, train=False), config.data.channels)
     loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))
-    out = predict_gathered(accelerator, model, loader, "predict")
+    loss_fn = build_loss(config.loss, len(classes)).to(accelerator.device) if split == "val" else None
+    out = predict_gathered(accelerator, model, loader, "predict", loss_fn)
     check_each_once(out["indices"], len(dataset), "inference")
 
     path = Path(output or config.inference.output or Path(config.output_dir) / "submission.csv")
@@ -57,5 +67,9 @@ def predict(config: Config, checkpoint: str | Path, output: str | Path | None = 
         ids = [records.ids[i] for i in out["indices"][order].tolist()]
         write_submission(path, ids, [classes[p] for p in predicted], config.inference.id_column, config.inference.label_column)
         main_print(accelerator, f"wrote {len(ids)} predictions from {accelerator.num_processes} process(es) to {path}")
+        if split == "val":
+            metrics = classification_metrics(out["logits"], out["targets"], out["losses"])
+            path.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=1))
+            main_print(accelerator, " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_") and k != "val_samples"))
     accelerator.wait_for_everyone()
     return path if accelerator.is_main_process else None

@@ -41,14 +41,29 @@ class SmallCNN(nn.Module):
         return self.classifier(self.dropout(self.features(x)))
 
 
-def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
+class MLP(nn.Module):
+    """Flatten, one hidden layer, a linear head: no normalisation, so results do not depend on batch split."""
+
+    def __init__(self, num_classes: int, in_features: int, width: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.hidden(x)))
+
+
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int = 32) -> nn.Module:
     """The network named by `cfg.name` with a `num_classes` head, pretrained weights loaded, prefixes frozen."""
     if cfg.name == "small_cnn":
-        model = SmallCNN(num_classes, in_channels, dropout=cfg.dropout)
+        model = SmallCNN(num_classes, in_channels, width=cfg.width, dropout=cfg.dropout)
+    elif cfg.name == "mlp":
+        model = MLP(num_classes, in_channels * image_size * image_size, width=cfg.width, dropout=cfg.dropout)
     else:
         available = torchvision.models.list_models(module=torchvision.models)
         if cfg.name not in available:
-            close = difflib.get_close_matches(cfg.name, available + ["small_cnn"], n=1)
+            close = difflib.get_close_matches(cfg.name, available + ["small_cnn", "mlp"], n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"model.name: unknown model {cfg.name!r}{hint}")
         model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)

@@ -40,10 +40,9 @@ class Schedule:
     every rank.
     """
 
-    def __init__(self, cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, mode: str):
+    def __init__(self, cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total: int, mode: str):
         self.optimizer = optimizer
         self.warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-        total = steps_per_epoch * epochs
         after_warmup = max(1, total - self.warmup_steps)
         if cfg.name == "step":
             main = torch.optim.lr_scheduler.StepLR(optimizer, max(1, round(cfg.step_size_epochs * steps_per_epoch)), cfg.gamma)

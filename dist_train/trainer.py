@@ -16,6 +16,7 @@ import yaml
 from accelerate.utils import gather_object, set_seed
 
 from dist_train import checkpoint as ckpt
+from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.config import Config, to_dict
 from dist_train.data import ImageDataset, build_loader, build_transform, load_records
 from dist_train.distributed import build_accelerator, main_print, same_on_all_ranks
@@ -71,7 +72,9 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
     val_loader = build_loader(val_set, config.data, train=False, seed=config.seed)
 
     # --- model, loss, optimizer -----------------------------------------------------------------
-    model = build_model(config.model, num_classes, config.data.channels)
+    model = build_model(config.model, num_classes, config.data.channels, config.data.image_size)
+    if config.model.sync_batchnorm:
+        model = convert_sync_batchnorm(model, on_gpu=accelerator.device.type == "cuda")
     trainable, frozen = parameter_counts(model)
     loss_fn = build_loss(config.loss, num_classes).to(accelerator.device)
     optimizer = build_optimizer(config.optim, model)
@@ -80,7 +83,10 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
     accum = config.train.grad_accum_steps
     # Accelerate syncs at the end of the loader, so a last short window is one more optimizer step.
     steps_per_epoch = math.ceil(len(train_loader) / accum)
-    schedule = Schedule(config.scheduler, optimizer.optimizer, steps_per_epoch, config.train.epochs, config.checkpoint.mode)
+    total_steps = steps_per_epoch * config.train.epochs
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+    schedule = Schedule(config.scheduler, optimizer.optimizer, steps_per_epoch, total_steps, config.checkpoint.mode)
     state = ckpt.TrainerState()
 
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
@@ -107,6 +113,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
         "global_batch": config.data.batch_size * accelerator.num_processes * accum,
         "batches_per_epoch_per_process": len(train_loader),
         "optimizer_steps_per_epoch": steps_per_epoch,
+        "total_optimizer_steps": total_steps,
         "train_samples": len(train_set),
         "val_samples": len(val_set),
         "classes": classes,
@@ -133,9 +140,13 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
         train_loader.set_epoch(epoch)
         result, state.global_step = train_one_epoch(
             accelerator, model, train_loader, loss_fn, optimizer, schedule,
+            batch_size=config.data.batch_size,
+            dataset_len=len(train_set),
+            grad_accum_steps=accum,
             max_grad_norm=config.train.max_grad_norm,
             log_every_n_steps=config.train.log_every_n_steps,
             global_step=state.global_step,
+            max_steps=config.train.max_steps,
             log=accelerator.log,
             epoch=epoch + 1,
         )
@@ -188,6 +199,9 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
             f"val_f1_macro {metrics['val_f1_macro']:.4f}  lr {lr:.2e}  {record['samples_per_sec']:.0f} samples/s"
             + ("  * best" if improved else ""),
         )
+        if config.train.max_steps is not None and state.global_step >= config.train.max_steps:
+            main_print(accelerator, f"reached train.max_steps={config.train.max_steps}")
+            break
         patience = config.train.early_stopping_patience
         if patience and state.evals_without_improvement >= patience and state.epoch < config.train.epochs:
             main_print(accelerator, f"early stop: {monitor} did not improve for {patience} evaluations")

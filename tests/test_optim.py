@@ -32,7 +32,7 @@ def test_optimizers(name, cls):
 
 def lrs(cfg, steps_per_epoch=10, epochs=3, lr=1.0):
     opt = torch.optim.SGD(model().parameters(), lr=lr)
-    schedule = Schedule(cfg, opt, steps_per_epoch, epochs, "max")
+    schedule = Schedule(cfg, opt, steps_per_epoch, steps_per_epoch * epochs, "max")
     out = [schedule.lr()]
     for _ in range(steps_per_epoch * epochs):
         opt.step()
@@ -74,11 +74,11 @@ def test_state_dict_resumes_the_same_curve():
     cfg = SchedulerConfig(name="cosine", warmup_epochs=1)
     full, _ = lrs(cfg)
     opt = torch.optim.SGD(model().parameters(), lr=1.0)
-    first = Schedule(cfg, opt, 10, 3, "max")
+    first = Schedule(cfg, opt, 10, 30, "max")
     for _ in range(13):
         first.step()
     opt2 = torch.optim.SGD(model().parameters(), lr=1.0)
-    second = Schedule(cfg, opt2, 10, 3, "max")
+    second = Schedule(cfg, opt2, 10, 30, "max")
     second.load_state_dict(first.state_dict())
     opt2.param_groups[0]["lr"] = first.lr()  # the optimizer's own state_dict carries the LR on resume
     rest = []
