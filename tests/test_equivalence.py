@@ -159,3 +159,29 @@ def test_sync_batchnorm_matches_the_big_batch_statistics(digits_root, subset_256
     print(f"BN running stats / weights vs big batch: sync {sync_diff:.3g}, per-process BN {local_diff:.3g}")
     assert sync_diff <= 1e-5
     assert local_diff > 100 * max(sync_diff, 1e-7)  # without sync, statistics are per-process and differ
+
+
+def test_parity_tool_reports_layouts_lrs_and_weight_difference(digits_root):
+    overrides = [o for o in tiny_overrides(digits_root, "/unused", **{**EXACT, "data.batch_size": 16})
+                 if not o.startswith("output_dir=")]  # parity chooses its own run directories
+    proc = run_cli_module("dist_train.parity", ["--config", config_path("digits.yaml"), *overrides, "--steps", "3"])
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("max_weight_diff=")
+    assert float(lines[-1].split("=")[1]) <= WEIGHT_TOL
+    table = "\n".join(lines)
+    for layout in ("1 proc x 32 x accum 1", "2 proc x 16 x accum 1", "2 proc x 8 x accum 2"):
+        assert layout in table
+    steps = [line for line in lines if line.strip().startswith("step ")]
+    assert len(steps) == 3 and not any("differs" in line for line in steps)
+
+
+def run_cli_module(module, args):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
