@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import save_file
 
 from dist_train.errors import CheckpointError
 
@@ -39,7 +41,7 @@ class TrainerState:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, directory: Path, schedule, trainer_state: TrainerState, config_yaml: str
+    accelerator: Accelerator, model, directory: Path, schedule, trainer_state: TrainerState, config_yaml: str
 ) -> None:
     """Write the full training state into `directory`, replacing what was there only once complete.
 
@@ -52,12 +54,30 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed saves its own (sharded) engine checkpoint; inference wants one plain weights file.
+        weights = full_state_dict(accelerator, model)
+        if accelerator.is_main_process:
+            save_file(weights, str(tmp / WEIGHTS_FILE))
     if accelerator.is_main_process:
         torch.save(schedule.state_dict(), tmp / SCHEDULE_FILE)
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state.state_dict(), indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
         replace_dir(tmp, directory)
     accelerator.wait_for_everyone()
+
+
+def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, whole and on CPU, on every rank. Under ZeRO-3 this is a collective:
+    the partitioned parameters are gathered, so all ranks must call it."""
+    module = accelerator.unwrap_model(model)
+    plugin = accelerator.state.deepspeed_plugin
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def copy_checkpoint(accelerator: Accelerator, source: Path, directory: Path) -> None:

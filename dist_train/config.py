@@ -156,6 +156,18 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO instead of DDP (install with `pip install -c constraints.txt '.[deepspeed]'`)."""
+
+    enabled: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """0: plain data parallel; 1: optimizer states sharded; 2: + gradients; 3: + parameters."""
+    config_file: str | None = None
+    """A DeepSpeed JSON used as the base (its ZeRO stage wins over zero_stage). Its batch-size,
+    accumulation and clipping keys must be "auto" or equal to dist_train's own settings."""
+
+
+@dataclass
 class CheckpointConfig:
     """Which checkpoints are kept."""
 
@@ -188,6 +200,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 

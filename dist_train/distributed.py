@@ -1,6 +1,7 @@
 """Build the Accelerator (single device, DDP over NCCL or gloo), refuse unsharded launches, rank helpers."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from datetime import timedelta
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 
+from dist_train.config import DeepSpeedConfig
 from dist_train.errors import ConfigError, DistributedSetupError
 
 LAUNCH_HINT = (
@@ -27,26 +29,87 @@ def build_accelerator(
     project_dir: str | None = None,
     log_with: str | None = None,
     timeout_s: int = 600,
+    deepspeed: DeepSpeedConfig | None = None,
+    batch_size: int | None = None,
+    max_grad_norm: float | None = None,
 ) -> Accelerator:
-    """An Accelerator on the GPU when there is one, else on the CPU with gloo, checked to be sharded."""
+    """An Accelerator on the GPU when there is one, else on the CPU with gloo, checked to be sharded.
+
+    With `deepspeed.enabled`, a DeepSpeed ZeRO engine (on CPU too, over gloo).
+    """
     on_gpu = torch.cuda.is_available()
     if mixed_precision == "fp16" and not on_gpu:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 (or no) on CPU")
+    use_deepspeed = deepspeed is not None and deepspeed.enabled
+    plugin = None
+    if use_deepspeed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if "LOCAL_RANK" not in os.environ:
+            raise ConfigError("deepspeed.enabled=true needs a launcher: accelerate launch --config_file "
+                              "accelerate_config.yaml --num_processes N train.py ... (even for N=1)")
+        plugin = deepspeed_plugin(deepspeed, batch_size, grad_accum_steps, max_grad_norm, mixed_precision, world)
+    process_group = {"timeout": timedelta(seconds=timeout_s)}
+    if use_deepspeed and not on_gpu:
+        # Accelerate 1.15 finds no backend for DeepSpeed without a GPU and then reports a single
+        # process on every rank (unsharded data); `cpu=True` would drop DeepSpeed. Naming gloo fixes both.
+        process_group["backend"] = "gloo"
     accelerator = Accelerator(
         # Without `cpu=True` Accelerate 1.x on a GPU-less machine reports DistributedType.NO and
         # num_processes == 1 even when the launcher started several processes: every rank would
         # silently train on all the data.
-        cpu=not on_gpu,
+        cpu=not on_gpu and not use_deepspeed,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum_steps,
+        deepspeed_plugin=plugin,
         log_with=log_with,
         project_dir=project_dir,
         # The shuffle of epoch e is a function of (seed, e) only: identical on every rank, on resume too.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(**process_group)],
     )
     check_world_size(accelerator)
+    if use_deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise DistributedSetupError(f"DeepSpeed was asked for but Accelerate set up {accelerator.distributed_type}")
     return accelerator
+
+
+def deepspeed_plugin(cfg: DeepSpeedConfig, batch_size: int | None, accum: int, max_grad_norm: float | None,
+                     mixed_precision: str, world: int):
+    """The DeepSpeed config dist_train runs with: the user's JSON (if any) with our batch/accumulation/clipping."""
+    try:
+        import deepspeed  # noqa: F401
+        import transformers  # noqa: F401  (Accelerate's DeepSpeed path imports it)
+        from accelerate.utils import DeepSpeedPlugin
+    except ImportError as exc:
+        raise ConfigError(f"deepspeed.enabled=true but {exc.name} is not installed: "
+                          f"pip install -c constraints.txt '.[deepspeed]'") from None
+    ours = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": max_grad_norm if max_grad_norm is not None else 0.0,
+        "train_batch_size": batch_size * accum * world,
+    }
+    config: dict = {"zero_optimization": {"stage": cfg.zero_stage}}
+    if cfg.config_file:
+        path = Path(cfg.config_file)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed.config_file not found: {path}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"deepspeed.config_file {path}: {exc}") from None
+        for key, value in ours.items():
+            if config.get(key, "auto") not in ("auto", value):
+                raise ConfigError(f"deepspeed.config_file {path}: {key}={config[key]!r} disagrees with dist_train's "
+                                  f"{value!r} (set it to \"auto\" or change the dist_train config)")
+    config.update(ours)
+    zero = config.setdefault("zero_optimization", {})
+    zero.setdefault("stage", cfg.zero_stage)
+    # ZeRO-3 keeps parameters partitioned; gather them whole when a checkpoint's weights are written.
+    zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    config["bf16"] = {**config.get("bf16", {}), "enabled": mixed_precision == "bf16"}
+    config["fp16"] = {**config.get("fp16", {}), "enabled": mixed_precision == "fp16"}
+    return DeepSpeedPlugin(hf_ds_config=config)
 
 
 def check_world_size(accelerator: Accelerator) -> None:
@@ -85,6 +148,18 @@ def launcher_requested_processes(pid: int | None = None) -> int | None:
             if arg.startswith(flag + "=") and arg.split("=", 1)[1].isdigit():
                 return int(arg.split("=", 1)[1])
     return None
+
+
+def broadcast_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP does before each forward.
+
+    DeepSpeed keeps parameters in step but leaves buffers per rank: without this, each rank would
+    validate a model of its own and the saved weights (rank 0's) would not be the ones evaluated.
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.num_processes == 1:
+        return
+    for buffer in accelerator.unwrap_model(model).buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
 
 
 def same_on_all_ranks(accelerator: Accelerator, value):

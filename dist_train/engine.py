@@ -34,6 +34,11 @@ class EpochResult:
     seconds: float
 
 
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """float32 normally (autocast does mixed precision); bf16/fp16 when DeepSpeed keeps the weights in it."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def real_sample_mask(micro_batch: int, batch_len: int, rank: int, world: int, batch_size: int, dataset_len: int) -> torch.Tensor:
     """Which rows of this rank's micro-batch are real samples rather than repeats that pad the epoch's end.
 
@@ -92,8 +97,10 @@ def train_one_epoch(
     window_samples = 0
     # the loss of one optimizer step: summed over its micro-batches until it is logged
     step_loss = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    dtype = input_dtype(model)
     bar = progress(loader, f"epoch {epoch}", accelerator)
     for micro, (images, targets, _) in enumerate(bar):
+        images = images.to(dtype)
         first = micro - micro % accum
         window_total = window_sample_count(first, min(first + accum, num_batches), world, batch_size, dataset_len)
         mask = real_sample_mask(micro, len(targets), rank, world, batch_size, dataset_len).to(accelerator.device)
@@ -160,7 +167,9 @@ def predict_gathered(accelerator: Accelerator, model: torch.nn.Module, loader, d
     """
     model.eval()
     outputs = {"logits": [], "targets": [], "indices": [], "losses": []}
+    dtype = input_dtype(model)
     for images, targets, indices in progress(loader, desc, accelerator):
+        images = images.to(dtype)
         with accelerator.autocast():
             logits = model(images)
         batch = {"logits": logits.float(), "targets": targets, "indices": indices}

@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)  # fail here, once, on a bad config
     import torch
     from safetensors.torch import load_file
-    from torch import nn
 
-    from dist_train.models import build_model
+    from dist_train.models import build_model, has_batchnorm
 
     b = config.data.batch_size
     layouts = [(1, 2 * b, 1), (2, b, 1), (2, b // 2, 2) if b % 2 == 0 else (1, b, 2)]
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for step, lrs in enumerate(zip(*(r[4] for r in runs)), start=1):
         print(f"  step {step:>3}: " + "  ".join(f"{lr:.6g}" for lr in lrs) + ("" if len(set(lrs)) == 1 else "   <- differs"))
     model = build_model(replace(config.model, pretrained=None, freeze=[]), 2, config.data.channels, config.data.image_size)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if has_batchnorm(model):
         if not config.model.sync_batchnorm:
             print("note: the model has BatchNorm with per-process statistics; set model.sync_batchnorm=true for parity")
         print("note: BatchNorm normalises each micro-batch, so with accumulation its statistics (and weights) differ by design")

@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
+import signal
 import socket
 import time
 from pathlib import Path
@@ -19,15 +21,16 @@ from dist_train import checkpoint as ckpt
 from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.config import Config, to_dict
 from dist_train.data import ImageDataset, build_loader, build_transform, load_records
-from dist_train.distributed import build_accelerator, main_print, same_on_all_ranks
+from dist_train.distributed import broadcast_buffers, build_accelerator, main_print, same_on_all_ranks
 from dist_train.engine import check_each_once, predict_gathered, train_one_epoch
 from dist_train.errors import ConfigError
 from dist_train.losses import build_loss
 from dist_train.metrics import classification_metrics, is_improvement
-from dist_train.models import build_model, parameter_counts
+from dist_train.models import build_model, has_batchnorm, parameter_counts
 from dist_train.optim import Schedule, build_optimizer
 
 CLASSES_FILE = "classes.json"
+KILL_AFTER_EPOCH_ENV = "DIST_TRAIN_TEST_KILL_AFTER_EPOCH"
 
 
 def fit(config: Config, resume: str | None = None, overwrite: bool = False) -> dict:
@@ -46,6 +49,9 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False) -> d
         project_dir=str(output_dir),
         log_with="tensorboard",
         timeout_s=config.train.distributed_timeout_s,
+        deepspeed=config.deepspeed,
+        batch_size=config.data.batch_size,
+        max_grad_norm=config.train.max_grad_norm,
     )
     try:
         return _fit(accelerator, config, output_dir, resume)
@@ -73,12 +79,18 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
 
     # --- model, loss, optimizer -----------------------------------------------------------------
     model = build_model(config.model, num_classes, config.data.channels, config.data.image_size)
+    if config.deepspeed.enabled and config.train.mixed_precision != "no" and accelerator.device.type == "cpu" and has_batchnorm(model):
+        raise ConfigError(
+            f"DeepSpeed with {config.train.mixed_precision} on CPU cannot run BatchNorm ({config.model.name}): DeepSpeed "
+            f"casts the weights, and torch's CPU batch_norm refuses mixed dtypes. Use train.mixed_precision=no, or DDP "
+            f"(deepspeed.enabled=false) whose autocast keeps BatchNorm in float32, or a model without BatchNorm"
+        )
     if config.model.sync_batchnorm:
         model = convert_sync_batchnorm(model, on_gpu=accelerator.device.type == "cuda")
     trainable, frozen = parameter_counts(model)
     loss_fn = build_loss(config.loss, num_classes).to(accelerator.device)
-    optimizer = build_optimizer(config.optim, model)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    torch_optimizer = build_optimizer(config.optim, model)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, torch_optimizer, train_loader, val_loader)
 
     accum = config.train.grad_accum_steps
     # Accelerate syncs at the end of the loader, so a last short window is one more optimizer step.
@@ -86,7 +98,8 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
     total_steps = steps_per_epoch * config.train.epochs
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
-    schedule = Schedule(config.scheduler, optimizer.optimizer, steps_per_epoch, total_steps, config.checkpoint.mode)
+    # On the torch optimizer itself: DeepSpeed's ZeRO wrappers are no torch Optimizer but share its param_groups.
+    schedule = Schedule(config.scheduler, torch_optimizer, steps_per_epoch, total_steps, config.checkpoint.mode)
     state = ckpt.TrainerState()
 
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
@@ -108,6 +121,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
         "num_processes": accelerator.num_processes,
         "devices": devices,
         "mixed_precision": config.train.mixed_precision,
+        "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if config.deepspeed.enabled else None,
         "per_process_batch": config.data.batch_size,
         "grad_accum_steps": accum,
         "global_batch": config.data.batch_size * accelerator.num_processes * accum,
@@ -151,6 +165,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
             epoch=epoch + 1,
         )
         lr = schedule.lr()
+        broadcast_buffers(accelerator, model)
         out = predict_gathered(accelerator, model, val_loader, "validate", loss_fn)
         check_each_once(out["indices"], len(val_set), "validation")
         metrics = same_on_all_ranks(accelerator, classification_metrics(out["logits"], out["targets"], out["losses"]))
@@ -176,17 +191,19 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
         state.history.append({k: record[k] for k in ("epoch", "rank_batches", "rank_samples")})
 
         if config.checkpoint.save_last:
-            ckpt.save_checkpoint(accelerator, checkpoints / "last", schedule, state, config_yaml)
+            ckpt.save_checkpoint(accelerator, model, checkpoints / "last", schedule, state, config_yaml)
             if improved:
                 ckpt.copy_checkpoint(accelerator, checkpoints / "last", checkpoints / "best")
         elif improved:
-            ckpt.save_checkpoint(accelerator, checkpoints / "best", schedule, state, config_yaml)
+            ckpt.save_checkpoint(accelerator, model, checkpoints / "best", schedule, state, config_yaml)
         if accelerator.is_main_process:
             for name in ("last", "best"):
                 if (checkpoints / name).is_dir():
                     _write_json(checkpoints / name / CLASSES_FILE, classes)
             with open(output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(state.epoch) and accelerator.is_main_process:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests: a crash, not an exit
         accelerator.log(
             {"train/epoch_loss": result.train_loss, "epoch": state.epoch,
              **{f"val/{k[4:]}": v for k, v in metrics.items() if k.startswith("val_")}},
@@ -208,7 +225,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
             stopped_early = True
             break
 
-    digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
+    digests = gather_object([weights_digest(ckpt.full_state_dict(accelerator, model))])
     summary = {
         **run_info,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -228,10 +245,10 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
     return summary
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over every tensor of the state dict, in name order: equal digests mean bitwise-equal weights."""
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor of a state dict, in name order: equal digests mean bitwise-equal weights."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state_dict.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
