@@ -1,7 +1,5 @@
 """Predict: `accelerate launch ... predict.py --config configs/digits.yaml --checkpoint runs/digits/checkpoints/best`."""
-import sys
-
-from dist_train.cli import predict_main
+from dist_train.cli import exit_process, predict_main
 
 if __name__ == "__main__":
-    sys.exit(predict_main())
+    exit_process(predict_main())

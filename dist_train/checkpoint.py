@@ -1,21 +1,45 @@
-"""Checkpoints: `last` and `best` directories written completely before they replace the old ones; resume."""
+"""Checkpoints that cannot be lost or poisoned: complete-then-rename saves with a sha256 manifest, rotation, resume.
+
+Layout under <output_dir>/checkpoints/:
+    step-00000040/      one complete checkpoint (manifest.json written last, then the directory renamed)
+    last -> step-...    symlinks, swapped atomically once the target is complete
+    best -> step-...
+    .tmp-step-...       a save in progress; removed at the next start if the job died during it
+Rotation keeps the newest `keep_last` checkpoints and `best`, deleting only after the new one is complete.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from safetensors.torch import save_file
 
+from dist_train import faults
 from dist_train.errors import CheckpointError
+from dist_train.faults import any_rank, is_peer_failure
 
 WEIGHTS_FILE = "model.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 SCHEDULE_FILE = "schedule.pt"
+MANIFEST_FILE = "manifest.json"
+CLASSES_FILE = "classes.json"
+# Globals a checkpoint's pickles may name: torch tensors/storages, numpy arrays (RNG state), plain
+# containers, and three DeepSpeed state classes. Anything else (os.system, builtins.eval, ...) is refused.
+SAFE_GLOBALS = (
+    "torch.", "collections.OrderedDict", "_codecs.encode", "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype", "numpy.dtypes.",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 
 @dataclass
@@ -24,11 +48,24 @@ class TrainerState:
 
     epoch: int = 0
     """Epochs completed."""
+    batches_done: int = 0
+    """Micro-batches of epoch `epoch` + 1 already trained on, per process (a save in the middle of an epoch)."""
     global_step: int = 0
     """Optimizer steps taken."""
     best_metric: float | None = None
     best_epoch: int | None = None
+    best_checkpoint: str | None = None
     evals_without_improvement: int = 0
+    skipped_steps: int = 0
+    """Optimizer steps skipped because the loss or gradient was not finite (train.nonfinite=skip)."""
+    bad_steps_in_a_row: int = 0
+    skipped_samples: int = 0
+    """Unreadable images replaced by blanks that weigh nothing (data.bad_samples=skip), all ranks."""
+    epoch_totals: list[float] = field(default_factory=list)
+    """Mid-epoch: the epoch's [loss sum, real samples, unreadable samples] so far, all ranks (EpochTotals)."""
+    layout: list[int] = field(default_factory=list)
+    """[processes, per-process batch, accumulation] of the run that saved: a mid-epoch position only
+    means the same thing under the same layout."""
     history: list[dict] = field(default_factory=list)
     """Per epoch: what each rank saw (batches, samples) — the run's own record of its sharding."""
 
@@ -40,31 +77,250 @@ class TrainerState:
             setattr(self, key, value)
 
 
+def checkpoint_name(global_step: int) -> str:
+    return f"step-{global_step:08d}"
+
+
 def save_checkpoint(
-    accelerator: Accelerator, model, directory: Path, schedule, trainer_state: TrainerState, config_yaml: str
-) -> None:
-    """Write the full training state into `directory`, replacing what was there only once complete.
+    accelerator: Accelerator, model, checkpoints: Path, schedule, trainer_state: TrainerState, config_yaml: str,
+    classes: list[str], *, best: bool = False, keep_last: int = 2,
+) -> Path:
+    """Write the full training state as `checkpoints/step-N`, point `last` (and `best`) at it, rotate.
 
     Every rank calls this (Accelerate writes each rank's RNG state, and DeepSpeed shards are saved by
     all ranks); the model, optimizer and metadata files are written by the main process only.
+    Non-finite weights are never written. A save that fails on any rank (disk full, unwritable, a
+    file-size limit) raises the same CheckpointError on every rank and leaves the previous
+    checkpoints intact.
     """
-    tmp = directory.parent / f".tmp-{directory.name}"
+    name = checkpoint_name(trainer_state.global_step)
+    final, tmp = checkpoints / name, checkpoints / f".tmp-{name}"
+    step = trainer_state.global_step
+    weights = full_state_dict(accelerator, model) if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    tensors = weights.values() if weights is not None else accelerator.unwrap_model(model).state_dict().values()
+    (bad,) = any_rank(accelerator, not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()))
+    if bad:
+        raise CheckpointError(f"refusing to save non-finite weights at step {step}; "
+                              f"the last checkpoint written ({_describe_last(checkpoints)}) is intact")
+    error = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed saves its own (sharded) engine checkpoint; inference wants one plain weights file.
-        weights = full_state_dict(accelerator, model)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
-            save_file(weights, str(tmp / WEIGHTS_FILE))
+            if weights is not None:  # DeepSpeed saves its own (sharded) engine state; inference wants one plain file
+                save_file(weights, str(tmp / WEIGHTS_FILE))
+            torch.save(schedule.state_dict(), tmp / SCHEDULE_FILE)
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state.state_dict(), indent=1))
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / CLASSES_FILE).write_text(json.dumps(classes))
+        faults.inject(f"save-written:{step}")
+    except Exception as exc:  # OSError, or torch/safetensors wrapping one (ENOSPC, EFBIG, EACCES)
+        if is_peer_failure(exc):
+            raise
+        error = f"rank {accelerator.process_index}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+    # every rank's files are in (or some rank failed) before the manifest seals them
+    errors = [e for e in gather_object([error]) if e]
+    if errors:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final} ({'; '.join(errors)}); "
+                              f"the previous checkpoint ({_describe_last(checkpoints)}) is intact")
     if accelerator.is_main_process:
-        torch.save(schedule.state_dict(), tmp / SCHEDULE_FILE)
-        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state.state_dict(), indent=1))
-        (tmp / "config.yaml").write_text(config_yaml)
-        replace_dir(tmp, directory)
-    accelerator.wait_for_everyone()
+        try:
+            write_manifest(tmp, step)
+            faults.inject(f"save-sealed:{step}")
+            if final.exists():  # the same step saved again (e.g. preemption right after a periodic save)
+                _remove(final)
+            os.rename(tmp, final)
+            fsync_dir(checkpoints)
+            faults.inject(f"save-renamed:{step}")
+            point(checkpoints / "last", name)
+            if best:
+                point(checkpoints / "best", name)
+            faults.inject(f"save-linked:{step}")
+            rotate(checkpoints, keep_last, step)
+        except OSError as exc:
+            error = f"cannot seal checkpoint {final}: {exc.strerror or exc}"
+    (failed,) = any_rank(accelerator, error is not None)
+    if failed:
+        raise CheckpointError(f"{error or 'the main process could not seal the checkpoint'}; "
+                              f"the previous checkpoint ({_describe_last(checkpoints)}) is intact")
+    return final
+
+
+def _describe_last(checkpoints: Path) -> str:
+    found = complete_checkpoints(checkpoints)
+    return str(found[0]) if found else "none yet"
+
+
+def write_manifest(directory: Path, step: int | None = None) -> None:
+    """sha256 and size of every file, fsynced, then manifest.json itself: its presence marks the save complete."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        files[str(path.relative_to(directory))] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    faults.inject(f"save-fsynced:{step}")
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"format": 1, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, directory / MANIFEST_FILE)
+    fsync_dir(directory)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def point(link: Path, target: str) -> None:
+    """Atomically make `link` a symlink to `target` (a sibling name)."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Sealed checkpoint directories, newest (highest step) first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.glob("step-*") if p.is_dir() and not p.is_symlink() and (p / MANIFEST_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def rotate(checkpoints: Path, keep_last: int, step: int | None = None) -> None:
+    """Delete checkpoints beyond the newest `keep_last` (never `last` or `best`): each is first renamed to a
+    temporary name, so a crash in the middle leaves a `.tmp-` directory for the next start to clean, never
+    a half-deleted checkpoint that looks complete."""
+    keep = {p.name for p in complete_checkpoints(checkpoints)[:keep_last]}
+    for link in ("last", "best"):
+        if (checkpoints / link).is_symlink():
+            keep.add(os.readlink(checkpoints / link))
+    for path in sorted(checkpoints.glob("step-*")):
+        if path.name not in keep:
+            doomed = path.with_name(f".tmp-delete-{path.name}")
+            os.rename(path, doomed)
+            faults.inject(f"save-rotating:{step}")
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    doomed = path.with_name(f".tmp-delete-{path.name}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_stale(checkpoints: Path) -> list[str]:
+    """Remove what a job that died while saving left behind (temporaries, half-swapped links); returns their names."""
+    removed = []
+    if checkpoints.is_dir():
+        for path in sorted(checkpoints.glob(".tmp-*")) + sorted(checkpoints.glob(".*.tmp")):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
+            removed.append(path.name)
+        for path in checkpoints.glob("step-*"):  # a directory renamed into place is always sealed; anything else is not ours
+            if path.is_dir() and not (path / MANIFEST_FILE).is_file():
+                _remove(path)
+                removed.append(path.name)
+    return removed
+
+
+def verify(directory: Path, only: list[str] | None = None) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file, or an unsafe pickle
+    (`only`: check just these files of the manifest)."""
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {MANIFEST_FILE})")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{manifest_path} is unreadable ({exc})") from None
+    for name, entry in files.items():
+        if only is not None and name not in only:
+            continue
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory}: file {name} is missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {directory}: file {name} is truncated or altered "
+                                  f"({path.stat().st_size} bytes, expected {entry['bytes']})")
+        if sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {directory}: file {name} is corrupt (sha256 mismatch)")
+    for path in directory.rglob("*"):
+        if path.suffix in (".pt", ".bin", ".pkl") and path.is_file() and (only is None or path.name in only):
+            unsafe = unsafe_globals(path)
+            if unsafe:
+                raise CheckpointError(f"checkpoint {directory}: {path.name} would import {', '.join(unsafe)}; refused to load")
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    from dist_train.models import pickled_globals
+
+    return pickled_globals(path, allowed=SAFE_GLOBALS)
+
+
+def resolve_resume(resume: str, checkpoints: Path, log=print) -> Path:
+    """`auto`: the newest checkpoint that verifies (saying which were skipped and why); else the given one."""
+    if resume != "auto":
+        path = Path(resume)
+        verify(path)
+        return path.resolve()
+    candidates = complete_checkpoints(checkpoints)
+    if not candidates:
+        raise CheckpointError(f"--resume auto: no complete checkpoint in {checkpoints}")
+    for path in candidates:
+        try:
+            verify(path)
+            return path
+        except CheckpointError as exc:
+            log(f"warning: {exc}; falling back to an older checkpoint")
+    raise CheckpointError(f"--resume auto: none of the {len(candidates)} checkpoints in {checkpoints} is intact")
+
+
+def load_checkpoint(accelerator: Accelerator, directory: Path, schedule, trainer_state: TrainerState,
+                    layout: list[int], log=print) -> None:
+    """Restore model, optimizer, RNGs (Accelerate, weights-only loads), schedule and trainer state.
+
+    `layout` is this run's [processes, per-process batch, accumulation]: resuming in the middle of an
+    epoch under another layout would replay or skip samples, so it is refused.
+    """
+    saved = json.loads((directory / TRAINER_STATE_FILE).read_text())
+    if saved.get("batches_done") and saved.get("layout") != layout:
+        raise CheckpointError(
+            f"{directory} was saved in the middle of epoch {saved['epoch'] + 1} by [processes, batch, accumulation] = "
+            f"{saved.get('layout')}; this run has {layout}, under which that position means other samples. "
+            f"Resume with the same layout, or from a checkpoint saved at the end of an epoch")
+    rng_file = directory / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():  # Accelerate would skip it silently
+        log(f"warning: {directory} holds no RNG state for rank {accelerator.process_index} (it was saved by "
+            f"{saved.get('layout', ['?'])[0]} processes): that rank's random numbers restart from the seed")
+    try:
+        accelerator.load_state(str(directory))
+        schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {directory}: refused to load ({str(exc).splitlines()[0]})") from None
+    trainer_state.load_state_dict(saved)
 
 
 def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
@@ -78,37 +334,3 @@ def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def copy_checkpoint(accelerator: Accelerator, source: Path, directory: Path) -> None:
-    """`best` as a copy of the `last` just written, swapped in only once complete."""
-    if accelerator.is_main_process:
-        tmp = directory.parent / f".tmp-{directory.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        replace_dir(tmp, directory)
-    accelerator.wait_for_everyone()
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    old = target.parent / f".old-{target.name}"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def resolve_resume(resume: str, output_dir: Path) -> Path:
-    """`auto`: the run's `checkpoints/last`; else the given directory, which must be a checkpoint."""
-    path = output_dir / "checkpoints" / "last" if resume == "auto" else Path(resume)
-    if not (path / TRAINER_STATE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"--resume {resume}: {path} is not a complete checkpoint (no {TRAINER_STATE_FILE} / {WEIGHTS_FILE})")
-    return path
-
-
-def load_checkpoint(accelerator: Accelerator, directory: Path, schedule, trainer_state: TrainerState) -> None:
-    """Restore model, optimizer, RNGs (Accelerate, weights-only loads), schedule and trainer state."""
-    accelerator.load_state(str(directory))
-    schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, map_location="cpu", weights_only=True))
-    trainer_state.load_state_dict(json.loads((directory / TRAINER_STATE_FILE).read_text()))

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dist_train.config import load_config
-from dist_train.distributed import fail
+from dist_train.distributed import fail, is_main_process_env
 from dist_train.errors import DistTrainError
+from dist_train.faults import PREEMPTED_EXIT_CODE, Preempted, die_with_launcher, report_failure, requeue_slurm_job
 
 OVERRIDES_HELP = "dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64 output_dir=/tmp/run1 seed=7"
 
@@ -23,13 +25,24 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", metavar="auto|DIR", help="continue from <output_dir>/checkpoints/last (auto) or a checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if output_dir already holds a run")
     args = parser.parse_intermixed_args(argv)
+    die_with_launcher()
+    config = None
     try:
         config = load_config(args.config, args.overrides)
-        from dist_train.trainer import fit  # torch & co. load only once the config is known to be good
+        from dist_train.trainer import fit
 
         fit(config, resume=args.resume, overwrite=args.overwrite)
     except DistTrainError as exc:
-        fail(str(exc))
+        fail(exc)
+    except Preempted as exc:
+        if is_main_process_env():
+            print(f"preempted: {exc}", file=sys.stderr, flush=True)
+            if config.checkpoint.requeue_on_preemption and (job := requeue_slurm_job()):
+                print(f"requeued SLURM job {job}; it will resume from the checkpoint", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except Exception as exc:  # a bug or a crash on this rank: named once, and the job stops now, not at a timeout
+        report_failure(exc)
+        raise
     return 0
 
 
@@ -40,15 +53,30 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="val: predict the labelled validation split and write its metrics beside the CSV")
     args = parser.parse_intermixed_args(argv)
+    die_with_launcher()
     try:
         config = load_config(args.config, args.overrides)
         from dist_train.inference import predict
 
         predict(config, args.checkpoint, args.output, args.split)
     except DistTrainError as exc:
-        fail(str(exc))
+        fail(exc)
+    except Exception as exc:
+        report_failure(exc)
+        raise
     return 0
 
 
+def exit_process(code: int) -> None:
+    """End a launched worker without interpreter finalization: finalizing with gloo's threads still around
+    can abort the process after a successful run ("terminate called without an active exception",
+    pytorch/pytorch#190489). Output is flushed first; the process group is already destroyed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(train_main())
+    exit_process(train_main())

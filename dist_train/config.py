@@ -60,6 +60,9 @@ class DataConfig:
     persistent_workers: bool = True
     balanced_sampler: bool = False
     """Draw training samples with probability inversely proportional to their class frequency."""
+    bad_samples: Literal["error", "skip"] = "error"
+    """An unreadable image (truncated, empty file): error stops the run naming the file; skip warns,
+    trains on the rest (the image weighs nothing, in loss and metrics) and counts them."""
 
 
 @dataclass
@@ -152,7 +155,17 @@ class TrainConfig:
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True): slower, reproducible to the bit on one machine."""
     distributed_timeout_s: int = 600
-    """How long a collective waits for the other processes before the job fails."""
+    """A rank that makes no progress this long is hung: the job stops, naming it (the collectives'
+    own timeout, 60 s longer, is the backstop)."""
+    nonfinite: Literal["skip", "stop", "ignore"] = "skip"
+    """A step whose loss or gradient is NaN/Inf on any rank: every rank skips it (skip) or the run
+    stops (stop); ignore saves the per-step check (one tiny all-reduce). DeepSpeed steps inside
+    backward, so there skip acts as stop."""
+    max_bad_steps: int = 3
+    """skip: stop after this many non-finite steps in a row."""
+    find_batch_size: bool = False
+    """Before training, halve data.batch_size until a forward + backward fits in accelerator memory;
+    every rank then uses the smallest size any rank found."""
 
 
 @dataclass
@@ -174,7 +187,16 @@ class CheckpointConfig:
     monitor: str = "val_accuracy"
     """The metric that picks `best`, drives early stopping and ReduceLROnPlateau."""
     mode: Literal["max", "min"] = "max"
-    save_last: bool = True
+    keep_last: int = 2
+    """Newest checkpoints kept (plus `best`); older ones are deleted once a new one is complete."""
+    every_n_steps: int | None = None
+    """Also save every this many optimizer steps (in the middle of epochs; resume continues exactly there)."""
+    every_n_minutes: float | None = None
+    """Also save when this many minutes have passed since the last save (decided by rank 0 for all)."""
+    check_every_n_steps: int = 5
+    """How often (optimizer steps) the ranks agree on preemption signals and timed saves: one tiny all-reduce."""
+    requeue_on_preemption: bool = True
+    """Under SLURM, after a preemption save, `scontrol requeue $SLURM_JOB_ID` so that the job resumes."""
 
 
 @dataclass
@@ -356,6 +378,8 @@ def validate(config: Config) -> None:
         (config.train.max_grad_norm is None or config.train.max_grad_norm > 0, "train.max_grad_norm must be positive or null"),
         (config.train.log_every_n_steps > 0, "train.log_every_n_steps must be positive"),
         (config.train.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0"),
+        (config.train.max_bad_steps >= 1, "train.max_bad_steps must be at least 1"),
+        (config.train.distributed_timeout_s > 0, "train.distributed_timeout_s must be positive"),
         (config.optim.lr > 0, "optim.lr must be positive"),
         (len(config.optim.betas) == 2, "optim.betas needs two values"),
         (0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
@@ -363,6 +387,10 @@ def validate(config: Config) -> None:
         (0.0 < config.scheduler.warmup_start_factor <= 1.0, "scheduler.warmup_start_factor must be in (0, 1]"),
         (config.scheduler.step_size_epochs > 0, "scheduler.step_size_epochs must be positive"),
         (config.model.width > 0, "model.width must be positive"),
+        (config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be at least 1"),
+        (config.checkpoint.every_n_steps is None or config.checkpoint.every_n_steps > 0, "checkpoint.every_n_steps must be positive or null"),
+        (config.checkpoint.every_n_minutes is None or config.checkpoint.every_n_minutes > 0, "checkpoint.every_n_minutes must be positive or null"),
+        (config.checkpoint.check_every_n_steps > 0, "checkpoint.check_every_n_steps must be positive"),
         (config.model.num_classes is None or config.model.num_classes > 1, "model.num_classes must be at least 2"),
     ]
     for ok, message in checks:

@@ -5,6 +5,8 @@ import csv
 import difflib
 import os
 import shutil
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +17,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from dist_train.config import DataConfig
-from dist_train.errors import ConfigError, DataError
+from dist_train.errors import ConfigError, DataError, SampleError
+from dist_train.faults import die_with_parent
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DIGITS_SPLIT_SEED = 0
 DIGITS_MARKER = ".complete"
+BAD_TARGET = -2
+"""The target of an unreadable image skipped under data.bad_samples=skip (-1 marks unlabelled test rows)."""
 
 
 @dataclass
@@ -32,20 +37,46 @@ class Records:
 
 
 class ImageDataset(Dataset):
-    """Loads `records` one image at a time; yields (image, target, index into the split)."""
+    """Loads `records` one image at a time; yields (image, target, index into the split).
 
-    def __init__(self, records: Records, transform, channels: int):
+    The random augmentation of a sample is a function of (seed, epoch, index) only, drawn from a
+    private RNG: the same whatever the number of processes or workers, and after a resume in the
+    middle of an epoch. The epoch lives in shared memory so that persistent workers see set_epoch.
+    An unreadable image (truncated, empty, not an image) raises a SampleError naming the file, or
+    with bad_samples="skip" becomes a blank image with target BAD_TARGET, which weighs nothing.
+    """
+
+    def __init__(self, records: Records, transform, channels: int, seed: int = 0, split: str = "train",
+                 bad_samples: str = "error", image_size: int = 32):
         self.records = records
         self.transform = transform
         self.mode = "L" if channels == 1 else "RGB"
+        self.seed = seed
+        self.split = split
+        self.bad_samples = bad_samples
+        self.image_size = image_size
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.records.paths)
 
     def __getitem__(self, index: int):
-        with Image.open(self.records.paths[index]) as image:
-            image = image.convert(self.mode)
-        return self.transform(image), self.records.targets[index], index
+        path, target = self.records.paths[index], self.records.targets[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode)
+        except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for truncated or foreign bytes
+            where = f"{self.split} sample {index}: cannot read image {path} ({type(exc).__name__}: {exc})"
+            if self.bad_samples == "error":
+                raise SampleError(f"{where}; fix or remove it, or set data.bad_samples=skip") from None
+            print(f"warning: {where}; skipped (data.bad_samples=skip)", file=sys.stderr, flush=True)
+            image, target = Image.new(self.mode, (self.image_size, self.image_size)), BAD_TARGET
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + int(self.epoch)) * 10_000_019 + index)
+            return self.transform(image), target, index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +309,16 @@ class ClassBalancedSampler(Sampler[int]):
         yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
 
 
+def loader_worker_init(worker_id: int) -> None:
+    """Loader workers share their rank's process group, so SLURM's SIGTERM/SIGUSR1 reach them too: they
+    must live on until the rank, which acts on the signal at the next step boundary, is done with them.
+    And they die with their rank at once (not at torch's next 5 s liveness check), so that a crashed rank
+    leaves no orphans holding the job's output open."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
+
+
 def build_loader(dataset: ImageDataset, cfg: DataConfig, train: bool, seed: int) -> DataLoader:
     """A loader for one process; `accelerator.prepare` shards it. Training order is seeded."""
     workers = cfg.num_workers
@@ -294,5 +335,6 @@ def build_loader(dataset: ImageDataset, cfg: DataConfig, train: bool, seed: int)
         persistent_workers=cfg.persistent_workers and workers > 0,
         # A loader-owned generator: creating an iterator never draws from the global RNG.
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=loader_worker_init,
         drop_last=False,
     )

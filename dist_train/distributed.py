@@ -12,8 +12,9 @@ from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwa
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from dist_train.config import DeepSpeedConfig
-from dist_train.errors import ConfigError, DistributedSetupError
+from dist_train.errors import ConfigError, DistributedSetupError, DistTrainError
 
+COLLECTIVE_TIMEOUT_MARGIN_S = 60
 LAUNCH_HINT = (
     "on a machine without GPU start several processes with "
     "`accelerate launch --config_file accelerate_config.yaml --num_processes N train.py ...` "
@@ -48,7 +49,9 @@ def build_accelerator(
             raise ConfigError("deepspeed.enabled=true needs a launcher: accelerate launch --config_file "
                               "accelerate_config.yaml --num_processes N train.py ... (even for N=1)")
         plugin = deepspeed_plugin(deepspeed, batch_size, grad_accum_steps, max_grad_norm, mixed_precision, world)
-    process_group = {"timeout": timedelta(seconds=timeout_s)}
+    # The hang watchdog (faults.Watchdog) fires after timeout_s and names the hung rank; the collectives'
+    # own timeout comes later, as a backstop.
+    process_group = {"timeout": timedelta(seconds=timeout_s + COLLECTIVE_TIMEOUT_MARGIN_S)}
     if use_deepspeed and not on_gpu:
         # Accelerate 1.15 finds no backend for DeepSpeed without a GPU and then reports a single
         # process on every rank (unsharded data); `cpu=True` would drop DeepSpeed. Naming gloo fixes both.
@@ -182,8 +185,17 @@ def is_main_process_env() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr from one process, then exit: bad input is not worth a traceback per rank."""
+def fail(exc: DistTrainError, code: int = 2) -> None:
+    """One line on stderr, then exit: bad input is not worth a traceback per rank.
+
+    An error every rank raised alike is printed by rank 0 alone; one raised on a single rank (a bad
+    image, out of memory) is printed by that rank, which then exits at once so that its peers, waiting
+    for it in a collective, stop too.
+    """
+    if exc.rank_local and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        print(f"error: rank {os.environ.get('RANK', '0')}: {exc.message()}", file=sys.stderr, flush=True)
+        os._exit(code)
     if is_main_process_env():
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {exc.message()}", file=sys.stderr, flush=True)
     sys.exit(code)

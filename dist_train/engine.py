@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from dist_train import faults
 from dist_train.optim import Schedule
 
 
@@ -29,9 +30,26 @@ class EpochResult:
     samples: int
     """Real samples trained on by all processes together."""
     local_samples: int
-    """Samples seen by this process."""
+    """Samples seen by this process (over the whole epoch, also before a resume)."""
     local_batches: int
     seconds: float
+    skipped_samples: int = 0
+    """Unreadable images (data.bad_samples=skip) among the real samples of all processes."""
+
+
+class EpochTotals:
+    """This rank's running sums over an epoch's good steps: [loss, real samples, unreadable samples].
+
+    They stay on the device (no host sync per step). A checkpoint in the middle of an epoch stores
+    their all-rank values (`reduced`); the resumed run carries them on rank 0, so that the epoch's
+    train loss and counts cover the whole epoch.
+    """
+
+    def __init__(self, device, carried: list[float] | None = None):
+        self.values = torch.tensor(carried or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+
+    def reduced(self, accelerator: Accelerator) -> list[float]:
+        return accelerator.reduce(self.values.clone(), "sum").tolist()
 
 
 def input_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -39,16 +57,17 @@ def input_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def real_sample_mask(micro_batch: int, batch_len: int, rank: int, world: int, batch_size: int, dataset_len: int) -> torch.Tensor:
-    """Which rows of this rank's micro-batch are real samples rather than repeats that pad the epoch's end.
+def real_rows(micro_batch: int, batch_len: int, rank: int, world: int, batch_size: int, dataset_len: int) -> int:
+    """How many leading rows of this rank's micro-batch are real samples; the rest are repeats padding the epoch.
 
     Accelerate deals the sampler's batches out round-robin (batch k to rank k % world) and completes the
     last ones with indices from the epoch's start, so row j of micro-batch m on rank r sits at position
     m*world*b + r*b + j of the epoch's sample order, and is real iff that position is < len(dataset).
-    (tests/test_sharding.py pins this layout against Accelerate's BatchSamplerShard.)
+    (tests/test_sharding.py pins this layout against Accelerate's BatchSamplerShard.) Plain integers:
+    no device work, no host sync.
     """
     start = micro_batch * world * batch_size + rank * batch_size
-    return (start + torch.arange(batch_len)) < dataset_len
+    return max(0, min(batch_len, dataset_len - start))
 
 
 def window_sample_count(first: int, end: int, world: int, batch_size: int, dataset_len: int) -> int:
@@ -74,64 +93,93 @@ def train_one_epoch(
     max_grad_norm: float | None,
     log_every_n_steps: int,
     global_step: int,
-    max_steps: int | None,
     log,
     epoch: int,
+    num_batches: int,
+    start_batch: int = 0,
+    on_step=None,
+    totals: EpochTotals | None = None,
+    check_finite: bool = True,
+    skip_bad_samples: bool = False,
+    beat=lambda: None,
 ) -> tuple[EpochResult, int]:
     """One pass over this process's shard; returns the result and the new optimizer-step count.
+
+    `loader` yields micro-batches start_batch..num_batches-1 of the epoch (start_batch > 0 after a
+    resume in the middle of an epoch). After each optimizer step `on_step(batches_done, global_step,
+    finite)` may save a checkpoint or stop the run; it returns True to end the epoch there.
 
     Each optimizer step follows the gradient of the mean loss over the real samples of its window, all
     ranks together: padding repeats weigh 0 and a short last window is normalised by its own size, so
     N processes x batch b x accumulation A take the same steps as 1 process with batch N*b*A.
+    With `check_finite`, a step whose loss or gradient is not finite on any rank is skipped by every
+    rank (one all-reduced flag), so the weights stay finite and identical.
     """
     model.train()
     start = time.perf_counter()
     world, rank, accum = accelerator.num_processes, accelerator.process_index, grad_accum_steps
-    num_batches = len(loader)
     if num_batches != expected_batches_per_rank(dataset_len, batch_size, world):
         raise RuntimeError(f"the loader has {num_batches} batches per process; the sharding layout this loop relies on "
                            f"gives {expected_batches_per_rank(dataset_len, batch_size, world)}")
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    real_local = local_samples = local_batches = steps = 0
+    totals = totals or EpochTotals(accelerator.device)
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # this step's, read when logged
+    steps = step_count = 0
+    local_batches, local_samples = start_batch, start_batch * batch_size  # batches before a resume were full
     window_start = time.perf_counter()
     window_samples = 0
-    # the loss of one optimizer step: summed over its micro-batches until it is logged
-    step_loss = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     dtype = input_dtype(model)
     bar = progress(loader, f"epoch {epoch}", accelerator)
-    for micro, (images, targets, _) in enumerate(bar):
+    for micro, (images, targets, _) in enumerate(bar, start=start_batch):
+        beat()
         images = images.to(dtype)
         first = micro - micro % accum
         window_total = window_sample_count(first, min(first + accum, num_batches), world, batch_size, dataset_len)
-        mask = real_sample_mask(micro, len(targets), rank, world, batch_size, dataset_len).to(accelerator.device)
+        real = real_rows(micro, len(targets), rank, world, batch_size, dataset_len)
+        if skip_bad_samples:  # unreadable images arrive as blanks with target BAD_TARGET: they weigh nothing
+            readable = targets >= 0
+            totals.values[2] += (~readable[:real]).sum()
+            targets = targets.clamp(min=0)
         # accumulate() turns off DDP's gradient all-reduce on all but the last micro-batch of each
         # window (and always syncs at the end of the loader, so no gradient leaks into the next epoch).
         with accelerator.accumulate(model):
             logits = model(images)
+            beat()
             per_sample = loss_fn(logits, targets)
-            masked_sum = (per_sample * mask).sum()
+            if skip_bad_samples:
+                per_sample = per_sample * readable
+            real_loss_sum = per_sample[:real].sum()
+            if faults.planned("nan", f"step:{global_step + 1}"):
+                real_loss_sum = real_loss_sum * float("nan")
             # backward() divides by grad_accum_steps and DDP averages over ranks: undo both, and divide
             # once by the window's real sample count.
-            accelerator.backward(masked_sum * (accum * world / window_total))
-            grad_norm = None
-            if accelerator.sync_gradients and max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()  # a no-op inside an accumulation window
+            accelerator.backward(real_loss_sum * (accum * world / window_total))
+            step_loss += real_loss_sum.detach().double()
+            grad_norm, finite = None, True
+            if accelerator.sync_gradients:
+                if max_grad_norm is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                if check_finite:
+                    finite = all_finite(accelerator, step_loss, grad_norm)
+                if finite:
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += masked_sum.detach().double()
-        step_loss += torch.stack([masked_sum.detach().double(), mask.sum().double()])
-        real_local += int(mask.sum())
+        faults.inject(f"batch:{(epoch - 1) * num_batches + micro + 1}")
+        step_count += real
         local_batches += 1
         local_samples += len(targets)
-        window_samples += int(mask.sum())
+        window_samples += real
         if accelerator.sync_gradients:
             steps += 1
             global_step += 1
+            if finite:
+                totals.values[0] += step_loss
+                totals.values[1] += step_count
             if not accelerator.optimizer_step_was_skipped:
-                schedule.step()
+                schedule.step()  # a step skipped as non-finite still counts: the LR follows the step count
             if global_step % log_every_n_steps == 0:
                 now = time.perf_counter()
-                total = accelerator.reduce(step_loss, "sum")
+                count = torch.tensor(float(step_count), dtype=torch.float64, device=accelerator.device)
+                total = accelerator.reduce(torch.stack([step_loss, count]), "sum")
                 values = {"train/loss": (total[0] / total[1].clamp(min=1)).item(), "train/lr": schedule.lr()}
                 values["train/samples_per_sec"] = window_samples * world / max(now - window_start, 1e-9)
                 if grad_norm is not None:
@@ -140,41 +188,87 @@ def train_one_epoch(
                 window_start, window_samples = now, 0
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
             step_loss.zero_()
-            if max_steps is not None and global_step >= max_steps:
+            step_count = 0
+            beat()
+            if on_step is not None and on_step(micro + 1, global_step, finite):
                 loader.end()  # leaving the loop early: unregister it from Accelerate's gradient state
                 break
     bar.close()
-    totals = accelerator.reduce(
-        torch.tensor([loss_sum.item(), real_local, local_samples], dtype=torch.float64, device=accelerator.device), "sum"
-    )
+    loss, real_samples, skipped = totals.reduced(accelerator)
     result = EpochResult(
-        train_loss=(totals[0] / max(totals[1], 1)).item(),
+        train_loss=loss / max(real_samples, 1),
         optimizer_steps=steps,
-        samples=int(totals[1].item()),
+        samples=int(real_samples),
         local_samples=local_samples,
         local_batches=local_batches,
         seconds=time.perf_counter() - start,
+        skipped_samples=int(skipped),
     )
     return result, global_step
 
 
+def largest_batch_that_fits(accelerator: Accelerator, model: torch.nn.Module, start: int, sample_shape: tuple) -> int:
+    """Halve `start` until a forward + backward of a batch that size fits in this rank's memory; every rank
+    returns the smallest size any rank found. The probe feeds zeros in eval mode: no RNG drawn, no
+    BatchNorm statistics touched, the weights left as they were."""
+    model.to(accelerator.device)
+    was_training = model.training
+    model.eval()
+    size = start
+    while True:
+        try:
+            faults.inject(f"find:{size}")
+            with accelerator.autocast():
+                out = model(torch.zeros(size, *sample_shape, device=accelerator.device))
+            out.float().sum().backward()
+            break
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            size //= 2
+        finally:
+            out = None
+            model.zero_grad(set_to_none=True)
+            if accelerator.device.type == "cuda":
+                torch.cuda.empty_cache()
+    model.train(was_training)
+    agreed = torch.tensor([size], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+    return int(agreed.item())
+
+
+def all_finite(accelerator: Accelerator, step_loss: torch.Tensor, grad_norm) -> bool:
+    """Whether this step's loss and gradient norm are finite on every rank: one tiny all-reduce, one answer."""
+    bad = ~torch.isfinite(step_loss)
+    if grad_norm is not None:
+        bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
+    flag = bad.to(torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(flag)
+    return flag.item() == 0
+
+
 @torch.inference_mode()
-def predict_gathered(accelerator: Accelerator, model: torch.nn.Module, loader, desc: str, loss_fn=None):
+def predict_gathered(accelerator: Accelerator, model: torch.nn.Module, loader, desc: str, loss_fn=None,
+                     beat=lambda: None):
     """Logits, targets, dataset indices (and per-sample losses) of the whole split, gathered on every rank.
 
     `gather_for_metrics` drops the repeats that pad the last batches, so each sample appears exactly once;
-    the returned indices let callers check that and restore the input order.
+    the returned indices let callers check that and restore the input order. (Unreadable images skipped
+    under data.bad_samples=skip come back with a negative target; metrics leave them out.)
     """
     model.eval()
     outputs = {"logits": [], "targets": [], "indices": [], "losses": []}
     dtype = input_dtype(model)
     for images, targets, indices in progress(loader, desc, accelerator):
+        beat()
         images = images.to(dtype)
         with accelerator.autocast():
             logits = model(images)
         batch = {"logits": logits.float(), "targets": targets, "indices": indices}
         if loss_fn is not None:
-            batch["losses"] = loss_fn(logits, targets)
+            batch["losses"] = loss_fn(logits, targets.clamp(min=0))
         for key, value in accelerator.gather_for_metrics(batch).items():
             outputs[key].append(value.cpu())
     return {k: torch.cat(v) if v else torch.empty(0) for k, v in outputs.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train.checkpoint import WEIGHTS_FILE
+from dist_train.checkpoint import CLASSES_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify
 from dist_train.config import Config
 from dist_train.data import ImageDataset, build_loader, build_transform, load_records, load_test_records
 from dist_train.distributed import build_accelerator, main_print
@@ -17,15 +17,17 @@ from dist_train.losses import build_loss
 from dist_train.metrics import classification_metrics
 from dist_train.models import build_model, read_weights
 from dist_train.submission import write_submission
-from dist_train.trainer import CLASSES_FILE
 
 
 def resolve_weights(checkpoint: str | Path) -> Path:
-    """A checkpoint directory (its model.safetensors) or a weights file itself."""
+    """A checkpoint directory (its model.safetensors) or a weights file itself; inside a checkpoint
+    written by dist_train, the weights are checked against its manifest first."""
     path = Path(checkpoint)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise CheckpointError(f"--checkpoint {checkpoint}: no weights at {weights}")
+    if (weights.parent / MANIFEST_FILE).is_file():
+        verify(weights.parent, only=[weights.name, CLASSES_FILE])
     return weights
 
 
@@ -54,7 +56,8 @@ def predict(config: Config, checkpoint: str | Path, output: str | Path | None = 
     model = build_model(replace(config.model, pretrained=None, freeze=[]), len(classes), config.data.channels, config.data.image_size)
     model.load_state_dict(read_weights(weights))
     model.to(accelerator.device)
-    dataset = ImageDataset(records, build_transform(config.data, train=False), config.data.channels)
+    dataset = ImageDataset(records, build_transform(config.data, train=False), config.data.channels, config.seed, split,
+                           config.data.bad_samples, config.data.image_size)
     loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))
     loss_fn = build_loss(config.loss, len(classes)).to(accelerator.device) if split == "val" else None
     out = predict_gathered(accelerator, model, loader, "predict", loss_fn)

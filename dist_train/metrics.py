@@ -14,8 +14,12 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, losses: 
     """Accuracy, macro precision/recall/F1, per-class F1, the confusion matrix and the per-sample mean loss.
 
     Classes absent from both targets and predictions get F1 = 0 and count in the macro average, as in
-    scikit-learn's `zero_division=0`.
+    scikit-learn's `zero_division=0`. Rows with a negative target (unreadable images skipped under
+    data.bad_samples=skip) are left out.
     """
+    readable = targets >= 0
+    if not bool(readable.all()):
+        logits, targets, losses = logits[readable], targets[readable], losses[readable]
     num_classes = logits.shape[1]
     preds = logits.argmax(dim=1)
     cm = confusion_matrix(preds, targets, num_classes).double()

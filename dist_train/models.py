@@ -97,7 +97,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def pickled_globals(path: Path) -> list[str]:
+def pickled_globals(path: Path, allowed: tuple[str, ...] = ("torch.", "collections.OrderedDict", "numpy.")) -> list[str]:
     """The `module.name` globals a pickle (raw, or inside a torch zip file) would import, read without running it."""
     data = path.read_bytes()
     if zipfile.is_zipfile(path):
@@ -115,8 +115,7 @@ def pickled_globals(path: Path) -> list[str]:
                 found.append(f"{strings[-2]}.{strings[-1]}")
     except Exception:  # a truncated pickle: report what was read so far
         pass
-    harmless = ("torch.", "collections.OrderedDict", "numpy.")
-    return sorted({g for g in found if not g.startswith(harmless)})
+    return sorted({g for g in found if not g.startswith(allowed)})
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:

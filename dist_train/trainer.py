@@ -4,11 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
-import signal
+import shutil
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import accelerate
@@ -20,24 +20,22 @@ from accelerate.utils import gather_object, set_seed
 from dist_train import checkpoint as ckpt
 from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.config import Config, to_dict
+from dist_train import faults
 from dist_train.data import ImageDataset, build_loader, build_transform, load_records
 from dist_train.distributed import broadcast_buffers, build_accelerator, main_print, same_on_all_ranks
-from dist_train.engine import check_each_once, predict_gathered, train_one_epoch
-from dist_train.errors import ConfigError
+from dist_train.engine import EpochTotals, check_each_once, largest_batch_that_fits, predict_gathered, train_one_epoch
+from dist_train.errors import CheckpointError, ConfigError, ResourceError, TrainingError
+from dist_train.faults import Preempted, SignalFlag, Watchdog, any_rank
 from dist_train.losses import build_loss
 from dist_train.metrics import classification_metrics, is_improvement
 from dist_train.models import build_model, has_batchnorm, parameter_counts
 from dist_train.optim import Schedule, build_optimizer
 
-CLASSES_FILE = "classes.json"
-KILL_AFTER_EPOCH_ENV = "DIST_TRAIN_TEST_KILL_AFTER_EPOCH"
-
-
 def fit(config: Config, resume: str | None = None, overwrite: bool = False) -> dict:
     """Train as configured; returns the run summary also written to run_info.json."""
     output_dir = Path(config.output_dir)
     checkpoints = output_dir / "checkpoints"
-    if resume is None and not overwrite and (checkpoints / "last").exists():
+    if resume is None and not overwrite and ckpt.complete_checkpoints(checkpoints):
         raise ConfigError(
             f"{output_dir} already holds a run; continue it with --resume auto, or pass --overwrite, "
             f"or choose another output_dir=..."
@@ -53,31 +51,46 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False) -> d
         batch_size=config.data.batch_size,
         max_grad_norm=config.train.max_grad_norm,
     )
+    # From here on a rank that stops making progress ends the job, naming itself (faults.Watchdog),
+    # through the teardown too: a process group destroyed while a peer still uses it can hang.
+    watchdog = Watchdog(config.train.distributed_timeout_s, accelerator.num_processes)
     try:
-        return _fit(accelerator, config, output_dir, resume)
+        if accelerator.is_main_process:
+            if resume is None:  # --overwrite (or a directory without complete checkpoints): start clean
+                shutil.rmtree(checkpoints, ignore_errors=True)
+                shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
+            for name in ckpt.clean_stale(checkpoints):
+                print(f"removed {checkpoints / name}, left by a job that died while saving", flush=True)
+        accelerator.wait_for_everyone()
+        summary = _fit(accelerator, config, output_dir, resume, watchdog)
+        accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
+        return summary
+    except torch.OutOfMemoryError as exc:
+        raise ResourceError(
+            f"out of memory on {accelerator.device} with data.batch_size={config.data.batch_size} per process "
+            f"(global batch {config.data.batch_size * accelerator.num_processes * config.train.grad_accum_steps}): "
+            f"{str(exc).splitlines()[0]}. Lower data.batch_size (and raise train.grad_accum_steps to keep the global "
+            f"batch), use train.mixed_precision=bf16, or let train.find_batch_size=true pick a size") from None
     finally:
+        watchdog.beat()
         accelerator.end_training()
+        watchdog.stop()
 
 
-def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> dict:
+def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watchdog: Watchdog) -> dict:
     started = time.time()
     # The same seed on every rank: identical initial weights before DDP even broadcasts them.
     set_seed(config.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    signals = SignalFlag()
 
-    # --- data ---------------------------------------------------------------------------------
+    # --- data, model, loss, optimizer -------------------------------------------------------------
     with accelerator.main_process_first():  # the digits are written once, by the main process
         train_records, val_records, classes = load_records(config.data, config.seed)
     num_classes = config.model.num_classes or len(classes)
     if num_classes != len(classes):
         raise ConfigError(f"model.num_classes={num_classes} but the data has {len(classes)} classes")
-    train_set = ImageDataset(train_records, build_transform(config.data, train=True), config.data.channels)
-    val_set = ImageDataset(val_records, build_transform(config.data, train=False), config.data.channels)
-    train_loader = build_loader(train_set, config.data, train=True, seed=config.seed)
-    val_loader = build_loader(val_set, config.data, train=False, seed=config.seed)
-
-    # --- model, loss, optimizer -----------------------------------------------------------------
     model = build_model(config.model, num_classes, config.data.channels, config.data.image_size)
     if config.deepspeed.enabled and config.train.mixed_precision != "no" and accelerator.device.type == "cpu" and has_batchnorm(model):
         raise ConfigError(
@@ -85,12 +98,30 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
             f"casts the weights, and torch's CPU batch_norm refuses mixed dtypes. Use train.mixed_precision=no, or DDP "
             f"(deepspeed.enabled=false) whose autocast keeps BatchNorm in float32, or a model without BatchNorm"
         )
+    if config.train.find_batch_size:
+        shape = (config.data.channels, config.data.image_size, config.data.image_size)
+        found = largest_batch_that_fits(accelerator, model, config.data.batch_size, shape)
+        if found != config.data.batch_size:
+            main_print(accelerator, f"train.find_batch_size: data.batch_size {config.data.batch_size} does not fit on "
+                                    f"every rank; using {found} per process")
+            config = replace(config, data=replace(config.data, batch_size=found))
     if config.model.sync_batchnorm:
         model = convert_sync_batchnorm(model, on_gpu=accelerator.device.type == "cuda")
+    datasets = {}
+    for split, records in (("train", train_records), ("val", val_records)):
+        datasets[split] = ImageDataset(records, build_transform(config.data, train=split == "train"), config.data.channels,
+                                       config.seed, split, config.data.bad_samples, config.data.image_size)
+    train_set, val_set = datasets["train"], datasets["val"]
+    train_loader = build_loader(train_set, config.data, train=True, seed=config.seed)
+    val_loader = build_loader(val_set, config.data, train=False, seed=config.seed)
     trainable, frozen = parameter_counts(model)
     loss_fn = build_loss(config.loss, num_classes).to(accelerator.device)
     torch_optimizer = build_optimizer(config.optim, model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, torch_optimizer, train_loader, val_loader)
+    nonfinite = config.train.nonfinite
+    if nonfinite == "skip" and config.deepspeed.enabled:
+        nonfinite = "stop"  # DeepSpeed steps inside backward: a bad step cannot be skipped, only refused
+        main_print(accelerator, "train.nonfinite=skip acts as stop under DeepSpeed (its optimizer steps inside backward)")
 
     accum = config.train.grad_accum_steps
     # Accelerate syncs at the end of the loader, so a last short window is one more optimizer step.
@@ -104,10 +135,16 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
 
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
     checkpoints = output_dir / "checkpoints"
+    layout = [accelerator.num_processes, config.data.batch_size, accum]
+    state.layout = layout
     if resume is not None:
-        resume_dir = ckpt.resolve_resume(resume, output_dir)
-        ckpt.load_checkpoint(accelerator, resume_dir, schedule, state)
-        main_print(accelerator, f"resumed from {resume_dir} after epoch {state.epoch} (step {state.global_step})")
+        resume_dir = _resolve_resume_on_main(accelerator, resume, checkpoints)
+        ckpt.load_checkpoint(accelerator, resume_dir, schedule, state, layout, log=lambda m: main_print(accelerator, m))
+        state.layout = layout
+        if accelerator.is_main_process:
+            _repair_after_resume(output_dir, state)
+        main_print(accelerator, f"resumed from {resume_dir}: epoch {state.epoch + 1}, batch {state.batches_done}, "
+                                f"step {state.global_step}")
 
     # --- run directory --------------------------------------------------------------------------
     devices = gather_object([f"{socket.gethostname()}:{accelerator.device}"])
@@ -132,6 +169,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
         "val_samples": len(val_set),
         "classes": classes,
         "parameters": {"trainable": trainable, "frozen": frozen},
+        "resumed_from": str(resume_dir) if resume is not None else None,
     }
     if accelerator.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -139,7 +177,9 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
         _write_json(output_dir / "run_info.json", run_info)
         if resume is None:
             (output_dir / "metrics.jsonl").write_text("")
-    accelerator.init_trackers("tensorboard")
+    # After a resume, TensorBoard hides what the killed run logged past the checkpoint (purge_step).
+    accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.global_step + 1}}
+                              if resume is not None else {})
     main_print(
         accelerator,
         f"dist_train: {accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}; "
@@ -148,32 +188,86 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
         f"{config.model.name}: {trainable:,} trainable, {frozen:,} frozen parameters",
     )
 
+    def save(best: bool = False) -> Path:
+        watchdog.beat()
+        path = ckpt.save_checkpoint(accelerator, model, checkpoints, schedule, state, config_yaml, classes,
+                                    best=best, keep_last=config.checkpoint.keep_last)
+        watchdog.beat()
+        return path
+
+    last_save = time.monotonic()
+
+    def on_step(batches_done: int, global_step: int, finite: bool) -> bool:
+        """After each optimizer step: non-finite steps, periodic saves, preemption, max_steps. True ends the epoch."""
+        nonlocal last_save
+        state.global_step, state.batches_done = global_step, batches_done
+        if finite:
+            state.bad_steps_in_a_row = 0
+        else:
+            state.skipped_steps += 1
+            state.bad_steps_in_a_row += 1
+            _on_nonfinite_step(accelerator, state, nonfinite, config.train.max_bad_steps, checkpoints)
+        reached_max = config.train.max_steps is not None and global_step >= config.train.max_steps
+        mid_epoch = batches_done < len(train_loader) and not reached_max  # else the epoch-end save follows
+        due = config.checkpoint.every_n_steps is not None and global_step % config.checkpoint.every_n_steps == 0
+        preempted = False
+        if global_step % config.checkpoint.check_every_n_steps == 0:
+            minutes = config.checkpoint.every_n_minutes
+            timed = accelerator.is_main_process and minutes is not None and time.monotonic() - last_save >= 60 * minutes
+            preempted, timed = any_rank(accelerator, signals.received is not None, timed)
+            due = due or timed
+        if preempted or (due and mid_epoch):
+            state.epoch_totals = totals.reduced(accelerator)
+            path = save()
+            last_save = time.monotonic()
+            if preempted:
+                raise Preempted(f"a preemption signal reached the job; saved {path} at step {global_step}")
+        faults.inject(f"step:{global_step}")
+        return reached_max
+
     monitor, mode = config.checkpoint.monitor, config.checkpoint.mode
     stopped_early = False
     for epoch in range(state.epoch, config.train.epochs):
+        if config.train.max_steps is not None and state.global_step >= config.train.max_steps:
+            break
         train_loader.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        start_batch, state.batches_done = state.batches_done, 0
+        carried = state.epoch_totals if start_batch and accelerator.is_main_process else None
+        totals, state.epoch_totals = EpochTotals(accelerator.device, carried), []
+        loader = accelerator.skip_first_batches(train_loader, start_batch) if start_batch else train_loader
+        if start_batch:
+            loader.set_epoch(epoch)
         result, state.global_step = train_one_epoch(
-            accelerator, model, train_loader, loss_fn, optimizer, schedule,
+            accelerator, model, loader, loss_fn, optimizer, schedule,
             batch_size=config.data.batch_size,
             dataset_len=len(train_set),
             grad_accum_steps=accum,
             max_grad_norm=config.train.max_grad_norm,
             log_every_n_steps=config.train.log_every_n_steps,
             global_step=state.global_step,
-            max_steps=config.train.max_steps,
             log=accelerator.log,
             epoch=epoch + 1,
+            num_batches=len(train_loader),
+            start_batch=start_batch,
+            on_step=on_step,
+            totals=totals,
+            check_finite=nonfinite != "ignore",
+            skip_bad_samples=config.data.bad_samples == "skip",
+            beat=watchdog.beat,
         )
         lr = schedule.lr()
         broadcast_buffers(accelerator, model)
-        out = predict_gathered(accelerator, model, val_loader, "validate", loss_fn)
+        out = predict_gathered(accelerator, model, val_loader, "validate", loss_fn, beat=watchdog.beat)
         check_each_once(out["indices"], len(val_set), "validation")
         metrics = same_on_all_ranks(accelerator, classification_metrics(out["logits"], out["targets"], out["losses"]))
         schedule.step_metric(metrics[monitor])
         improved = is_improvement(metrics[monitor], state.best_metric, mode)
-        state.epoch = epoch + 1
+        state.epoch, state.batches_done = epoch + 1, 0
+        state.skipped_samples += result.skipped_samples
         if improved:
             state.best_metric, state.best_epoch, state.evals_without_improvement = metrics[monitor], state.epoch, 0
+            state.best_checkpoint = ckpt.checkpoint_name(state.global_step)
         else:
             state.evals_without_improvement += 1
         shards = gather_object([(accelerator.process_index, result.local_batches, result.local_samples)])
@@ -185,30 +279,29 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
             "lr": lr,
             "samples_per_sec": result.samples / max(result.seconds, 1e-9),
             "epoch_seconds": result.seconds,
+            "skipped_steps": state.skipped_steps,
+            "skipped_samples": result.skipped_samples,
             "rank_batches": [b for _, b, _ in sorted(shards)],
             "rank_samples": [s for _, _, s in sorted(shards)],
         }
         state.history.append({k: record[k] for k in ("epoch", "rank_batches", "rank_samples")})
-
-        if config.checkpoint.save_last:
-            ckpt.save_checkpoint(accelerator, model, checkpoints / "last", schedule, state, config_yaml)
-            if improved:
-                ckpt.copy_checkpoint(accelerator, checkpoints / "last", checkpoints / "best")
-        elif improved:
-            ckpt.save_checkpoint(accelerator, model, checkpoints / "best", schedule, state, config_yaml)
+        # Logged before the save: a run killed in between replays this epoch, and the resume drops
+        # what lies past its checkpoint (metrics.jsonl lines, TensorBoard's purge_step).
         if accelerator.is_main_process:
-            for name in ("last", "best"):
-                if (checkpoints / name).is_dir():
-                    _write_json(checkpoints / name / CLASSES_FILE, classes)
             with open(output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(state.epoch) and accelerator.is_main_process:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests: a crash, not an exit
         accelerator.log(
             {"train/epoch_loss": result.train_loss, "epoch": state.epoch,
-             **{f"val/{k[4:]}": v for k, v in metrics.items() if k.startswith("val_")}},
+             **{f"val/{k[4:]}": v for k, v in metrics.items() if k.startswith("val_")},
+             **({"data/skipped_samples": result.skipped_samples} if config.data.bad_samples == "skip" else {})},
             step=state.global_step,
         )
+        if result.skipped_samples:
+            main_print(accelerator, f"epoch {state.epoch}: skipped {result.skipped_samples} unreadable training images "
+                                    f"(data.bad_samples=skip; {state.skipped_samples} in all)")
+        save(best=improved)
+        last_save = time.monotonic()
+        faults.inject(f"epoch:{state.epoch}")
         main_print(
             accelerator,
             f"epoch {state.epoch}/{config.train.epochs}  train_loss {result.train_loss:.4f}  "
@@ -226,23 +319,88 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None) -> d
             break
 
     digests = gather_object([weights_digest(ckpt.full_state_dict(accelerator, model))])
+    # (DeepSpeed's ZeRO optimizers keep their state partitioned, outside the torch optimizer)
+    optimizer_digests = gather_object([None if config.deepspeed.enabled else state_digest(torch_optimizer.state_dict())])
     summary = {
         **run_info,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_seconds": time.time() - started,
         "epochs_completed": state.epoch,
+        "global_step": state.global_step,
         "stopped_early": stopped_early,
-        "best": {"metric": monitor, "value": state.best_metric, "epoch": state.best_epoch},
+        "best": {"metric": monitor, "value": state.best_metric, "epoch": state.best_epoch, "checkpoint": state.best_checkpoint},
+        "skipped_steps": state.skipped_steps,
+        "skipped_samples": state.skipped_samples,
         "final_weights_sha256_per_rank": digests,
+        "final_optimizer_sha256_per_rank": optimizer_digests,
     }
     if accelerator.is_main_process:
         _write_json(output_dir / "run_info.json", summary)
-    main_print(
-        accelerator,
-        f"best {monitor} {state.best_metric:.4f} at epoch {state.best_epoch}; "
-        f"checkpoints in {checkpoints}, TensorBoard logs in {output_dir / 'tensorboard'}",
-    )
+    if state.best_metric is not None:
+        main_print(accelerator, f"best {monitor} {state.best_metric:.4f} at epoch {state.best_epoch}; "
+                                f"checkpoints in {checkpoints}, TensorBoard logs in {output_dir / 'tensorboard'}")
     return summary
+
+
+def _resolve_resume_on_main(accelerator, resume: str, checkpoints: Path) -> Path:
+    """The checkpoint to resume from, chosen and verified (sha256 of every file) once, by the main process."""
+    choice = None
+    if accelerator.is_main_process:
+        try:
+            choice = ("ok", str(ckpt.resolve_resume(resume, checkpoints, log=lambda m: print(m, flush=True))))
+        except CheckpointError as exc:
+            choice = ("error", str(exc))
+    kind, value = same_on_all_ranks(accelerator, choice)
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value)
+
+
+def _repair_after_resume(output_dir: Path, state: ckpt.TrainerState) -> None:
+    """Undo what a run killed after its last checkpoint left behind: metrics past that step, a stale `best` link."""
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= state.global_step]
+        _write_text(metrics, "".join(line + "\n" for line in kept))
+    checkpoints = output_dir / "checkpoints"
+    best = state.best_checkpoint
+    if best and (checkpoints / best).is_dir() and (checkpoints / "best").resolve() != (checkpoints / best).resolve():
+        ckpt.point(checkpoints / "best", best)
+
+
+def _on_nonfinite_step(accelerator, state: ckpt.TrainerState, policy: str, max_bad: int, checkpoints: Path) -> None:
+    """A step whose loss or gradient was NaN/Inf on some rank (the same verdict on every rank)."""
+    step, in_a_row = state.global_step, state.bad_steps_in_a_row
+    kept = f"the last checkpoint ({ckpt._describe_last(checkpoints)}) holds finite weights"
+    if policy == "stop":
+        raise TrainingError(f"step {step}: the loss or gradient is not finite on some rank (train.nonfinite=stop); "
+                            f"stopped. {kept}")
+    if in_a_row >= max_bad:
+        raise TrainingError(f"steps {step - in_a_row + 1}-{step}: {in_a_row} optimizer steps in a row had a non-finite "
+                            f"loss or gradient (train.max_bad_steps={max_bad}); stopped at step {step}. {kept}")
+    main_print(accelerator, f"warning: step {step}: non-finite loss or gradient on some rank; every rank skipped it "
+                            f"({in_a_row} in a row, {state.skipped_steps} in all)")
+
+
+def state_digest(value) -> str:
+    """sha256 over the tensors and numbers of a nested state (an optimizer's state_dict), keys in order."""
+    digest = hashlib.sha256()
+
+    def walk(node) -> None:
+        if isinstance(node, torch.Tensor):
+            digest.update(node.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(node, dict):
+            for key in sorted(node, key=str):
+                digest.update(str(key).encode())
+                walk(node[key])
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                walk(item)
+        else:
+            digest.update(repr(node).encode())
+
+    walk(value)
+    return digest.hexdigest()
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -255,6 +413,10 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _write_json(path: Path, value) -> None:
+    _write_text(path, json.dumps(value, indent=1))
+
+
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
+    tmp.write_text(text)
     tmp.replace(path)

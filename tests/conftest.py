@@ -31,23 +31,33 @@ def tiny_overrides(digits_root: Path, output_dir: Path, **extra) -> list[str]:
         "data.train_augment": "[]",
         "train.epochs": 2,
         "train.log_every_n_steps": 1,
+        # a hang in a test ends in a stack dump of the hung rank (faults.Watchdog), well before the test's timeout
+        "train.distributed_timeout_s": 120,
         "output_dir": str(output_dir),
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def command(script: str, args: list[str], processes: int = 1) -> list[str]:
     """`python script ...` for one process, `accelerate launch --num_processes N script ...` for more."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if processes == 1:
-        cmd = [sys.executable, str(ROOT / script)]
-    else:
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-               "--num_processes", str(processes), str(ROOT / script)]
-    proc = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return [sys.executable, str(ROOT / script), *args]
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+            "--num_processes", str(processes), str(ROOT / script), *args]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT)."""
+    cmd = command(script, args, processes)
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd + args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 
 

@@ -51,7 +51,8 @@ def test_label_outside_classes_through_train_py(capsys, tmp_path):
 
 
 def test_existing_run_is_not_overwritten_silently(capsys, tmp_path):
-    (tmp_path / "checkpoints" / "last").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000020").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000020" / "manifest.json").write_text("{}")
     line = error_of(train_main, [f"output_dir={tmp_path}"], capsys)
     assert "already holds a run; continue it with --resume auto, or pass --overwrite" in line
 

@@ -93,3 +93,12 @@ def test_saved_config_round_trips(tmp_path):
     config = load_config(CONFIGS[0], ["optim.lr=0.25", "model.freeze=[features.0]"])
     save_config(config, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == config
+
+
+def test_yaml_is_read_with_a_safe_loader(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(path)
+    assert not marker.exists()

@@ -16,7 +16,7 @@ from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
 from dist_train.config import DeepSpeedConfig
 from dist_train.distributed import deepspeed_plugin
 from dist_train.errors import ConfigError
-from dist_train.trainer import KILL_AFTER_EPOCH_ENV
+from dist_train.faults import FAULT_ENV
 from test_equivalence import EXACT, WEIGHT_TOL, max_weight_diff, train
 
 
@@ -66,7 +66,7 @@ def test_zero3_killed_then_resumed_equals_uninterrupted_and_predicts_from_consol
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
            "--num_processes", "2", str(ROOT / "train.py"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, KILL_AFTER_EPOCH_ENV: "1", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, FAULT_ENV: "kill@epoch:1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0  # rank 0 was SIGKILLed after saving epoch 1
     state = json.loads((tmp_path / "killed" / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["epoch"] == 1

@@ -1,0 +1,254 @@
+"""Faults a long job meets: preemption signals, hung or failing ranks, dying launchers; and test-only fault injection."""
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from functools import cache
+
+import torch
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" -- the job saved its state and wants to be restarted
+FAILED_EXIT_CODE = 1
+HUNG_EXIT_CODE = 124  # as timeout(1): this rank made no progress within train.distributed_timeout_s
+_stopping = threading.Event()  # this rank already reported why the job stops; later errors are echoes
+
+
+class Preempted(Exception):
+    """A preemption signal reached some rank; a complete checkpoint was saved before this was raised."""
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ----------------------------------------------------------------------------------------------
+# preemption
+
+
+class SignalFlag:
+    """Remembers that SIGTERM or SIGUSR1 (SLURM's warning signals) reached this process; acting on it is
+    left to the next step boundary, where all ranks agree (see `any_rank`)."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.received: str | None = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def any_rank(accelerator, *flags: bool) -> list[bool]:
+    """For each flag, whether it is set on at least one rank: one all-reduce, the same answer everywhere."""
+    values = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(values)
+    return [v > 0 for v in values.tolist()]
+
+
+def requeue_slurm_job() -> str | None:
+    """`scontrol requeue $SLURM_JOB_ID` when running under SLURM; returns the job id requeued."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
+    return job
+
+
+def die_with_launcher() -> None:
+    """Ask Linux to send SIGTERM to this worker when the launcher that started it dies.
+
+    torchrun starts each worker in a session of its own, so a launcher killed with SIGKILL (an OOM
+    kill, `kill -9`) would leave the workers training on as orphans; with this they save a checkpoint
+    at the next step boundary and exit, as on preemption.
+    """
+    if "LOCAL_RANK" in os.environ:
+        die_with_parent(signal.SIGTERM)
+
+
+def _find_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once, at import: a data-loader worker forked from a multi-threaded rank must not dlopen.
+_prctl = _find_prctl()
+
+
+def die_with_parent(sig: signal.Signals) -> None:
+    """Have Linux send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if _prctl is None:
+        return
+    parent = os.getppid()
+    _prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+
+
+# ----------------------------------------------------------------------------------------------
+# hangs and failures
+
+
+class Watchdog:
+    """Ends the job when this rank makes no progress for `timeout_s` seconds, naming the rank that hung.
+
+    The loop calls `beat()` at each batch (after loading it, after the forward, after the step). Every
+    few seconds each rank publishes its beat count in the launcher's key-value store. When a rank has
+    been idle for `timeout_s`, it compares counts: a rank behind the others is the hung one -- it dumps
+    where each of its threads is and exits with HUNG_EXIT_CODE; a rank that is merely waiting for it
+    (in a collective) says which rank it waits for and exits too. (The process-group timeout, set
+    longer, is only the backstop.) A single process has no peer to hang: there it watches nothing, so
+    that a debugger may pause it.
+    """
+
+    def __init__(self, timeout_s: float, world: int):
+        self.timeout_s = timeout_s
+        self.world = world
+        self.count = 0
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        if world > 1:
+            threading.Thread(target=self._watch, name="dist_train-watchdog", daemon=True).start()
+
+    def beat(self) -> None:
+        self.count += 1
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        store = _launcher_store()
+        key = f"dist_train/beat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+            counts = {rank(): self.count}
+            if store is not None:
+                try:
+                    store.set(key + str(rank()), str(self.count))
+                    counts = {r: int(store.get(key + str(r))) for r in range(self.world) if store.check([key + str(r)])}
+                except Exception:  # the store went away with the launcher: judge alone
+                    store = None
+            idle = time.monotonic() - self.last
+            if idle <= self.timeout_s or self._stop.is_set():
+                continue
+            behind = sorted(r for r, c in counts.items() if c == min(counts.values()))
+            _stopping.set()
+            sys.stdout.flush()
+            if rank() not in behind:
+                sys.stderr.write(f"rank {rank()}: stopping: waited {idle:.0f} s for rank(s) "
+                                 f"{', '.join(map(str, behind))}, which made no progress (reported by them)\n")
+                sys.stderr.flush()
+                time.sleep(5)  # let the hung rank report first
+                os._exit(HUNG_EXIT_CODE)
+            sys.stderr.write(f"error: rank {rank()} made no progress for {idle:.0f} s "
+                             f"(train.distributed_timeout_s={self.timeout_s:g}): it is hung; stopping the job. "
+                             f"Where each thread of rank {rank()} was:\n")
+            sys.stderr.flush()
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            sys.stderr.flush()
+            os._exit(HUNG_EXIT_CODE)
+
+
+def _launcher_store():
+    """A client of the key-value store the launcher (torchrun's agent) hosts, or None."""
+    try:
+        from datetime import timedelta
+
+        return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                          timeout=timedelta(seconds=30), wait_for_workers=False)
+    except Exception:
+        return None
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """An error that only says another rank went away (its own error is reported by that rank)."""
+    if isinstance(exc, getattr(torch.distributed, "DistBackendError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
+        "timed out", "NCCL communicator was aborted", "ProcessGroupGloo", "gloo/transport"))
+
+
+def report_failure(exc: BaseException) -> None:
+    """Under a launcher: print this rank's unexpected failure once (peers that merely lost it say so in one
+    line), then exit now -- a normal interpreter exit would wait on data-loader workers and a broken
+    process group. A single process returns, and the caller re-raises for Python's usual traceback.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    sys.stdout.flush()
+    if _stopping.is_set():  # the watchdog is reporting a hang; this error is its consequence
+        time.sleep(60)
+        os._exit(HUNG_EXIT_CODE)
+    if is_peer_failure(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"rank {rank()}: stopping: lost contact with another rank, whose error is reported by itself "
+              f"({first[:120]})", file=sys.stderr, flush=True)
+    else:
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        where = f"rank {rank()} of {world}" if world > 1 else "the run"
+        print(f"Traceback (most recent call last):\n{frames}error: {where} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+    os._exit(FAILED_EXIT_CODE)
+
+
+# ----------------------------------------------------------------------------------------------
+# fault injection for the tests: DIST_TRAIN_FAULT="action@point[#rank],..." (rank 0 by default)
+#   actions: kill (SIGKILL), raise, hang, nan (the loss of that optimizer step), oom,
+#            fsize=BYTES (a file-size limit from then on: later writes fail with EFBIG), signal=NAME
+#   points:  step:N (after optimizer step N; for nan: its micro-batches), batch:N (after the N-th
+#            micro-batch of the run), epoch:N (after epoch N's save), save-PHASE:N (inside the save of
+#            step N; PHASE in written, fsynced, sealed, linked, rotating), find:B (batch-size trial B)
+
+FAULT_ENV = "DIST_TRAIN_FAULT"
+
+
+@cache
+def _planned() -> tuple[tuple[str, str, int], ...]:
+    faults = []
+    for item in filter(None, (s.strip() for s in os.environ.get(FAULT_ENV, "").split(","))):
+        action, _, where = item.partition("@")
+        point, _, on_rank = where.partition("#")
+        faults.append((action, point, int(on_rank or 0)))
+    return tuple(faults)
+
+
+def planned(action: str, point: str) -> bool:
+    """Whether the test asked for `action` at `point` on this rank."""
+    return any(a == action and p == point and r == rank() for a, p, r in _planned())
+
+
+def inject(point: str) -> None:
+    """Carry out the faults planned at `point` for this rank (a no-op unless DIST_TRAIN_FAULT is set)."""
+    if not _planned():
+        return
+    for action, at, on_rank in _planned():
+        if at != point or on_rank != rank():
+            continue
+        name, _, arg = action.partition("=")
+        if name == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash, not an exit: nothing gets to clean up
+        elif name == "raise":
+            raise RuntimeError(f"injected failure at {point}")
+        elif name == "hang":
+            while True:
+                time.sleep(3600)
+        elif name == "oom":
+            raise torch.OutOfMemoryError(f"injected: CUDA out of memory at {point}")
+        elif name == "fsize":
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(arg), int(arg)))
+        elif name == "signal":
+            os.kill(os.getpid(), getattr(signal, f"SIG{arg}"))

@@ -1,0 +1,80 @@
+"""Checkpoint bookkeeping on disk, in one process: manifests, verification, rotation, stale temporaries."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dist_train import checkpoint as ckpt
+from dist_train.errors import CheckpointError, SampleError
+
+
+def sealed(checkpoints, step, payload=b"weights"):
+    directory = checkpoints / ckpt.checkpoint_name(step)
+    directory.mkdir(parents=True)
+    (directory / "model.safetensors").write_bytes(payload * 100)
+    (directory / "sub").mkdir()
+    (directory / "sub" / "shard.pt").write_bytes(b"x" * 10)
+    ckpt.write_manifest(directory)
+    return directory
+
+
+def test_manifest_lists_every_file_and_verify_names_the_damaged_one(tmp_path):
+    directory = sealed(tmp_path, 10)
+    manifest = json.loads((directory / ckpt.MANIFEST_FILE).read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "sub/shard.pt"}
+    ckpt.verify(directory)
+    ckpt.write_manifest(directory)  # re-sealing does not list the manifest itself
+    ckpt.verify(directory)
+    data = bytearray((directory / "model.safetensors").read_bytes())
+    data[3] ^= 1
+    (directory / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="file model.safetensors is corrupt"):
+        ckpt.verify(directory)
+    ckpt.verify(directory, only=["sub/shard.pt"])
+    data[3] ^= 1
+    (directory / "model.safetensors").write_bytes(bytes(data))
+    (directory / "sub" / "shard.pt").unlink()
+    with pytest.raises(CheckpointError, match="file sub/shard.pt is missing"):
+        ckpt.verify(directory)
+    (directory / ckpt.MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError, match="is not a complete checkpoint"):
+        ckpt.verify(directory)
+
+
+def test_rotation_keeps_the_newest_and_the_linked_ones(tmp_path):
+    for step in (10, 20, 30, 40):
+        sealed(tmp_path, step)
+    ckpt.point(tmp_path / "best", ckpt.checkpoint_name(10))
+    ckpt.point(tmp_path / "last", ckpt.checkpoint_name(40))
+    ckpt.rotate(tmp_path, keep_last=2)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-00000040", "step-00000030", "step-00000010"]
+    assert os.readlink(tmp_path / "best") == "step-00000010" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_stale_temporaries_and_unsealed_directories_are_cleaned(tmp_path):
+    sealed(tmp_path, 10)
+    (tmp_path / ".tmp-step-00000020").mkdir()
+    (tmp_path / ".tmp-delete-step-00000005").mkdir()
+    (tmp_path / "step-00000030").mkdir()  # not ours to trust: no manifest
+    os.symlink("step-00000010", tmp_path / ".last.tmp")
+    removed = ckpt.clean_stale(tmp_path)
+    assert sorted(removed) == sorted([".tmp-step-00000020", ".tmp-delete-step-00000005", ".last.tmp", "step-00000030"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010"]
+
+
+def test_resume_auto_takes_the_newest_intact_checkpoint_and_says_which_it_skipped(tmp_path):
+    older, newer = sealed(tmp_path, 10), sealed(tmp_path, 20)
+    (newer / "model.safetensors").write_bytes(b"short")
+    said = []
+    assert ckpt.resolve_resume("auto", tmp_path, log=said.append) == older
+    assert "model.safetensors is truncated or altered (5 bytes" in said[0] and "falling back" in said[0]
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        ckpt.resolve_resume("auto", tmp_path / "nothing")
+
+
+def test_an_error_reraised_by_a_loader_worker_prints_its_own_message():
+    reraised = SampleError("Caught SampleError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+                           '  File "x.py", line 1, in f\ndist_train.errors.SampleError: train sample 3: cannot read image a.png')
+    assert reraised.message() == "train sample 3: cannot read image a.png" and reraised.rank_local
