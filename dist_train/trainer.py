@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import socket
@@ -22,7 +23,7 @@ from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.config import Config, to_dict
 from dist_train import faults
 from dist_train.data import ImageDataset, build_loader, build_transform, load_records
-from dist_train.distributed import broadcast_buffers, build_accelerator, main_print, same_on_all_ranks
+from dist_train.distributed import broadcast_buffers, build_accelerator, is_main_process_env, main_print, same_on_all_ranks
 from dist_train.engine import EpochTotals, check_each_once, largest_batch_that_fits, predict_gathered, train_one_epoch
 from dist_train.errors import CheckpointError, ConfigError, ResourceError, TrainingError
 from dist_train.faults import Preempted, SignalFlag, Watchdog, any_rank
@@ -35,6 +36,10 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False) -> d
     """Train as configured; returns the run summary also written to run_info.json."""
     output_dir = Path(config.output_dir)
     checkpoints = output_dir / "checkpoints"
+    if resume is None and not overwrite and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+        resume = "auto"  # a SLURM job requeued after preemption runs the same command again: it continues
+        if is_main_process_env():
+            print(f"SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}: continuing with --resume auto", flush=True)
     if resume is None and not overwrite and ckpt.complete_checkpoints(checkpoints):
         raise ConfigError(
             f"{output_dir} already holds a run; continue it with --resume auto, or pass --overwrite, "
@@ -299,9 +304,12 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         if result.skipped_samples:
             main_print(accelerator, f"epoch {state.epoch}: skipped {result.skipped_samples} unreadable training images "
                                     f"(data.bad_samples=skip; {state.skipped_samples} in all)")
-        save(best=improved)
+        path = save(best=improved)
         last_save = time.monotonic()
         faults.inject(f"epoch:{state.epoch}")
+        (preempted,) = any_rank(accelerator, signals.received is not None)  # e.g. a signal during validation
+        if preempted:
+            raise Preempted(f"a preemption signal reached the job; saved {path} at step {state.global_step}")
         main_print(
             accelerator,
             f"epoch {state.epoch}/{config.train.epochs}  train_loss {result.train_loss:.4f}  "

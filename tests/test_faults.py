@@ -245,7 +245,9 @@ def test_preemption_signal_saves_requeues_and_the_restart_finishes_the_same(unin
     assert 7 < step < STEPS
     ckpt.verify(saved)
 
-    resumed = run_cli("train.py", [*run, "--resume", "auto"], processes=2)
+    # the requeued job runs the same command again; SLURM_RESTART_COUNT makes it continue
+    resumed = run_cli("train.py", run, processes=2, env={"SLURM_RESTART_COUNT": "1"})
+    assert "SLURM_RESTART_COUNT=1: continuing with --resume auto" in resumed.stdout
     assert f"resumed from {saved}" in resumed.stdout
     assert_same_run(uninterrupted, out)
 
