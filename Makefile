@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LAUNCH := $(BIN)/accelerate launch --config_file accelerate_config.yaml --num_processes 2
 RUN_DIR := runs/digits
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo clean slurm-deps
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ demo: install
 	@echo "submission:       $(RUN_DIR)/submission.csv"
 	@echo "TensorBoard logs: $(RUN_DIR)/tensorboard   ($(BIN)/tensorboard --logdir $(RUN_DIR)/tensorboard)"
 	@echo "metrics:          $(RUN_DIR)/metrics.jsonl"
+
+# Debian's Slurm + munge, for tests/test_slurm.py (a 2-node cluster emulated on this machine; needs root).
+slurm-deps:
+	command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null && command -v munged >/dev/null || \
+	{ DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge; }; }
 
 clean:
 	rm -rf runs data

@@ -37,8 +37,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except Preempted as exc:
         if is_main_process_env():
             print(f"preempted: {exc}", file=sys.stderr, flush=True)
-            if config.checkpoint.requeue_on_preemption and (job := requeue_slurm_job()):
-                print(f"requeued SLURM job {job}; it will resume from the checkpoint", file=sys.stderr, flush=True)
+            if config.checkpoint.requeue_on_preemption:
+                requeue_slurm_job()
         sys.exit(PREEMPTED_EXIT_CODE)
     except Exception as exc:  # a bug or a crash on this rank: named once, and the job stops now, not at a timeout
         report_failure(exc)

@@ -58,6 +58,8 @@ def requeue_slurm_job() -> str | None:
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return None
+    print(f"requeueing SLURM job {job}; the restarted job resumes from the checkpoint", file=sys.stderr, flush=True)
+    time.sleep(2)  # requeueing cancels this job at once: let the log lines reach the job's output first
     subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
     return job
 

@@ -152,7 +152,10 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
                                 f"step {state.global_step}")
 
     # --- run directory --------------------------------------------------------------------------
-    devices = gather_object([f"{socket.gethostname()}:{accelerator.device}"])
+    processes = gather_object([{"rank": accelerator.process_index, "machine_rank": int(os.environ.get("GROUP_RANK", 0)),
+                                "local_rank": accelerator.local_process_index, "host": socket.gethostname(),
+                                "device": str(accelerator.device)}])
+    devices = [f"{p['host']}:{p['device']}" for p in processes]
     run_info = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "versions": {
@@ -162,6 +165,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         "distributed_type": str(accelerator.distributed_type),
         "num_processes": accelerator.num_processes,
         "devices": devices,
+        "processes": processes,
         "mixed_precision": config.train.mixed_precision,
         "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if config.deepspeed.enabled else None,
         "per_process_batch": config.data.batch_size,

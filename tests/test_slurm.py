@@ -1,0 +1,120 @@
+"""launch/slurm_train.sbatch on a real SLURM cluster of two emulated nodes (slurmctld + 2 slurmd + munge).
+
+Two machines x 1 CPU process join one gloo group; the result must be bitwise the one of a 1-machine
+2-process run. A USR1 sent to the batch shell (`scancel --signal=USR1 --batch`) must end in a
+checkpoint, a requeue, and a restarted job that resumes and finishes with the same weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+import slurm
+from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, run_env, tiny_overrides
+from dist_train import checkpoint as ckpt
+
+reason = slurm.available()
+if reason and os.environ.get("CI") == "true":
+    raise RuntimeError(f"CI must run the SLURM tests: {reason}")  # .ci/run installs SLURM
+pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
+
+RUN = {"train.epochs": 2, "data.num_workers": 2, "checkpoint.every_n_steps": 7, "checkpoint.check_every_n_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = slurm.Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def sbatch(cluster, out, digits_root) -> str:
+    env = {**run_env(PATH=f"{BIN}:{os.environ['PATH']}"), "SLURM_CONF": str(cluster.conf), "JOIN_TIMEOUT_S": "120"}
+    args = ["--config", config_path("digits.yaml"), *tiny_overrides(digits_root, out, **RUN)]
+    proc = subprocess.run(["sbatch", "--parsable", "-N2", f"--output={out}.log", str(ROOT / "launch" / "slurm_train.sbatch"),
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    return proc.stdout.strip().split(";")[0]
+
+
+@pytest.fixture(scope="module")
+def one_machine(digits_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    run_cli("train.py", ["--config", config_path("digits.yaml"), *tiny_overrides(digits_root, out, **RUN)], processes=2)
+    return json.loads((out / "run_info.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_machines(cluster, digits_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("slurm_run") / "run"
+    job = sbatch(cluster, out, digits_root)
+    states: list[str] = []
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240, seen=states)
+    log = (out.parent / "run.log").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    return out, info, states, log
+
+
+def test_two_machines_join_one_group_and_train_as_one_machine_does(two_machines, one_machine):
+    out, info, states, log = two_machines
+    assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2" and "RUNNING" in states
+    assert "node vm is machine 0 of 2" in log and "node vm is machine 1 of 2" in log
+    run_info = json.loads((out / "run_info.json").read_text())
+    assert run_info["num_processes"] == 2 and run_info["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert [(p["rank"], p["machine_rank"], p["local_rank"]) for p in run_info["processes"]] == [(0, 0, 0), (1, 1, 0)]
+    for record in read_jsonl(out / "metrics.jsonl"):
+        assert record["rank_batches"] == [20, 20] and record["val_samples"] == 270  # sharded across the machines
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer
+    assert len(list(out.parent.iterdir())) == 2  # one run directory (and the job's log)
+    assert run_info["final_weights_sha256_per_rank"] == one_machine["final_weights_sha256_per_rank"]
+
+
+def test_usr1_checkpoints_requeues_and_the_restarted_job_finishes_the_same(cluster, two_machines, digits_root, tmp_path):
+    out = tmp_path / "run"
+    job = sbatch(cluster, out, digits_root)
+    deadline = time.time() + 180
+    while not (out / "checkpoints" / ckpt.checkpoint_name(7)).exists():  # training is under way on both machines
+        assert time.time() < deadline and cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.05)
+    cluster.run("scancel", "--signal=USR1", "--batch", job, check=True)
+    states: list[str] = ["RUNNING"]
+    info = cluster.wait(job, {"PENDING", "COMPLETED", "FAILED"}, timeout=120, seen=states)
+    log = (tmp_path / "run.log").read_text()
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", log[-4000:]  # requeued by rank 0
+    assert "forwarding to the training processes" in log and "preempted: a preemption signal reached the job" in log
+    assert f"requeueing SLURM job {job}" in log
+    saved = ckpt.complete_checkpoints(out / "checkpoints")[0]
+    ckpt.verify(saved)
+    assert 7 < int(saved.name.split("-")[1]) < 40
+
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)  # skip the requeue delay
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240, seen=states)
+    log = (tmp_path / "run.log").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "SLURM_RESTART_COUNT=1: continuing with --resume auto" in log and f"resumed from {saved}" in log
+    print("job states seen:", " -> ".join(states))
+    ours = json.loads((out / "run_info.json").read_text())
+    theirs = json.loads((two_machines[0] / "run_info.json").read_text())
+    assert ours["global_step"] == 40 and ours["resumed_from"] == str(saved)
+    assert ours["final_weights_sha256_per_rank"] == theirs["final_weights_sha256_per_rank"]
+
+
+def test_a_machine_that_never_arrives_fails_with_a_clear_message(digits_root, tmp_path):
+    """Machine 0 of 2 waits for a machine 1 that never starts: an error within JOIN_TIMEOUT_S, not a hang."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = run_env(PATH=f"{BIN}:{os.environ['PATH']}", SLURM_NODEID="0", NUM_MACHINES="2", MAIN_ADDR="127.0.0.1",
+                  MAIN_PORT=str(port), JOIN_TIMEOUT_S="8")
+    started = time.time()
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "slurm_node.sh"), "--config", config_path("digits.yaml"),
+                           *tiny_overrides(digits_root, tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and time.time() - started < 60
+    assert ("error: dist_train: not every machine joined within JOIN_TIMEOUT_S=8 s (1/2 clients joined); "
+            "this is machine 0 of 2") in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
