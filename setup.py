@@ -18,9 +18,11 @@ setup(
         "pillow>=10",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15", "transformers>=4.40"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "wandb": ["wandb>=0.17"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "wandb>=0.17"],
     },
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from dist_train.config import load_config
 from dist_train.distributed import fail, is_main_process_env
@@ -24,15 +25,25 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = _parser("Train a classifier (accelerate launch train.py ... for several processes).")
     parser.add_argument("--resume", metavar="auto|DIR", help="continue from <output_dir>/checkpoints/last (auto) or a checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if output_dir already holds a run")
+    parser.add_argument("--debug", action="store_true",
+                        help="one process: a summary, an overfit-one-batch check and a few batches of train/val/predict "
+                             "into <output_dir>/debug, anomaly detection on, full tracebacks")
     args = parser.parse_intermixed_args(argv)
     die_with_launcher()
     config = None
     try:
         config = load_config(args.config, args.overrides)
+        if args.debug:
+            from dist_train.debug import run_debug
+
+            run_debug(config, args.config)
+            return 0
         from dist_train.trainer import fit
 
         fit(config, resume=args.resume, overwrite=args.overwrite)
     except DistTrainError as exc:
+        if args.debug:
+            traceback.print_exc()
         fail(exc)
     except Preempted as exc:
         if is_main_process_env():

@@ -200,6 +200,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """What is reported while training (TensorBoard always; train.log_every_n_steps sets the pace)."""
+
+    images: bool = True
+    """Per evaluation: a confusion-matrix figure and a grid of the worst validation mistakes."""
+    num_images: int = 16
+    """How many of the worst mistakes the grid shows."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install wandb; WANDB_MODE=offline to log without an account)."""
+    wandb_project: str = "dist_train"
+
+
+@dataclass
 class InferenceConfig:
     """The submission file."""
 
@@ -224,6 +237,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
@@ -387,6 +401,7 @@ def validate(config: Config) -> None:
         (0.0 < config.scheduler.warmup_start_factor <= 1.0, "scheduler.warmup_start_factor must be in (0, 1]"),
         (config.scheduler.step_size_epochs > 0, "scheduler.step_size_epochs must be positive"),
         (config.model.width > 0, "model.width must be positive"),
+        (config.tracking.num_images > 0, "tracking.num_images must be positive"),
         (config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be at least 1"),
         (config.checkpoint.every_n_steps is None or config.checkpoint.every_n_steps > 0, "checkpoint.every_n_steps must be positive or null"),
         (config.checkpoint.every_n_minutes is None or config.checkpoint.every_n_minutes > 0, "checkpoint.every_n_minutes must be positive or null"),

@@ -186,7 +186,8 @@ def train_one_epoch(
                     values["train/grad_norm"] = float(grad_norm)
                 log(values, global_step)
                 window_start, window_samples = now, 0
-                bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+                # shown at the bar's next redraw (refreshing now would print a stale count into log files)
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}", refresh=False)
             step_loss.zero_()
             step_count = 0
             beat()

@@ -9,7 +9,7 @@ import torch
 
 from dist_train.checkpoint import CLASSES_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify
 from dist_train.config import Config
-from dist_train.data import ImageDataset, build_loader, build_transform, load_records, load_test_records
+from dist_train.data import ImageDataset, Records, build_loader, build_transform, load_records, load_test_records
 from dist_train.distributed import build_accelerator, main_print
 from dist_train.engine import check_each_once, predict_gathered
 from dist_train.errors import CheckpointError
@@ -31,11 +31,13 @@ def resolve_weights(checkpoint: str | Path) -> Path:
     return weights
 
 
-def predict(config: Config, checkpoint: str | Path, output: str | Path | None = None, split: str = "test") -> Path | None:
+def predict(config: Config, checkpoint: str | Path, output: str | Path | None = None, split: str = "test",
+            limit: int | None = None) -> Path | None:
     """Write the submission CSV; returns its path on the main process (None elsewhere).
 
     split="val" predicts the labelled validation split instead and also writes its metrics to
     `<output stem>.metrics.json`: the scores of a checkpoint, whatever the number of processes.
+    `limit`: only the first that many samples (train.py --debug).
     """
     weights = resolve_weights(checkpoint)
     accelerator = build_accelerator(
@@ -52,6 +54,8 @@ def predict(config: Config, checkpoint: str | Path, output: str | Path | None = 
         else:  # a bare weights file: the classes come from the training data, as in training
             classes = data_classes if split == "val" else load_records(config.data, config.seed)[2]
 
+    if limit is not None:
+        records = Records(records.paths[:limit], records.targets[:limit], records.ids[:limit])
     # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
     model = build_model(replace(config.model, pretrained=None, freeze=[]), len(classes), config.data.channels, config.data.image_size)
     model.load_state_dict(read_weights(weights))

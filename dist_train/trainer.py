@@ -30,10 +30,17 @@ from dist_train.faults import Preempted, SignalFlag, Watchdog, any_rank
 from dist_train.losses import build_loss
 from dist_train.metrics import classification_metrics, is_improvement
 from dist_train.models import build_model, has_batchnorm, parameter_counts
+from dist_train import debug as debug_module
+from dist_train.debug import head
 from dist_train.optim import Schedule, build_optimizer
+from dist_train.tracking import Tracking, flat_hparams
 
-def fit(config: Config, resume: str | None = None, overwrite: bool = False) -> dict:
-    """Train as configured; returns the run summary also written to run_info.json."""
+def fit(config: Config, resume: str | None = None, overwrite: bool = False, debug: bool = False) -> dict:
+    """Train as configured; returns the run summary also written to run_info.json.
+
+    debug=True (train.py --debug): print a summary of the real run, check that the model can overfit one
+    batch, then train and validate on a few batches only.
+    """
     output_dir = Path(config.output_dir)
     checkpoints = output_dir / "checkpoints"
     if resume is None and not overwrite and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
@@ -50,7 +57,6 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False) -> d
         mixed_precision=config.train.mixed_precision,
         grad_accum_steps=config.train.grad_accum_steps,
         project_dir=str(output_dir),
-        log_with="tensorboard",
         timeout_s=config.train.distributed_timeout_s,
         deepspeed=config.deepspeed,
         batch_size=config.data.batch_size,
@@ -67,7 +73,7 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False) -> d
             for name in ckpt.clean_stale(checkpoints):
                 print(f"removed {checkpoints / name}, left by a job that died while saving", flush=True)
         accelerator.wait_for_everyone()
-        summary = _fit(accelerator, config, output_dir, resume, watchdog)
+        summary = _fit(accelerator, config, output_dir, resume, watchdog, debug)
         accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
         return summary
     except torch.OutOfMemoryError as exc:
@@ -82,7 +88,7 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False) -> d
         watchdog.stop()
 
 
-def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watchdog: Watchdog) -> dict:
+def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watchdog: Watchdog, debug: bool = False) -> dict:
     started = time.time()
     # The same seed on every rank: identical initial weights before DDP even broadcasts them.
     set_seed(config.seed)
@@ -97,6 +103,9 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
     if num_classes != len(classes):
         raise ConfigError(f"model.num_classes={num_classes} but the data has {len(classes)} classes")
     model = build_model(config.model, num_classes, config.data.channels, config.data.image_size)
+    if debug:
+        train_records = head(train_records, debug_module.TRAIN_BATCHES * config.data.batch_size * config.train.grad_accum_steps)
+        val_records = head(val_records, debug_module.EVAL_BATCHES * debug_module.eval_batch(config))
     if config.deepspeed.enabled and config.train.mixed_precision != "no" and accelerator.device.type == "cpu" and has_batchnorm(model):
         raise ConfigError(
             f"DeepSpeed with {config.train.mixed_precision} on CPU cannot run BatchNorm ({config.model.name}): DeepSpeed "
@@ -121,6 +130,12 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
     val_loader = build_loader(val_set, config.data, train=False, seed=config.seed)
     trainable, frozen = parameter_counts(model)
     loss_fn = build_loss(config.loss, num_classes).to(accelerator.device)
+    if debug:
+        batch = [train_set[i] for i in range(min(config.data.batch_size, len(train_set)))]
+        images, targets = torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+        first, last = debug_module.overfit_one_batch(config, model, loss_fn, images, targets)
+        print(f"debug: overfit one batch ({len(targets)} images, {debug_module.OVERFIT_STEPS} steps of {config.optim.name} "
+              f"at lr {config.optim.lr:g}): loss {first:.4f} -> {last:.4f}, ok", flush=True)
     torch_optimizer = build_optimizer(config.optim, model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, torch_optimizer, train_loader, val_loader)
     nonfinite = config.train.nonfinite
@@ -186,9 +201,8 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         _write_json(output_dir / "run_info.json", run_info)
         if resume is None:
             (output_dir / "metrics.jsonl").write_text("")
-    # After a resume, TensorBoard hides what the killed run logged past the checkpoint (purge_step).
-    accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.global_step + 1}}
-                              if resume is not None else {})
+    tracking = Tracking(accelerator, config.tracking, output_dir, flat_hparams(to_dict(config)),
+                        resumed_at=state.global_step if resume is not None else None)
     main_print(
         accelerator,
         f"dist_train: {accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}; "
@@ -255,7 +269,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
             max_grad_norm=config.train.max_grad_norm,
             log_every_n_steps=config.train.log_every_n_steps,
             global_step=state.global_step,
-            log=accelerator.log,
+            log=tracking.scalars,
             epoch=epoch + 1,
             num_batches=len(train_loader),
             start_batch=start_batch,
@@ -299,12 +313,13 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         if accelerator.is_main_process:
             with open(output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        accelerator.log(
+        tracking.scalars(
             {"train/epoch_loss": result.train_loss, "epoch": state.epoch,
              **{f"val/{k[4:]}": v for k, v in metrics.items() if k.startswith("val_")},
              **({"data/skipped_samples": result.skipped_samples} if config.data.bad_samples == "skip" else {})},
             step=state.global_step,
         )
+        tracking.evaluation(state.global_step, metrics, classes, val_set, out)
         if result.skipped_samples:
             main_print(accelerator, f"epoch {state.epoch}: skipped {result.skipped_samples} unreadable training images "
                                     f"(data.bad_samples=skip; {state.skipped_samples} in all)")
@@ -330,6 +345,11 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
             stopped_early = True
             break
 
+    if state.best_metric is not None:
+        last = read_last_metrics(output_dir) if accelerator.is_main_process else {}
+        tracking.finish({f"best_{monitor}": state.best_metric, **{k: v for k, v in last.items()
+                                                                   if k.startswith("val_") and isinstance(v, float)}},
+                        state.global_step)
     digests = gather_object([weights_digest(ckpt.full_state_dict(accelerator, model))])
     # (DeepSpeed's ZeRO optimizers keep their state partitioned, outside the torch optimizer)
     optimizer_digests = gather_object([None if config.deepspeed.enabled else state_digest(torch_optimizer.state_dict())])
@@ -422,6 +442,11 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def read_last_metrics(output_dir: Path) -> dict:
+    lines = [line for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
 
 
 def _write_json(path: Path, value) -> None:

@@ -72,6 +72,30 @@ def test_run_directory_contents(two_process_run):
     assert len(scalars(out, "train/loss")) == 40  # log_every_n_steps=1: one point per optimizer step
 
 
+def test_tensorboard_tells_the_story_from_one_writer(two_process_run):
+    out, info, metrics = two_process_run
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    steps = list(range(1, 41))  # log_every_n_steps=1, 2 epochs of 20 optimizer steps
+    for tag in ("train/loss", "train/lr", "train/samples_per_sec", "train/grad_norm"):
+        assert [e.step for e in events.Scalars(tag)] == steps, tag
+    for tag in ("val/loss", "val/accuracy", "val/f1_macro", "val/precision_macro", "val/recall_macro", "train/epoch_loss"):
+        assert [e.step for e in events.Scalars(tag)] == [20, 40], tag
+    per_class = [t for t in events.Tags()["scalars"] if t.startswith("val_f1_per_class/")]
+    assert sorted(per_class) == [f"val_f1_per_class/{d}" for d in range(10)]
+    for epoch, record in enumerate(metrics):  # macro-F1 is the mean of the per-class F1s logged
+        mean = sum(events.Scalars(tag)[epoch].value for tag in per_class) / 10
+        assert mean == pytest.approx(record["val_f1_macro"], abs=1e-6)
+    figure = events.Images("val/confusion_matrix")
+    assert [e.step for e in figure] == [20, 40] and figure[0].width >= 300
+    mistakes = events.Images("val/worst_mistakes")
+    assert 1 <= len(mistakes) <= 2 and mistakes[0].width % 96 == 0  # epochs with mistakes, 96 px per tile
+    assert "_hparams_/experiment" in events.summary_metadata
+    best = events.Scalars("hparam/best_val_accuracy")
+    assert len(best) == 1 and best[0].value == pytest.approx(info["best"]["value"])
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
 @pytest.mark.parametrize("processes", [2, 3])
 def test_submission_is_identical_whatever_the_number_of_processes(two_process_run, tmp_path, digits_root, processes):
     out, _, _ = two_process_run

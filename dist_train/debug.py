@@ -1,0 +1,128 @@
+"""`python train.py --config X --debug`: one process, a summary, an overfit-one-batch check, a few batches.
+
+The few batches go through the real loop (`fit`) and the real inference (`predict`), fast_dev_run
+style, into `<output_dir>/debug`, with anomaly detection on and no loader workers, so that a broken
+config fails in seconds, loudly, with a full traceback.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dist_train.config import Config
+from dist_train.data import Records
+from dist_train.errors import ConfigError, TrainingError
+from dist_train.optim import Schedule, build_optimizer
+
+TRAIN_BATCHES = 4
+EVAL_BATCHES = 2
+OVERFIT_STEPS = 50
+
+
+def debug_config(config: Config) -> Config:
+    """The config of the debug run: one epoch of a few batches, no workers, its own run directory."""
+    return replace(
+        config,
+        output_dir=str(Path(config.output_dir) / "debug"),
+        data=replace(config.data, num_workers=0),
+        train=replace(config.train, epochs=1, max_steps=None, early_stopping_patience=0),
+        checkpoint=replace(config.checkpoint, every_n_steps=None, every_n_minutes=None),
+        inference=replace(config.inference, output=None),
+    )
+
+
+def head(records: Records, count: int) -> Records:
+    return Records(records.paths[:count], records.targets[:count], records.ids[:count])
+
+
+def run_debug(config: Config, config_path: str | None) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--debug runs one process: python train.py --config X --debug (no accelerate launch)")
+    from dist_train.data import load_records
+    from dist_train.inference import predict
+    from dist_train.models import build_model
+    from dist_train.trainer import fit
+
+    train, val, classes = load_records(config.data, config.seed)
+    model = build_model(config.model, config.model.num_classes or len(classes), config.data.channels, config.data.image_size)
+    print(f"debug: the run {config_path or 'the default config'} describes\n"
+          f"{summary(config, model, len(train.paths), len(val.paths), classes)}", flush=True)
+    torch.autograd.set_detect_anomaly(True)
+    debug = debug_config(config)
+    print(f"debug: now a few batches on one process, into {debug.output_dir}", flush=True)
+    fit(debug, overwrite=True, debug=True)
+    predict(debug, Path(debug.output_dir) / "checkpoints" / "last", limit=EVAL_BATCHES * eval_batch(debug))
+    print("debug: train, validate, checkpoint and predict all ran; the config is ready for the real run", flush=True)
+
+
+def eval_batch(config: Config) -> int:
+    return config.data.eval_batch_size or config.data.batch_size
+
+
+def summary(config: Config, model: torch.nn.Module, train_len: int, val_len: int, classes: list[str]) -> str:
+    """What the real run (not the debug one) will be: model size, batch, steps, the LR curve."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    megabytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    batch, accum = config.data.batch_size, config.train.grad_accum_steps
+    steps_per_epoch = math.ceil(math.ceil(train_len / batch) / accum)
+    total = steps_per_epoch * config.train.epochs
+    if config.train.max_steps is not None:
+        total = min(total, config.train.max_steps)
+    sched = config.scheduler
+    lines = [
+        f"  model      {config.model.name}: {trainable + frozen:,} parameters ({trainable:,} trainable, {frozen:,} frozen), "
+        f"{megabytes:.2f} MB of weights",
+        f"  data       {config.data.source}: {train_len:,} training / {val_len:,} validation images, {len(classes)} classes, "
+        f"input {config.data.channels}x{config.data.image_size}x{config.data.image_size}",
+        f"  batch      {batch} per process x {accum} accumulation = {batch * accum} per optimizer step on 1 process "
+        f"(x N on N processes, with 1/N of the steps)",
+        f"  steps      {steps_per_epoch} optimizer steps/epoch x {config.train.epochs} epochs = {total} steps (1 process); "
+        f"{sched.name} schedule, warm-up {sched.warmup_epochs:g} epoch(s)",
+        f"  LR preview {lr_preview(config, steps_per_epoch, total)}",
+    ]
+    return "\n".join(lines)
+
+
+def lr_preview(config: Config, steps_per_epoch: int, total: int) -> str:
+    """The learning rate at a few optimizer steps of the real run, from the real Schedule."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.optim.lr)
+    schedule = Schedule(config.scheduler, dummy, steps_per_epoch, total, config.checkpoint.mode)
+    points = sorted({1, schedule.warmup_steps, total // 4, total // 2, 3 * total // 4, total} - {0})
+    values = {}
+    for step in range(1, total + 1):
+        dummy.step()
+        schedule.step()
+        if step in points:
+            values[step] = schedule.lr()
+    text = " | ".join(f"step {s}: {v:.2e}" for s, v in values.items())
+    return text + ("  (then ReduceLROnPlateau on " + config.checkpoint.monitor + ")" if config.scheduler.name == "plateau" else "")
+
+
+def overfit_one_batch(config: Config, model: torch.nn.Module, loss_fn, images: torch.Tensor, targets: torch.Tensor,
+                      steps: int = OVERFIT_STEPS) -> tuple[float, float]:
+    """Train a copy of the model on one batch; a model that cannot memorise one batch has a bug.
+
+    Raises TrainingError when the loss does not fall below half its first value.
+    """
+    trial = copy.deepcopy(model).train()
+    optimizer = build_optimizer(config.optim, trial)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(trial(images), targets).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = losses[0], min(losses[-5:])
+    if not last < 0.5 * first:
+        raise TrainingError(
+            f"overfit one batch: the loss went from {first:.4f} to {last:.4f} in {steps} steps of {config.optim.name} "
+            f"(lr {config.optim.lr:g}) on one batch of {len(targets)}; a model that cannot memorise one batch has a bug: "
+            f"check the labels, the learning rate, model.freeze and the loss")
+    return first, last
