@@ -129,7 +129,7 @@ def confusion_figure(matrix: list[list[int]], classes: list[str]):
 
 def worst_mistakes_grid(dataset, outputs: dict, classes: list[str], count: int) -> np.ndarray | None:
     """The misclassified validation images with the highest loss, as one uint8 HWC grid, each captioned
-    "true -> predicted (p)"; None when nothing was misclassified."""
+    "<true> as <predicted> (<its probability>)"; None when nothing was misclassified."""
     from PIL import Image, ImageDraw
 
     logits, targets, indices = outputs["logits"], outputs["targets"], outputs["indices"]
@@ -145,7 +145,7 @@ def worst_mistakes_grid(dataset, outputs: dict, classes: list[str], count: int) 
         image = Image.open(dataset.records.paths[int(indices[row])]).convert("RGB").resize((96, 96), Image.NEAREST)
         canvas = Image.new("RGB", (96, 112), "white")
         canvas.paste(image, (0, 16))
-        caption = f"{classes[targets[row]]}->{classes[predicted[row]]} {probs[row, predicted[row]]:.2f}"
+        caption = f"{classes[targets[row]]} as {classes[predicted[row]]} ({probs[row, predicted[row]]:.2f})"
         ImageDraw.Draw(canvas).text((2, 2), caption[:18], fill="red")
         tiles.append(np.asarray(canvas))
     columns = min(len(tiles), 8)
