@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType, gather_object
 from safetensors.torch import save_file
 
 from dist_train import faults
+from dist_train.distributed import same_on_all_ranks
 from dist_train.errors import CheckpointError
 from dist_train.faults import any_rank, is_peer_failure
 
@@ -321,6 +322,60 @@ def load_checkpoint(accelerator: Accelerator, directory: Path, schedule, trainer
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"checkpoint {directory}: refused to load ({str(exc).splitlines()[0]})") from None
     trainer_state.load_state_dict(saved)
+
+
+def resolve_resume_on_main(accelerator, resume: str, checkpoints: Path) -> Path:
+    """The checkpoint to resume from, chosen and verified (sha256 of every file) once, by the main process."""
+    choice = None
+    if accelerator.is_main_process:
+        try:
+            choice = ("ok", str(resolve_resume(resume, checkpoints, log=lambda m: print(m, flush=True))))
+        except CheckpointError as exc:
+            choice = ("error", str(exc))
+    kind, value = same_on_all_ranks(accelerator, choice)
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value)
+
+
+def repair_after_resume(output_dir: Path, state: TrainerState) -> None:
+    """Undo what a run killed after its last checkpoint left behind: metrics past that step, a stale `best` link."""
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= state.global_step]
+        write_text_atomic(metrics, "".join(line + "\n" for line in kept))
+    checkpoints = output_dir / "checkpoints"
+    best = state.best_checkpoint
+    if best and (checkpoints / best).is_dir() and (checkpoints / "best").resolve() != (checkpoints / best).resolve():
+        point(checkpoints / "best", best)
+
+
+def state_digest(value) -> str:
+    """sha256 over the tensors and numbers of a nested state (a model's or an optimizer's state_dict), keys
+    in order: equal digests mean bitwise-equal states."""
+    digest = hashlib.sha256()
+
+    def walk(node) -> None:
+        if isinstance(node, torch.Tensor):
+            digest.update(node.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(node, dict):
+            for key in sorted(node, key=str):
+                digest.update(str(key).encode())
+                walk(node[key])
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                walk(item)
+        else:
+            digest.update(repr(node).encode())
+
+    walk(value)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:

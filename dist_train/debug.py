@@ -105,12 +105,13 @@ def lr_preview(config: Config, steps_per_epoch: int, total: int) -> str:
 
 
 def overfit_one_batch(config: Config, model: torch.nn.Module, loss_fn, images: torch.Tensor, targets: torch.Tensor,
-                      steps: int = OVERFIT_STEPS) -> tuple[float, float]:
+                      device: torch.device, steps: int = OVERFIT_STEPS) -> tuple[float, float]:
     """Train a copy of the model on one batch; a model that cannot memorise one batch has a bug.
 
     Raises TrainingError when the loss does not fall below half its first value.
     """
-    trial = copy.deepcopy(model).train()
+    trial = copy.deepcopy(model).to(device).train()
+    images, targets = images.to(device), targets.to(device)
     optimizer = build_optimizer(config.optim, trial)
     losses = []
     for _ in range(steps):

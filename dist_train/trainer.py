@@ -1,7 +1,6 @@
 """fit(): build every part from the config, run epochs of train + validate, keep best/last, stop early."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,21 +18,22 @@ import yaml
 from accelerate.utils import gather_object, set_seed
 
 from dist_train import checkpoint as ckpt
+from dist_train import debug as debug_module
+from dist_train import faults
 from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.config import Config, to_dict
-from dist_train import faults
 from dist_train.data import ImageDataset, build_loader, build_transform, load_records
 from dist_train.distributed import broadcast_buffers, build_accelerator, is_main_process_env, main_print, same_on_all_ranks
 from dist_train.engine import EpochTotals, check_each_once, largest_batch_that_fits, predict_gathered, train_one_epoch
-from dist_train.errors import CheckpointError, ConfigError, ResourceError, TrainingError
+from dist_train.errors import ConfigError, ResourceError, TrainingError
 from dist_train.faults import Preempted, SignalFlag, Watchdog, any_rank
 from dist_train.losses import build_loss
 from dist_train.metrics import classification_metrics, is_improvement
-from dist_train.models import build_model, has_batchnorm, parameter_counts
-from dist_train import debug as debug_module
 from dist_train.debug import head
+from dist_train.models import build_model, has_batchnorm, parameter_counts
 from dist_train.optim import Schedule, build_optimizer
 from dist_train.tracking import Tracking, flat_hparams
+
 
 def fit(config: Config, resume: str | None = None, overwrite: bool = False, debug: bool = False) -> dict:
     """Train as configured; returns the run summary also written to run_info.json.
@@ -133,7 +133,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
     if debug:
         batch = [train_set[i] for i in range(min(config.data.batch_size, len(train_set)))]
         images, targets = torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
-        first, last = debug_module.overfit_one_batch(config, model, loss_fn, images, targets)
+        first, last = debug_module.overfit_one_batch(config, model, loss_fn, images, targets, accelerator.device)
         print(f"debug: overfit one batch ({len(targets)} images, {debug_module.OVERFIT_STEPS} steps of {config.optim.name} "
               f"at lr {config.optim.lr:g}): loss {first:.4f} -> {last:.4f}, ok", flush=True)
     torch_optimizer = build_optimizer(config.optim, model)
@@ -158,11 +158,11 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
     layout = [accelerator.num_processes, config.data.batch_size, accum]
     state.layout = layout
     if resume is not None:
-        resume_dir = _resolve_resume_on_main(accelerator, resume, checkpoints)
+        resume_dir = ckpt.resolve_resume_on_main(accelerator, resume, checkpoints)
         ckpt.load_checkpoint(accelerator, resume_dir, schedule, state, layout, log=lambda m: main_print(accelerator, m))
         state.layout = layout
         if accelerator.is_main_process:
-            _repair_after_resume(output_dir, state)
+            ckpt.repair_after_resume(output_dir, state)
         main_print(accelerator, f"resumed from {resume_dir}: epoch {state.epoch + 1}, batch {state.batches_done}, "
                                 f"step {state.global_step}")
 
@@ -350,9 +350,9 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         tracking.finish({f"best_{monitor}": state.best_metric, **{k: v for k, v in last.items()
                                                                    if k.startswith("val_") and isinstance(v, float)}},
                         state.global_step)
-    digests = gather_object([weights_digest(ckpt.full_state_dict(accelerator, model))])
+    digests = gather_object([ckpt.state_digest(ckpt.full_state_dict(accelerator, model))])
     # (DeepSpeed's ZeRO optimizers keep their state partitioned, outside the torch optimizer)
-    optimizer_digests = gather_object([None if config.deepspeed.enabled else state_digest(torch_optimizer.state_dict())])
+    optimizer_digests = gather_object([None if config.deepspeed.enabled else ckpt.state_digest(torch_optimizer.state_dict())])
     summary = {
         **run_info,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -374,32 +374,6 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
     return summary
 
 
-def _resolve_resume_on_main(accelerator, resume: str, checkpoints: Path) -> Path:
-    """The checkpoint to resume from, chosen and verified (sha256 of every file) once, by the main process."""
-    choice = None
-    if accelerator.is_main_process:
-        try:
-            choice = ("ok", str(ckpt.resolve_resume(resume, checkpoints, log=lambda m: print(m, flush=True))))
-        except CheckpointError as exc:
-            choice = ("error", str(exc))
-    kind, value = same_on_all_ranks(accelerator, choice)
-    if kind == "error":
-        raise CheckpointError(value)
-    return Path(value)
-
-
-def _repair_after_resume(output_dir: Path, state: ckpt.TrainerState) -> None:
-    """Undo what a run killed after its last checkpoint left behind: metrics past that step, a stale `best` link."""
-    metrics = output_dir / "metrics.jsonl"
-    if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= state.global_step]
-        _write_text(metrics, "".join(line + "\n" for line in kept))
-    checkpoints = output_dir / "checkpoints"
-    best = state.best_checkpoint
-    if best and (checkpoints / best).is_dir() and (checkpoints / "best").resolve() != (checkpoints / best).resolve():
-        ckpt.point(checkpoints / "best", best)
-
-
 def _on_nonfinite_step(accelerator, state: ckpt.TrainerState, policy: str, max_bad: int, checkpoints: Path) -> None:
     """A step whose loss or gradient was NaN/Inf on some rank (the same verdict on every rank)."""
     step, in_a_row = state.global_step, state.bad_steps_in_a_row
@@ -414,46 +388,10 @@ def _on_nonfinite_step(accelerator, state: ckpt.TrainerState, policy: str, max_b
                             f"({in_a_row} in a row, {state.skipped_steps} in all)")
 
 
-def state_digest(value) -> str:
-    """sha256 over the tensors and numbers of a nested state (an optimizer's state_dict), keys in order."""
-    digest = hashlib.sha256()
-
-    def walk(node) -> None:
-        if isinstance(node, torch.Tensor):
-            digest.update(node.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(node, dict):
-            for key in sorted(node, key=str):
-                digest.update(str(key).encode())
-                walk(node[key])
-        elif isinstance(node, (list, tuple)):
-            for item in node:
-                walk(item)
-        else:
-            digest.update(repr(node).encode())
-
-    walk(value)
-    return digest.hexdigest()
-
-
-def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor of a state dict, in name order: equal digests mean bitwise-equal weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state_dict.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def read_last_metrics(output_dir: Path) -> dict:
     lines = [line for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return json.loads(lines[-1]) if lines else {}
 
 
 def _write_json(path: Path, value) -> None:
-    _write_text(path, json.dumps(value, indent=1))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    ckpt.write_text_atomic(path, json.dumps(value, indent=1))

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
 from dist_train.config import ModelConfig
 from dist_train.models import build_model, read_weights
-from dist_train.trainer import weights_digest
+from dist_train.checkpoint import state_digest
 
 TRAIN = 1257  # digits training split
 VAL = 270
@@ -54,7 +54,7 @@ def test_two_processes_each_train_on_half_and_end_with_identical_weights(two_pro
     assert len(digests) == 2 and digests[0] == digests[1]
     model = build_model(ModelConfig(), 10, 1)
     model.load_state_dict(read_weights(out / "checkpoints" / "last" / "model.safetensors"))
-    assert weights_digest(model.state_dict()) == digests[0]  # the checkpoint holds exactly the trained weights
+    assert state_digest(model.state_dict()) == digests[0]  # the checkpoint holds exactly the trained weights
     assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: the main process
 

@@ -12,7 +12,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from conftest import config_path, read_jsonl, run_cli, tiny_overrides
 from dist_train.models import read_weights
