@@ -42,7 +42,19 @@ class DataConfig:
     """Class names in output order; None: the sorted labels found in `train`."""
     val_fraction: float = 0.1
     image_size: int = 32
-    """Images are resized to image_size x image_size."""
+    """The model sees image_size x image_size images."""
+    train_crop: Literal["resize", "random_resized_crop"] = "resize"
+    """resize: the whole image squashed to image_size (train and eval); random_resized_crop: training takes
+    a random crop of `crop_scale` of the area and `crop_ratio` aspect (torchvision's RandomResizedCrop) and
+    evaluation the centre `eval_crop_fraction` (Resize(image_size / fraction) + CenterCrop)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    eval_crop_fraction: float = 0.875
+    decode: Literal["auto", "workers", "device"] = "auto"
+    """workers: the loader workers decode and augment (Pillow + torchvision); device: the workers only read
+    the JPEG bytes and draw the crops, the accelerator decodes (nvJPEG on CUDA) and crops, flips and
+    normalises whole batches (JPEG only; train_augment limited to RandomHorizontalFlip); auto: device on a
+    GPU when the images are all JPEG and the augmentations allow it, else workers."""
     channels: Literal[1, 3] = 3
     """1: grayscale, 3: RGB (images are converted on load)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -58,6 +70,8 @@ class DataConfig:
     pin_memory: bool = True
     """Only takes effect on CUDA."""
     persistent_workers: bool = True
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead."""
     balanced_sampler: bool = False
     """Draw training samples with probability inversely proportional to their class frequency."""
     bad_samples: Literal["error", "skip"] = "error"
@@ -115,6 +129,9 @@ class OptimConfig:
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    fused: bool | None = None
+    """torch's fused optimizer kernels (one kernel for all parameters; on CUDA and CPU; they also let a
+    non-finite step be skipped without a host sync); None: fused unless DeepSpeed runs the optimizer."""
 
 
 @dataclass
@@ -148,6 +165,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value; None disables clipping."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """fp16 needs a GPU; bf16 runs on recent GPUs and on CPU."""
+    channels_last: bool | None = None
+    """Model and images in channels_last memory layout (faster convolutions with tensor cores); None: on CUDA."""
+    compile: bool = False
+    """torch.compile the model (inductor): slower start, faster steps."""
     log_every_n_steps: int = 10
     """Training loss, LR and gradient norm go to TensorBoard every this many optimizer steps."""
     early_stopping_patience: int = 0
@@ -337,7 +358,10 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {kind}")
     if origin is Literal:
-        if value in args:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false and yes/on/true as booleans: mean the word
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((a for a in args if isinstance(a, str) and a.lower() in words), value)
+        if value in args and not isinstance(value, bool):
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else ""
@@ -386,6 +410,12 @@ def validate(config: Config) -> None:
         (len(config.data.std) == config.data.channels, f"data.std needs {config.data.channels} values (data.channels)"),
         (all(s > 0 for s in config.data.std), "data.std values must be positive"),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
+        (config.data.prefetch_factor >= 1, "data.prefetch_factor must be at least 1"),
+        (len(config.data.crop_scale) == 2 and 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1,
+         "data.crop_scale needs two values with 0 < min <= max <= 1"),
+        (len(config.data.crop_ratio) == 2 and 0 < config.data.crop_ratio[0] <= config.data.crop_ratio[1],
+         "data.crop_ratio needs two values with 0 < min <= max"),
+        (0 < config.data.eval_crop_fraction <= 1, "data.eval_crop_fraction must be in (0, 1]"),
         (config.train.epochs > 0, "train.epochs must be positive"),
         (config.train.max_steps is None or config.train.max_steps > 0, "train.max_steps must be positive or null"),
         (config.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),

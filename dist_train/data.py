@@ -1,8 +1,10 @@
 """Datasets (CSV tables, class folders, the embedded digits), transforms, samplers and loaders."""
 from __future__ import annotations
 
+import atexit
 import csv
 import difflib
+import multiprocessing
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from dist_train.config import DataConfig
+from dist_train.decode import JPEG_SUFFIXES, DeviceDecoder, center_crop_box, collate_encoded, random_resized_crop_box
 from dist_train.errors import ConfigError, DataError, SampleError
 from dist_train.faults import die_with_parent
 
@@ -75,8 +78,47 @@ class ImageDataset(Dataset):
             print(f"warning: {where}; skipped (data.bad_samples=skip)", file=sys.stderr, flush=True)
             image, target = Image.new(self.mode, (self.image_size, self.image_size)), BAD_TARGET
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + int(self.epoch)) * 10_000_019 + index)
+            torch.default_generator.manual_seed(self.sample_seed(index))  # torch.manual_seed costs ~70 us (all backends)
             return self.transform(image), target, index
+
+    def sample_seed(self, index: int) -> int:
+        return (self.seed * 1_000_003 + int(self.epoch)) * 10_000_019 + index
+
+
+class EncodedImageDataset(ImageDataset):
+    """For data.decode=device: yields the file's bytes with the sample's crop box and flip (drawn from the
+    same per-sample RNG as ImageDataset); decode.DeviceDecoder does the rest on the accelerator.
+
+    `crop`: "resize" (the whole image), "random_resized_crop" (training) or "center" (evaluation after a
+    random-resized-crop training); `flip_p`: probability of a left-right flip.
+    """
+
+    def __init__(self, records: Records, cfg: DataConfig, crop: str, flip_p: float, seed: int = 0, split: str = "train"):
+        super().__init__(records, None, cfg.channels, seed, split, cfg.bad_samples, cfg.image_size)
+        self.crop, self.flip_p = crop, flip_p
+        self.scale, self.ratio, self.center_fraction = tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.eval_crop_fraction
+
+    def __getitem__(self, index: int):
+        path, target = self.records.paths[index], self.records.targets[index]
+        try:
+            with Image.open(path) as image:  # reads the header only: the size, and a first check of the file
+                width, height = image.size
+            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        except (OSError, SyntaxError, ValueError) as exc:
+            where = f"{self.split} sample {index}: cannot read image {path} ({type(exc).__name__}: {exc})"
+            if self.bad_samples == "error":
+                raise SampleError(f"{where}; fix or remove it, or set data.bad_samples=skip") from None
+            print(f"warning: {where}; skipped (data.bad_samples=skip)", file=sys.stderr, flush=True)
+            data, width, height, target = torch.empty(0, dtype=torch.uint8), self.image_size, self.image_size, BAD_TARGET
+        generator = torch.Generator().manual_seed(self.sample_seed(index))
+        if self.crop == "random_resized_crop":
+            box = random_resized_crop_box(width, height, self.scale, self.ratio, generator)
+        elif self.crop == "center":
+            box = center_crop_box(width, height, self.center_fraction)
+        else:
+            box = (0.0, 0.0, float(width), float(height))
+        flip = self.flip_p > 0 and bool(torch.rand((), generator=generator) < self.flip_p)
+        return {"data": data, "box": box, "flip": flip, "path": str(path)}, target, index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +305,13 @@ def materialize_digits(root: Path) -> None:
 
 
 def build_transform(cfg: DataConfig, train: bool):
-    steps = [v2.ToImage(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)]
+    size = cfg.image_size
+    if cfg.train_crop == "resize":
+        steps = [v2.ToImage(), v2.Resize((size, size), antialias=True)]
+    elif train:
+        steps = [v2.ToImage(), v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio), antialias=True)]
+    else:
+        steps = [v2.ToImage(), v2.Resize(round(size / cfg.eval_crop_fraction), antialias=True), v2.CenterCrop(size)]
     if train:
         steps += [_augmentation(spec, i) for i, spec in enumerate(cfg.train_augment)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
@@ -319,9 +367,71 @@ def loader_worker_init(worker_id: int) -> None:
     die_with_parent(signal.SIGKILL)
 
 
+DEVICE_AUGMENTATIONS = {"RandomHorizontalFlip"}
+"""The train_augment transforms data.decode=device does itself."""
+
+
+def decodes_on_device(cfg: DataConfig, device: torch.device, splits: list[Records]) -> bool:
+    """data.decode resolved: auto decodes on the device when it is a GPU, every image is a JPEG and the
+    augmentations are ones the device path does; otherwise the loader workers decode (Pillow)."""
+    if cfg.decode == "workers":
+        return False
+    unsupported = [str(spec.get("name")) for spec in cfg.train_augment if spec.get("name") not in DEVICE_AUGMENTATIONS]
+    other = next((p for records in splits for p in records.paths if p.suffix.lower() not in JPEG_SUFFIXES), None)
+    if cfg.decode == "device":
+        if unsupported:
+            raise ConfigError(f"data.decode=device does the crop, {', '.join(sorted(DEVICE_AUGMENTATIONS))} and normalisation "
+                              f"itself; data.train_augment {', '.join(unsupported)} needs data.decode=workers")
+        if other is not None:
+            raise ConfigError(f"data.decode=device decodes JPEG files only; {other} is not one (use data.decode=workers)")
+        return True
+    return device.type == "cuda" and not unsupported and other is None
+
+
+def build_dataset(records: Records, cfg: DataConfig, split: str, seed: int, on_device: bool = False) -> ImageDataset:
+    """The split's dataset: decoded and augmented by the loader workers, or (on_device) bytes + crop boxes."""
+    train = split == "train"
+    if not on_device:
+        return ImageDataset(records, build_transform(cfg, train), cfg.channels, seed, split, cfg.bad_samples, cfg.image_size)
+    crop = cfg.train_crop if train or cfg.train_crop == "resize" else "center"
+    flips = [spec.get("p", 0.5) for spec in cfg.train_augment if spec.get("name") == "RandomHorizontalFlip"] if train else []
+    return EncodedImageDataset(records, cfg, crop, float(flips[0]) if flips else 0.0, seed, split)
+
+
+class ModelInput:
+    """What the loop does to a batch's images before the model: decode them on the device (data.decode=device),
+    cast to the dtype DeepSpeed keeps the weights in, and lay them out channels_last."""
+
+    def __init__(self, cfg: DataConfig, device: torch.device, on_device: bool, dtype: torch.dtype, channels_last: bool):
+        self.decoder = DeviceDecoder(device, cfg.image_size, cfg.channels, cfg.mean, cfg.std, cfg.bad_samples) if on_device else None
+        self.dtype, self.channels_last = dtype, channels_last
+
+    def __call__(self, images, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.decoder is not None:
+            images, targets = self.decoder(images, targets)
+        images = images.to(self.dtype)
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+
+def _kill_loader_workers() -> None:
+    """At exit, before multiprocessing's own handler: that one ends daemonic children with SIGTERM, which
+    loader workers ignore (loader_worker_init), and then joins them, forever when a failure left a loader
+    running. Registered after multiprocessing's handler, so it runs first."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker crash
+        for child in children:
+            child.kill()
+
+
 def build_loader(dataset: ImageDataset, cfg: DataConfig, train: bool, seed: int) -> DataLoader:
     """A loader for one process; `accelerator.prepare` shards it. Training order is seeded."""
     workers = cfg.num_workers
+    if workers > 0:
+        atexit.unregister(_kill_loader_workers)
+        atexit.register(_kill_loader_workers)
     sampler = None
     if train and cfg.balanced_sampler:
         sampler = ClassBalancedSampler(dataset.records.targets, seed)
@@ -336,5 +446,7 @@ def build_loader(dataset: ImageDataset, cfg: DataConfig, train: bool, seed: int)
         # A loader-owned generator: creating an iterator never draws from the global RNG.
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=loader_worker_init,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        collate_fn=collate_encoded if isinstance(dataset, EncodedImageDataset) else None,
         drop_last=False,
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list
 
 from dist_train.config import DeepSpeedConfig
 from dist_train.errors import ConfigError, DistributedSetupError, DistTrainError
@@ -30,6 +30,7 @@ def build_accelerator(
     project_dir: str | None = None,
     log_with: str | None = None,
     timeout_s: int = 600,
+    compile: bool = False,
     deepspeed: DeepSpeedConfig | None = None,
     batch_size: int | None = None,
     max_grad_norm: float | None = None,
@@ -67,7 +68,10 @@ def build_accelerator(
         log_with=log_with,
         project_dir=project_dir,
         # The shuffle of epoch e is a function of (seed, e) only: identical on every rank, on resume too.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        # non_blocking: host-to-device copies from pinned memory overlap the previous step's compute.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed, non_blocking=True),
+        # torch.compile applied by prepare(), after the DDP wrap (so DDP's bucketed all-reduce still overlaps).
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if compile else None,
         kwargs_handlers=[InitProcessGroupKwargs(**process_group)],
     )
     check_world_size(accelerator)

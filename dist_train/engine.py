@@ -8,9 +8,12 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from dist_train import faults
+from dist_train.distributed import main_print
+from dist_train.errors import TrainingError
 from dist_train.optim import Schedule
 
 
@@ -35,6 +38,8 @@ class EpochResult:
     seconds: float
     skipped_samples: int = 0
     """Unreadable images (data.bad_samples=skip) among the real samples of all processes."""
+    data_seconds: float = 0.0
+    """Of `seconds`, the time this process waited for the loader's next batch."""
 
 
 class EpochTotals:
@@ -50,6 +55,70 @@ class EpochTotals:
 
     def reduced(self, accelerator: Accelerator) -> list[float]:
         return accelerator.reduce(self.values.clone(), "sum").tolist()
+
+
+class FiniteGuard:
+    """Skips every optimizer step whose loss or gradient is NaN/Inf on any rank, the same way on every rank.
+
+    The verdict is one all-reduced flag on the device. With a fused torch optimizer it never leaves the
+    device: it goes to the optimizer as `found_inf` (the protocol torch's GradScaler uses), which leaves
+    weights, moments and step count as they were, and the counters stay on the device until `poll` reads
+    them (every checkpoint.check_every_n_steps and before each save). Otherwise (other optimizers, DeepSpeed,
+    policy stop) each step reads the flag at once: one host sync per optimizer step.
+    """
+
+    def __init__(self, accelerator: Accelerator, torch_optimizer: torch.optim.Optimizer, policy: str, max_bad: int,
+                 kept, skipped: int = 0, in_a_row: int = 0):
+        self.accelerator, self.torch_optimizer, self.policy, self.max_bad, self.kept = accelerator, torch_optimizer, policy, max_bad, kept
+        self.sync_free = (policy == "skip" and bool(torch_optimizer.defaults.get("fused"))
+                          and accelerator.distributed_type != DistributedType.DEEPSPEED and accelerator.scaler is None)
+        # skipped in all, bad steps in a row, the step at which a run of max_bad ended, the last bad step
+        self.counts = torch.tensor([skipped, in_a_row, 0, 0], dtype=torch.int64, device=accelerator.device)
+        self.skipped, self.in_a_row = skipped, in_a_row
+
+    def step(self, optimizer, step_loss: torch.Tensor, grad_norm, step: int) -> torch.Tensor:
+        """optimizer.step() unless optimizer step number `step` is bad; returns the 0-d bool verdict."""
+        bad = ~torch.isfinite(step_loss)
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
+        flag = bad.to(torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(flag)
+        bad = flag[0] > 0
+        flag = bad.to(torch.float32)  # exactly 1.0 or 0.0: the fused kernels skip on found_inf == 1 only
+        counts, hit = self.counts, bad.long()
+        counts[0] += hit
+        counts[1] = (counts[1] + 1) * hit
+        counts[2] = torch.where((counts[1] >= self.max_bad) & (counts[2] == 0), step, counts[2])
+        counts[3] = torch.where(bad, step, counts[3])
+        if self.sync_free:
+            self.torch_optimizer.found_inf, self.torch_optimizer.grad_scale = flag, None
+            try:
+                optimizer.step()
+            finally:
+                del self.torch_optimizer.found_inf, self.torch_optimizer.grad_scale
+        elif not self.poll(step):
+            optimizer.step()
+        return bad
+
+    def poll(self, step: int) -> bool:
+        """Reads the counters: warns about skipped steps, raises TrainingError when the policy says stop.
+        Returns whether the newest step was bad."""
+        skipped, self.in_a_row, run_end, last_bad = self.counts.tolist()
+        new, self.skipped = skipped - self.skipped, skipped
+        if not new:
+            return False
+        if self.policy == "stop":
+            raise TrainingError(f"step {last_bad}: the loss or gradient is not finite on some rank (train.nonfinite=stop); "
+                                f"stopped. {self.kept()}")
+        if run_end:
+            raise TrainingError(f"steps {run_end - self.max_bad + 1}-{run_end}: {self.max_bad} optimizer steps in a row had a "
+                                f"non-finite loss or gradient (train.max_bad_steps={self.max_bad}); stopped at step {step}. "
+                                f"{self.kept()}")
+        which = f"step {last_bad}" if new == 1 else f"{new} steps up to step {last_bad}"
+        main_print(self.accelerator, f"warning: {which}: non-finite loss or gradient on some rank; every rank skipped it "
+                                     f"({self.in_a_row} in a row, {skipped} in all)")
+        return last_bad == step
 
 
 def input_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -99,8 +168,9 @@ def train_one_epoch(
     start_batch: int = 0,
     on_step=None,
     totals: EpochTotals | None = None,
-    check_finite: bool = True,
+    guard: FiniteGuard | None = None,
     skip_bad_samples: bool = False,
+    prepare_input=None,
     beat=lambda: None,
 ) -> tuple[EpochResult, int]:
     """One pass over this process's shard; returns the result and the new optimizer-step count.
@@ -112,8 +182,10 @@ def train_one_epoch(
     Each optimizer step follows the gradient of the mean loss over the real samples of its window, all
     ranks together: padding repeats weigh 0 and a short last window is normalised by its own size, so
     N processes x batch b x accumulation A take the same steps as 1 process with batch N*b*A.
-    With `check_finite`, a step whose loss or gradient is not finite on any rank is skipped by every
-    rank (one all-reduced flag), so the weights stay finite and identical.
+    With a `guard`, a step whose loss or gradient is not finite on any rank is skipped by every rank, so
+    the weights stay finite and identical. `prepare_input(images, targets)` makes the model's input
+    (data.ModelInput: decode on the device, dtype, memory layout). Nothing in a step waits for the device:
+    the loss and counters stay there and are read every `log_every_n_steps`.
     """
     model.train()
     start = time.perf_counter()
@@ -127,11 +199,18 @@ def train_one_epoch(
     local_batches, local_samples = start_batch, start_batch * batch_size  # batches before a resume were full
     window_start = time.perf_counter()
     window_samples = 0
-    dtype = input_dtype(model)
+    prepare_input = prepare_input or default_input(model)
     bar = progress(loader, f"epoch {epoch}", accelerator)
-    for micro, (images, targets, _) in enumerate(bar, start=start_batch):
+    batches, data_seconds = iter(bar), 0.0
+    for micro in range(start_batch, num_batches):
+        waited = time.perf_counter()
+        try:
+            images, targets, _ = next(batches)
+        except StopIteration:
+            break
+        data_seconds += time.perf_counter() - waited
         beat()
-        images = images.to(dtype)
+        images, targets = prepare_input(images, targets)
         first = micro - micro % accum
         window_total = window_sample_count(first, min(first + accum, num_batches), world, batch_size, dataset_len)
         real = real_rows(micro, len(targets), rank, world, batch_size, dataset_len)
@@ -154,13 +233,13 @@ def train_one_epoch(
             # once by the window's real sample count.
             accelerator.backward(real_loss_sum * (accum * world / window_total))
             step_loss += real_loss_sum.detach().double()
-            grad_norm, finite = None, True
+            grad_norm, bad = None, None
             if accelerator.sync_gradients:
                 if max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                if check_finite:
-                    finite = all_finite(accelerator, step_loss, grad_norm)
-                if finite:
+                if guard is not None:
+                    bad = guard.step(optimizer, step_loss, grad_norm, global_step + 1)
+                else:
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         faults.inject(f"batch:{(epoch - 1) * num_batches + micro + 1}")
@@ -171,9 +250,12 @@ def train_one_epoch(
         if accelerator.sync_gradients:
             steps += 1
             global_step += 1
-            if finite:
+            if bad is None:
                 totals.values[0] += step_loss
                 totals.values[1] += step_count
+            else:  # a skipped step's loss (NaN, say) stays out of the epoch's mean
+                totals.values[0] += torch.where(bad, 0.0, step_loss)
+                totals.values[1] += torch.where(bad, 0, step_count)
             if not accelerator.optimizer_step_was_skipped:
                 schedule.step()  # a step skipped as non-finite still counts: the LR follows the step count
             if global_step % log_every_n_steps == 0:
@@ -191,7 +273,7 @@ def train_one_epoch(
             step_loss.zero_()
             step_count = 0
             beat()
-            if on_step is not None and on_step(micro + 1, global_step, finite):
+            if on_step is not None and on_step(micro + 1, global_step):
                 loader.end()  # leaving the loop early: unregister it from Accelerate's gradient state
                 break
     bar.close()
@@ -204,8 +286,15 @@ def train_one_epoch(
         local_batches=local_batches,
         seconds=time.perf_counter() - start,
         skipped_samples=int(skipped),
+        data_seconds=data_seconds,
     )
     return result, global_step
+
+
+def default_input(model: torch.nn.Module):
+    """Images in the dtype of the model's weights (float32 normally; bf16/fp16 when DeepSpeed keeps them so)."""
+    dtype = input_dtype(model)
+    return lambda images, targets: (images.to(dtype), targets)
 
 
 def largest_batch_that_fits(accelerator: Accelerator, model: torch.nn.Module, start: int, sample_shape: tuple) -> int:
@@ -239,20 +328,9 @@ def largest_batch_that_fits(accelerator: Accelerator, model: torch.nn.Module, st
     return int(agreed.item())
 
 
-def all_finite(accelerator: Accelerator, step_loss: torch.Tensor, grad_norm) -> bool:
-    """Whether this step's loss and gradient norm are finite on every rank: one tiny all-reduce, one answer."""
-    bad = ~torch.isfinite(step_loss)
-    if grad_norm is not None:
-        bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
-    flag = bad.to(torch.float32).reshape(1)
-    if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(flag)
-    return flag.item() == 0
-
-
 @torch.inference_mode()
 def predict_gathered(accelerator: Accelerator, model: torch.nn.Module, loader, desc: str, loss_fn=None,
-                     beat=lambda: None):
+                     beat=lambda: None, prepare_input=None):
     """Logits, targets, dataset indices (and per-sample losses) of the whole split, gathered on every rank.
 
     `gather_for_metrics` drops the repeats that pad the last batches, so each sample appears exactly once;
@@ -261,18 +339,18 @@ def predict_gathered(accelerator: Accelerator, model: torch.nn.Module, loader, d
     """
     model.eval()
     outputs = {"logits": [], "targets": [], "indices": [], "losses": []}
-    dtype = input_dtype(model)
+    prepare_input = prepare_input or default_input(model)
     for images, targets, indices in progress(loader, desc, accelerator):
         beat()
-        images = images.to(dtype)
+        images, targets = prepare_input(images, targets)
         with accelerator.autocast():
             logits = model(images)
         batch = {"logits": logits.float(), "targets": targets, "indices": indices}
         if loss_fn is not None:
             batch["losses"] = loss_fn(logits, targets.clamp(min=0))
         for key, value in accelerator.gather_for_metrics(batch).items():
-            outputs[key].append(value.cpu())
-    return {k: torch.cat(v) if v else torch.empty(0) for k, v in outputs.items()}
+            outputs[key].append(value)  # kept on the device: one copy to the host at the end, no sync per batch
+    return {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in outputs.items()}
 
 
 def check_each_once(indices: torch.Tensor, expected: int, what: str) -> None:

@@ -38,8 +38,12 @@ class SignalFlag:
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.received: str | None = None
-        for sig in signals:
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def restore(self) -> None:
+        """The handlers from before: once the run has failed, a SIGTERM ends the process again."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name

@@ -9,7 +9,7 @@ import torch
 
 from dist_train.checkpoint import CLASSES_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify
 from dist_train.config import Config
-from dist_train.data import ImageDataset, Records, build_loader, build_transform, load_records, load_test_records
+from dist_train.data import ModelInput, Records, build_dataset, build_loader, decodes_on_device, load_records, load_test_records
 from dist_train.distributed import build_accelerator, main_print
 from dist_train.engine import check_each_once, predict_gathered
 from dist_train.errors import CheckpointError
@@ -59,12 +59,14 @@ def predict(config: Config, checkpoint: str | Path, output: str | Path | None = 
     # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
     model = build_model(replace(config.model, pretrained=None, freeze=[]), len(classes), config.data.channels, config.data.image_size)
     model.load_state_dict(read_weights(weights))
-    model.to(accelerator.device)
-    dataset = ImageDataset(records, build_transform(config.data, train=False), config.data.channels, config.seed, split,
-                           config.data.bad_samples, config.data.image_size)
+    channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
+    model.to(accelerator.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    on_device = decodes_on_device(config.data, accelerator.device, [records])
+    dataset = build_dataset(records, config.data, split, config.seed, on_device)
     loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))
     loss_fn = build_loss(config.loss, len(classes)).to(accelerator.device) if split == "val" else None
-    out = predict_gathered(accelerator, model, loader, "predict", loss_fn)
+    prepare_input = ModelInput(config.data, accelerator.device, on_device, torch.float32, channels_last)
+    out = predict_gathered(accelerator, model, loader, "predict", loss_fn, prepare_input=prepare_input)
     check_each_once(out["indices"], len(dataset), "inference")
 
     path = Path(output or config.inference.output or Path(config.output_dir) / "submission.csv")

@@ -22,12 +22,14 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     return groups
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: nn.Module, fused: bool = True) -> torch.optim.Optimizer:
+    """`fused`: the default when optim.fused is None (fused kernels unless DeepSpeed runs the optimizer)."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    kernels = {"fused": True} if (cfg.fused if cfg.fused is not None else fused) else {"foreach": None}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
     optimizer_class = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return optimizer_class(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return optimizer_class(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernels)
 
 
 class Schedule:

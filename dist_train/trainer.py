@@ -22,10 +22,12 @@ from dist_train import debug as debug_module
 from dist_train import faults
 from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.config import Config, to_dict
-from dist_train.data import ImageDataset, build_loader, build_transform, load_records
+from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device, load_records
+from dist_train.decode import collate_encoded
 from dist_train.distributed import broadcast_buffers, build_accelerator, is_main_process_env, main_print, same_on_all_ranks
-from dist_train.engine import EpochTotals, check_each_once, largest_batch_that_fits, predict_gathered, train_one_epoch
-from dist_train.errors import ConfigError, ResourceError, TrainingError
+from dist_train.engine import (EpochTotals, FiniteGuard, check_each_once, input_dtype, largest_batch_that_fits,
+                               predict_gathered, train_one_epoch)
+from dist_train.errors import ConfigError, ResourceError
 from dist_train.faults import Preempted, SignalFlag, Watchdog, any_rank
 from dist_train.losses import build_loss
 from dist_train.metrics import classification_metrics, is_improvement
@@ -58,6 +60,7 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, debu
         grad_accum_steps=config.train.grad_accum_steps,
         project_dir=str(output_dir),
         timeout_s=config.train.distributed_timeout_s,
+        compile=config.train.compile,
         deepspeed=config.deepspeed,
         batch_size=config.data.batch_size,
         max_grad_norm=config.train.max_grad_norm,
@@ -65,6 +68,7 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, debu
     # From here on a rank that stops making progress ends the job, naming itself (faults.Watchdog),
     # through the teardown too: a process group destroyed while a peer still uses it can hang.
     watchdog = Watchdog(config.train.distributed_timeout_s, accelerator.num_processes)
+    signals = SignalFlag()
     try:
         if accelerator.is_main_process:
             if resume is None:  # --overwrite (or a directory without complete checkpoints): start clean
@@ -73,10 +77,14 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, debu
             for name in ckpt.clean_stale(checkpoints):
                 print(f"removed {checkpoints / name}, left by a job that died while saving", flush=True)
         accelerator.wait_for_everyone()
-        summary = _fit(accelerator, config, output_dir, resume, watchdog, debug)
+        summary = _fit(accelerator, config, output_dir, resume, watchdog, signals, debug)
         accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
         return summary
-    except torch.OutOfMemoryError as exc:
+    except BaseException as exc:
+        if not isinstance(exc, Preempted):  # preempted: the requeue still has to outlive the launcher's SIGTERM
+            signals.restore()
+        if not isinstance(exc, torch.OutOfMemoryError):
+            raise
         raise ResourceError(
             f"out of memory on {accelerator.device} with data.batch_size={config.data.batch_size} per process "
             f"(global batch {config.data.batch_size * accelerator.num_processes * config.train.grad_accum_steps}): "
@@ -88,13 +96,13 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, debu
         watchdog.stop()
 
 
-def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watchdog: Watchdog, debug: bool = False) -> dict:
+def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watchdog: Watchdog, signals: SignalFlag,
+         debug: bool = False) -> dict:
     started = time.time()
     # The same seed on every rank: identical initial weights before DDP even broadcasts them.
     set_seed(config.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    signals = SignalFlag()
 
     # --- data, model, loss, optimizer -------------------------------------------------------------
     with accelerator.main_process_first():  # the digits are written once, by the main process
@@ -121,23 +129,28 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
             config = replace(config, data=replace(config.data, batch_size=found))
     if config.model.sync_batchnorm:
         model = convert_sync_batchnorm(model, on_gpu=accelerator.device.type == "cuda")
-    datasets = {}
-    for split, records in (("train", train_records), ("val", val_records)):
-        datasets[split] = ImageDataset(records, build_transform(config.data, train=split == "train"), config.data.channels,
-                                       config.seed, split, config.data.bad_samples, config.data.image_size)
-    train_set, val_set = datasets["train"], datasets["val"]
+    on_device = decodes_on_device(config.data, accelerator.device, [train_records, val_records])
+    train_set = build_dataset(train_records, config.data, "train", config.seed, on_device)
+    val_set = build_dataset(val_records, config.data, "val", config.seed, on_device)
+    channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
     train_loader = build_loader(train_set, config.data, train=True, seed=config.seed)
     val_loader = build_loader(val_set, config.data, train=False, seed=config.seed)
     trainable, frozen = parameter_counts(model)
     loss_fn = build_loss(config.loss, num_classes).to(accelerator.device)
     if debug:
         batch = [train_set[i] for i in range(min(config.data.batch_size, len(train_set)))]
-        images, targets = torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+        if on_device:
+            images, targets = ModelInput(config.data, accelerator.device, True, torch.float32, False)(*collate_encoded(batch)[:2])
+        else:
+            images, targets = torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
         first, last = debug_module.overfit_one_batch(config, model, loss_fn, images, targets, accelerator.device)
         print(f"debug: overfit one batch ({len(targets)} images, {debug_module.OVERFIT_STEPS} steps of {config.optim.name} "
               f"at lr {config.optim.lr:g}): loss {first:.4f} -> {last:.4f}, ok", flush=True)
-    torch_optimizer = build_optimizer(config.optim, model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    torch_optimizer = build_optimizer(config.optim, model, fused=not config.deepspeed.enabled)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, torch_optimizer, train_loader, val_loader)
+    prepare_input = ModelInput(config.data, accelerator.device, on_device, input_dtype(model), channels_last)
     nonfinite = config.train.nonfinite
     if nonfinite == "skip" and config.deepspeed.enabled:
         nonfinite = "stop"  # DeepSpeed steps inside backward: a bad step cannot be skipped, only refused
@@ -165,6 +178,12 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
             ckpt.repair_after_resume(output_dir, state)
         main_print(accelerator, f"resumed from {resume_dir}: epoch {state.epoch + 1}, batch {state.batches_done}, "
                                 f"step {state.global_step}")
+
+    guard = None
+    if nonfinite != "ignore":
+        guard = FiniteGuard(accelerator, torch_optimizer, nonfinite, config.train.max_bad_steps,
+                            kept=lambda: f"the last checkpoint ({ckpt._describe_last(checkpoints)}) holds finite weights",
+                            skipped=state.skipped_steps, in_a_row=state.bad_steps_in_a_row)
 
     # --- run directory --------------------------------------------------------------------------
     processes = gather_object([{"rank": accelerator.process_index, "machine_rank": int(os.environ.get("GROUP_RANK", 0)),
@@ -211,7 +230,14 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         f"{config.model.name}: {trainable:,} trainable, {frozen:,} frozen parameters",
     )
 
+    def poll_guard(step: int) -> None:
+        """Reads the non-finite-step counters (may stop the run) into the state a checkpoint keeps."""
+        if guard is not None:
+            guard.poll(step)
+            state.skipped_steps, state.bad_steps_in_a_row = guard.skipped, guard.in_a_row
+
     def save(best: bool = False) -> Path:
+        poll_guard(state.global_step)
         watchdog.beat()
         path = ckpt.save_checkpoint(accelerator, model, checkpoints, schedule, state, config_yaml, classes,
                                     best=best, keep_last=config.checkpoint.keep_last)
@@ -220,21 +246,16 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
 
     last_save = time.monotonic()
 
-    def on_step(batches_done: int, global_step: int, finite: bool) -> bool:
+    def on_step(batches_done: int, global_step: int) -> bool:
         """After each optimizer step: non-finite steps, periodic saves, preemption, max_steps. True ends the epoch."""
         nonlocal last_save
         state.global_step, state.batches_done = global_step, batches_done
-        if finite:
-            state.bad_steps_in_a_row = 0
-        else:
-            state.skipped_steps += 1
-            state.bad_steps_in_a_row += 1
-            _on_nonfinite_step(accelerator, state, nonfinite, config.train.max_bad_steps, checkpoints)
         reached_max = config.train.max_steps is not None and global_step >= config.train.max_steps
         mid_epoch = batches_done < len(train_loader) and not reached_max  # else the epoch-end save follows
         due = config.checkpoint.every_n_steps is not None and global_step % config.checkpoint.every_n_steps == 0
         preempted = False
         if global_step % config.checkpoint.check_every_n_steps == 0:
+            poll_guard(global_step)
             minutes = config.checkpoint.every_n_minutes
             timed = accelerator.is_main_process and minutes is not None and time.monotonic() - last_save >= 60 * minutes
             preempted, timed = any_rank(accelerator, signals.received is not None, timed)
@@ -275,13 +296,16 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
             start_batch=start_batch,
             on_step=on_step,
             totals=totals,
-            check_finite=nonfinite != "ignore",
+            guard=guard,
             skip_bad_samples=config.data.bad_samples == "skip",
+            prepare_input=prepare_input,
             beat=watchdog.beat,
         )
+        poll_guard(state.global_step)
         lr = schedule.lr()
         broadcast_buffers(accelerator, model)
-        out = predict_gathered(accelerator, model, val_loader, "validate", loss_fn, beat=watchdog.beat)
+        out = predict_gathered(accelerator, model, val_loader, "validate", loss_fn, beat=watchdog.beat,
+                               prepare_input=prepare_input)
         check_each_once(out["indices"], len(val_set), "validation")
         metrics = same_on_all_ranks(accelerator, classification_metrics(out["logits"], out["targets"], out["losses"]))
         schedule.step_metric(metrics[monitor])
@@ -302,6 +326,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
             "lr": lr,
             "samples_per_sec": result.samples / max(result.seconds, 1e-9),
             "epoch_seconds": result.seconds,
+            "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),
             "skipped_steps": state.skipped_steps,
             "skipped_samples": result.skipped_samples,
             "rank_batches": [b for _, b, _ in sorted(shards)],
@@ -372,20 +397,6 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         main_print(accelerator, f"best {monitor} {state.best_metric:.4f} at epoch {state.best_epoch}; "
                                 f"checkpoints in {checkpoints}, TensorBoard logs in {output_dir / 'tensorboard'}")
     return summary
-
-
-def _on_nonfinite_step(accelerator, state: ckpt.TrainerState, policy: str, max_bad: int, checkpoints: Path) -> None:
-    """A step whose loss or gradient was NaN/Inf on some rank (the same verdict on every rank)."""
-    step, in_a_row = state.global_step, state.bad_steps_in_a_row
-    kept = f"the last checkpoint ({ckpt._describe_last(checkpoints)}) holds finite weights"
-    if policy == "stop":
-        raise TrainingError(f"step {step}: the loss or gradient is not finite on some rank (train.nonfinite=stop); "
-                            f"stopped. {kept}")
-    if in_a_row >= max_bad:
-        raise TrainingError(f"steps {step - in_a_row + 1}-{step}: {in_a_row} optimizer steps in a row had a non-finite "
-                            f"loss or gradient (train.max_bad_steps={max_bad}); stopped at step {step}. {kept}")
-    main_print(accelerator, f"warning: step {step}: non-finite loss or gradient on some rank; every rank skipped it "
-                            f"({in_a_row} in a row, {state.skipped_steps} in all)")
 
 
 def read_last_metrics(output_dir: Path) -> dict:

@@ -102,3 +102,10 @@ def test_yaml_is_read_with_a_safe_loader(tmp_path):
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(path)
     assert not marker.exists()
+
+
+def test_yaml_booleans_spell_literal_options():
+    """`train.mixed_precision=no` on the command line: YAML reads `no` as False, the option is the word."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage: False is not one of"):
+        load_config(None, ["deepspeed.zero_stage=false"])  # not silently stage 0

@@ -46,7 +46,7 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def without_timings(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("samples_per_sec", "epoch_seconds")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("samples_per_sec", "epoch_seconds", "data_wait_fraction")} for r in records]
 
 
 def assert_workers_exited(proc, code: int) -> None:
@@ -314,6 +314,13 @@ def test_nonfinite_stop_ends_the_run_at_the_first_bad_step(digits_root, tmp_path
     assert_workers_exited(proc, 2)
     assert "error: step 9: the loss or gradient is not finite on some rank (train.nonfinite=stop); stopped." in proc.stderr
     assert finite_checkpoints(tmp_path / "checkpoints") == [ckpt.checkpoint_name(7)]
+
+
+def test_a_failing_single_process_run_exits(digits_root, tmp_path):
+    """`python train.py` with loader workers (which ignore SIGTERM): a crash ends the process, not a hang."""
+    proc = run_cli("train.py", args(digits_root, tmp_path), processes=1, check=False, timeout=120,
+                   env={FAULT_ENV: "raise@step:2"})
+    assert proc.returncode == 1 and "injected failure at step:2" in proc.stderr
 
 
 def test_non_finite_weights_are_never_saved(digits_root, tmp_path):

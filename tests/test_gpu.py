@@ -42,3 +42,35 @@ def test_deepspeed_zero3_on_a_gpu_and_predict_from_its_weights(digits_root, tmp_
     run_cli("predict.py", ["--config", config_path("digits.yaml"), "--checkpoint", str(tmp_path / "checkpoints" / "last"),
                            *tiny_overrides(digits_root, tmp_path, **{"model.name": "mlp"})])
     assert (tmp_path / "submission.csv").read_text().count("\n") == 271
+
+
+def test_training_steps_make_no_host_sync_on_a_gpu():
+    """torch's own sync detector: an epoch of fused-AdamW steps (logging off) triggers no device-to-host wait."""
+    from test_speed import host_syncs_of_an_epoch
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        assert len(host_syncs_of_an_epoch(40, 1000, fused=True)) == len(host_syncs_of_an_epoch(5, 1000, fused=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_nvjpeg_decode_matches_the_cpu_decode(tmp_path):
+    from test_speed import photo
+
+    from dist_train.config import DataConfig
+    from dist_train.data import EncodedImageDataset, Records
+    from dist_train.decode import DeviceDecoder, collate_encoded
+
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.jpg")
+        photo(i, 300 + 10 * i, 200 + 5 * i).save(paths[-1], quality=90)
+    cfg = DataConfig(image_size=64)
+    dataset = EncodedImageDataset(Records(paths, [0] * 8, [str(i) for i in range(8)]), cfg, "random_resized_crop", 0.5)
+    batch, targets, _ = collate_encoded([dataset[i] for i in range(8)])
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        decoder = DeviceDecoder(torch.device(device), cfg.image_size, 3, cfg.mean, cfg.std)
+        outputs[device] = decoder(batch, targets)[0].float().cpu()
+    assert (outputs["cpu"] - outputs["cuda"]).abs().mean() < 0.05  # two JPEG decoders, half vs float resampling

@@ -1,0 +1,191 @@
+"""The speed features keep their promises: no host sync per training step, the device decode path
+(run here on the CPU) agrees with the workers' Pillow path, channels_last and torch.compile train."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.overrides import TorchFunctionMode
+
+from conftest import run_cli, tiny_overrides
+from dist_train.config import DataConfig, ModelConfig, OptimConfig, SchedulerConfig
+from dist_train.data import BAD_TARGET, EncodedImageDataset, ImageDataset, ModelInput, Records, build_transform
+from dist_train.decode import DeviceDecoder, collate_encoded, random_resized_crop_box
+from dist_train.errors import SampleError
+
+HOST_SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
+
+
+class HostSyncs(TorchFunctionMode):
+    """Records every tensor operation that makes the host wait for the device's result."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_SYNCS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs_of_an_epoch(steps: int, log_every: int, fused: bool) -> list[str]:
+    """train_one_epoch on one process with the default guard (train.nonfinite=skip): the host syncs it made."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dist_train.engine import FiniteGuard, train_one_epoch
+    from dist_train.losses import CrossEntropy
+    from dist_train.models import build_model
+    from dist_train.optim import Schedule, build_optimizer
+
+    try:
+        accelerator = Accelerator(cpu=True)
+        n = steps * 4
+        data = TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 3, (n,)), torch.arange(n))
+        model = build_model(ModelConfig(width=4), 3, 3, 8)
+        torch_optimizer = build_optimizer(OptimConfig(fused=fused), model)
+        model, optimizer, loader = accelerator.prepare(model, torch_optimizer, DataLoader(data, batch_size=4))
+        schedule = Schedule(SchedulerConfig(), torch_optimizer, steps, steps, "max")
+        guard = FiniteGuard(accelerator, torch_optimizer, "skip", 3, kept=lambda: "")
+        with HostSyncs() as syncs:
+            train_one_epoch(accelerator, model, loader, CrossEntropy(), optimizer, schedule, batch_size=4, dataset_len=n,
+                            grad_accum_steps=1, max_grad_norm=1.0, log_every_n_steps=log_every, global_step=0,
+                            log=lambda values, step: None, epoch=1, num_batches=steps, guard=guard)
+        return syncs.calls
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def test_training_steps_make_no_host_sync():
+    """With the fused optimizer, the host waits for the device only when it logs and at the epoch's end."""
+    short, long = host_syncs_of_an_epoch(5, 1000, fused=True), host_syncs_of_an_epoch(40, 1000, fused=True)
+    assert len(long) == len(short), (short, long)
+    logged = host_syncs_of_an_epoch(40, 10, fused=True)
+    assert 4 <= len(logged) - len(long) <= 4 * 3, logged  # a few per log line, 4 log lines
+    # the detector sees per-step syncs where there are some: the guard reads its verdict each step without fused kernels
+    assert len(host_syncs_of_an_epoch(40, 1000, fused=False)) >= len(long) + 40
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding on the device (here: the CPU)
+
+
+def photo(seed: int, width: int = 72, height: int = 56) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> Records:
+    root = tmp_path_factory.mktemp("jpegs")
+    paths = []
+    for i in range(6):
+        paths.append(root / f"{i}.jpg")
+        photo(i, 72 + 8 * i, 56 + 4 * i).save(paths[-1], quality=95)
+    return Records(paths, [i % 3 for i in range(6)], [str(i) for i in range(6)])
+
+
+def decoded_on_device(records: Records, cfg: DataConfig, crop: str, flip_p: float, bad_samples: str = "error"):
+    dataset = EncodedImageDataset(records, cfg, crop, flip_p)
+    batch, targets, _ = collate_encoded([dataset[i] for i in range(len(dataset))])
+    decoder = DeviceDecoder(torch.device("cpu"), cfg.image_size, cfg.channels, cfg.mean, cfg.std, bad_samples)
+    return decoder(batch, targets)
+
+
+def test_device_decode_matches_the_workers_pillow_path(jpegs):
+    cfg = DataConfig(image_size=32)
+    images, targets = decoded_on_device(jpegs, cfg, "resize", 0.0)
+    pillow = ImageDataset(jpegs, build_transform(cfg, train=False), 3)
+    reference = torch.stack([pillow[i][0] for i in range(len(jpegs.paths))])
+    assert images.shape == reference.shape == (6, 3, 32, 32) and targets.tolist() == jpegs.targets
+    # two resamplers (roi_align's averaged bilinear samples vs Pillow-style antialiasing) on smooth images
+    assert (images - reference).abs().mean() < 0.05, (images - reference).abs().mean()
+    flipped, _ = decoded_on_device(jpegs, cfg, "resize", 1.0)
+    assert torch.allclose(flipped, images.flip(-1))
+
+
+def test_device_crops_follow_the_sample_and_epoch(jpegs):
+    cfg = DataConfig(image_size=16)
+    dataset = EncodedImageDataset(jpegs, cfg, "random_resized_crop", 0.5, seed=3)
+    first = [dataset[i][0]["box"] for i in range(6)]
+    assert first == [dataset[i][0]["box"] for i in range(6)]  # a function of (seed, epoch, index): any worker, any rank
+    dataset.set_epoch(1)
+    assert first != [dataset[i][0]["box"] for i in range(6)]
+    for seed in range(200):
+        x0, y0, x1, y1 = random_resized_crop_box(500, 375, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
+        assert 0 <= x0 < x1 <= 500 and 0 <= y0 < y1 <= 375
+        area = (x1 - x0) * (y1 - y0) / (500 * 375)
+        assert 0.07 <= area <= 1.0 and 0.7 <= (x1 - x0) / (y1 - y0) <= 1.4
+
+
+def test_device_decode_names_a_corrupt_jpeg_or_skips_it(jpegs, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    data = jpegs.paths[0].read_bytes()
+    broken.write_bytes(data[:700] + bytes(len(data) - 700))  # the header reads, the entropy-coded data is zeros
+    records = Records(jpegs.paths[:2] + [broken], [0, 1, 2], ["a", "b", "c"])
+    with pytest.raises(SampleError, match="cannot decode image .*broken.jpg"):
+        decoded_on_device(records, DataConfig(image_size=16), "resize", 0.0)
+    images, targets = decoded_on_device(records, DataConfig(image_size=16), "resize", 0.0, bad_samples="skip")
+    assert targets.tolist() == [0, 1, BAD_TARGET] and images.shape == (3, 3, 16, 16)
+
+
+def test_model_input_lays_out_channels_last():
+    images, _ = ModelInput(DataConfig(), torch.device("cpu"), False, torch.float32, True)(torch.randn(2, 3, 8, 8), torch.zeros(2))
+    assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.fixture(scope="module")
+def jpeg_digits(digits_root, tmp_path_factory) -> Path:
+    """The digits as 24x24 JPEGs (CSV tables with the same ids)."""
+    root = tmp_path_factory.mktemp("jpeg_digits")
+    (root / "images").mkdir()
+    for name in ("train.csv", "val.csv", "info.csv"):
+        rows = list(csv.DictReader(open(digits_root / name, newline="")))
+        for row in rows:
+            target = Path(row["image"]).with_suffix(".jpg").name
+            Image.open(digits_root / row["image"]).convert("RGB").resize((24, 24)).save(root / "images" / target, quality=95)
+            row["image"] = f"images/{target}"
+        with open(root / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+def test_two_processes_train_and_predict_with_device_decoding(jpeg_digits, tmp_path):
+    overrides = tiny_overrides(jpeg_digits, tmp_path, **{
+        "data.source": "csv", "data.decode": "device", "data.image_size": 16, "data.num_workers": 1,
+        "data.train_crop": "random_resized_crop", "data.crop_scale": "[0.5, 1.0]",
+        "data.train_augment": "[{name: RandomHorizontalFlip}]", "train.channels_last": "true", "train.epochs": 3,
+    })
+    run_cli("train.py", overrides, processes=2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val_accuracy"] > 0.5, records[-1]  # it learns from device-decoded crops
+    assert all(0 <= r["data_wait_fraction"] <= 1 for r in records)
+    run_cli("predict.py", overrides + [f"--checkpoint={tmp_path / 'checkpoints' / 'best'}"], processes=2)
+    rows = list(csv.DictReader(open(tmp_path / "submission.csv", newline="")))
+    expected = [row["id"] for row in csv.DictReader(open(jpeg_digits / "info.csv", newline=""))]
+    assert [row["id"] for row in rows] == expected
+
+
+def test_device_decoding_refuses_what_it_cannot_do(digits_root, tmp_path):
+    proc = run_cli("train.py", tiny_overrides(digits_root, tmp_path, **{"data.decode": "device"}), check=False)
+    assert proc.returncode == 2 and "data.decode=device decodes JPEG files only" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_torch_compile_trains(digits_root, tmp_path):
+    run_cli("train.py", tiny_overrides(digits_root, tmp_path, **{"train.compile": "true", "train.max_steps": 3,
+                                                                  "train.epochs": 1}), timeout=600)
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["global_step"] == 3 and (tmp_path / "checkpoints" / "best" / "model.safetensors").is_file()
