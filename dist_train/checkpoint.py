@@ -32,6 +32,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 SCHEDULE_FILE = "schedule.pt"
 MANIFEST_FILE = "manifest.json"
 CLASSES_FILE = "classes.json"
+EMA_FILE = "ema.safetensors"
 # Globals a checkpoint's pickles may name: torch tensors/storages, numpy arrays (RNG state), plain
 # containers, and three DeepSpeed state classes. Anything else (os.system, builtins.eval, ...) is refused.
 SAFE_GLOBALS = (
@@ -64,6 +65,8 @@ class TrainerState:
     """Unreadable images replaced by blanks that weigh nothing (data.bad_samples=skip), all ranks."""
     epoch_totals: list[float] = field(default_factory=list)
     """Mid-epoch: the epoch's [loss sum, real samples, unreadable samples] so far, all ranks (EpochTotals)."""
+    ema_updates: int = 0
+    """Updates of the weights' moving average (train.ema_decay; its weights are ema.safetensors)."""
     layout: list[int] = field(default_factory=list)
     """[processes, per-process batch, accumulation] of the run that saved: a mid-epoch position only
     means the same thing under the same layout."""
@@ -84,11 +87,12 @@ def checkpoint_name(global_step: int) -> str:
 
 def save_checkpoint(
     accelerator: Accelerator, model, checkpoints: Path, schedule, trainer_state: TrainerState, config_yaml: str,
-    classes: list[str], *, best: bool = False, keep_last: int = 2,
+    classes: list[str] | dict, *, best: bool = False, keep_last: int = 2, ema=None,
 ) -> Path:
     """Write the full training state as `checkpoints/step-N`, point `last` (and `best`) at it, rotate.
 
-    Every rank calls this (Accelerate writes each rank's RNG state, and DeepSpeed shards are saved by
+    `classes`: what the labels define (tasks.fit_labels), for inference; `ema`: a ModelEMA whose weights are
+    saved as ema.safetensors. Every rank calls this (Accelerate writes each rank's RNG state, and DeepSpeed shards are saved by
     all ranks); the model, optimizer and metadata files are written by the main process only.
     Non-finite weights are never written. A save that fails on any rank (disk full, unwritable, a
     file-size limit) raises the same CheckpointError on every rank and leaves the previous
@@ -114,6 +118,9 @@ def save_checkpoint(
             if weights is not None:  # DeepSpeed saves its own (sharded) engine state; inference wants one plain file
                 save_file(weights, str(tmp / WEIGHTS_FILE))
             torch.save(schedule.state_dict(), tmp / SCHEDULE_FILE)
+            if ema is not None:
+                trainer_state.ema_updates = ema.updates
+                save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / EMA_FILE))
             (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state.state_dict(), indent=1))
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / CLASSES_FILE).write_text(json.dumps(classes))
@@ -322,6 +329,17 @@ def load_checkpoint(accelerator: Accelerator, directory: Path, schedule, trainer
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"checkpoint {directory}: refused to load ({str(exc).splitlines()[0]})") from None
     trainer_state.load_state_dict(saved)
+
+
+def load_ema(directory: Path, ema) -> None:
+    """The moving average saved beside the model (the checkpoint was verified already)."""
+    from safetensors.torch import load_file
+
+    if not (directory / EMA_FILE).is_file():
+        raise CheckpointError(f"{directory} has no {EMA_FILE}: it was saved without train.ema_decay; resume without it, "
+                              f"or start a new run")
+    ema.module.load_state_dict(load_file(str(directory / EMA_FILE), device=str(next(ema.module.parameters()).device)))
+    ema.updates = json.loads((directory / TRAINER_STATE_FILE).read_text()).get("ema_updates", 0)
 
 
 def resolve_resume_on_main(accelerator, resume: str, checkpoints: Path) -> Path:

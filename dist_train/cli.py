@@ -59,17 +59,24 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def predict_main(argv: list[str] | None = None) -> int:
     parser = _parser("Write a submission CSV from a checkpoint (sharded over all launched processes).")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/digits/checkpoints/best) or a .safetensors file")
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="checkpoint directory (e.g. runs/digits/checkpoints/best) or a .safetensors file; several: "
+                             "their predictions are averaged into one submission")
     parser.add_argument("--output", help="submission path (default: inference.output or <output_dir>/submission.csv)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="val: predict the labelled validation split and write its metrics beside the CSV")
     args = parser.parse_intermixed_args(argv)
     die_with_launcher()
     try:
-        config = load_config(args.config, args.overrides)
+        # `--checkpoint a b key=value`: the checkpoint list ends where the overrides start
+        moved = [c for c in args.checkpoint if "=" in c and not os.path.exists(c)]
+        checkpoints = [c for c in args.checkpoint if c not in moved]
+        if not checkpoints:
+            parser.error("--checkpoint needs at least one checkpoint")
+        config = load_config(args.config, [*args.overrides, *moved])
         from dist_train.inference import predict
 
-        predict(config, args.checkpoint, args.output, args.split)
+        predict(config, checkpoints, args.output, args.split)
     except DistTrainError as exc:
         fail(exc)
     except Exception as exc:

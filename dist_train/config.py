@@ -15,8 +15,6 @@ import yaml
 
 from dist_train.errors import ConfigError
 
-MONITORABLE = ("val_loss", "val_accuracy", "val_f1_macro", "val_precision_macro", "val_recall_macro")
-
 
 @dataclass
 class DataConfig:
@@ -76,7 +74,16 @@ class DataConfig:
     """Draw training samples with probability inversely proportional to their class frequency."""
     bad_samples: Literal["error", "skip"] = "error"
     """An unreadable image (truncated, empty file): error stops the run naming the file; skip warns,
-    trains on the rest (the image weighs nothing, in loss and metrics) and counts them."""
+    trains on the rest (the image weighs nothing, in loss and metrics) and counts them (classification)."""
+    mixup_alpha: float = 0.0
+    """Mixup (classification): training batches blended with the batch reversed, lambda ~ Beta(alpha, alpha),
+    against soft targets; 0 turns it off (e.g. 0.2-0.8 to use it)."""
+    cutmix_alpha: float = 0.0
+    """CutMix (classification): a box of the reversed batch pasted in, area ~ Beta(alpha, alpha); 0: off (1.0 is usual)."""
+    mix_prob: float = 1.0
+    """Share of training batches that are mixed (when mixup or cutmix is on)."""
+    mix_switch_prob: float = 0.5
+    """With both on: the probability that a mixed batch uses CutMix rather than mixup."""
 
 
 @dataclass
@@ -112,6 +119,48 @@ class LossConfig:
     """focal only: weight of the true class's term (None: no weighting)."""
     class_weights: list[float] | None = None
     """cross_entropy/focal: per-class weights, one per class."""
+
+
+@dataclass
+class HeadConfig:
+    """One head of a multihead task: its label column, classes, loss and weight."""
+
+    name: str = "head"
+    """Used in metric names: val_<name>_accuracy, val_<name>_f1_macro, ..."""
+    column: str = "label"
+    """The CSV column with this head's label."""
+    classes: list[str] | None = None
+    """Class names in output order; None: the sorted labels found in the column."""
+    weight: float = 1.0
+    """This head's share of the loss: loss = sum of weight x the head's loss."""
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class TaskConfig:
+    """What the model predicts (the submission writes the predicted class, value or score)."""
+
+    kind: Literal["classification", "multihead", "regression", "ranking"] = "classification"
+    """classification: one class per image (data.label_column); multihead: several heads over one backbone
+    (task.heads), the predicted class is their combination; regression: numbers (task.targets columns);
+    ranking: a score per image, ranked within each query (task.query_column) against data.label_column's
+    relevance."""
+    heads: list[HeadConfig] = field(default_factory=list)
+    """multihead: the heads in order. Combined class = mixed-radix number of the head classes in this order,
+    e.g. mask (3), gender (2), age (3): 6 * mask + 3 * gender + age."""
+    targets: list[str] = field(default_factory=list)
+    """regression: the numeric target columns (default: [data.label_column]); one model output each."""
+    loss: Literal["mse", "l1", "huber"] = "mse"
+    """regression and ranking (pointwise on the relevance)."""
+    huber_delta: float = 1.0
+    query_column: str = "query"
+    """ranking: the CSV column grouping rows into queries."""
+    ndcg_k: int = 10
+    """ranking: NDCG@k's cut-off."""
+    roc_auc: bool = False
+    """classification: also report val_roc_auc (binary, or one-vs-rest macro)."""
+    top_k: list[int] = field(default_factory=list)
+    """classification: also report val_top<k>_accuracy for each k, e.g. [5]."""
 
 
 @dataclass
@@ -187,6 +236,11 @@ class TrainConfig:
     find_batch_size: bool = False
     """Before training, halve data.batch_size until a forward + backward fits in accelerator memory;
     every rank then uses the smallest size any rank found."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights (e.g. 0.999; updated after every optimizer step):
+    validation, `best` and inference then use the average. None: off."""
+    ema_warmup: bool = True
+    """Lower the EMA decay for early steps to min(decay, (1 + n) / (10 + n)), so the random start fades fast."""
 
 
 @dataclass
@@ -205,9 +259,11 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     """Which checkpoints are kept."""
 
-    monitor: str = "val_accuracy"
-    """The metric that picks `best`, drives early stopping and ReduceLROnPlateau."""
-    mode: Literal["max", "min"] = "max"
+    monitor: str | None = None
+    """The metric that picks `best`, drives early stopping and ReduceLROnPlateau; None: the task's own
+    (val_accuracy; regression val_rmse; ranking val_ndcg@k)."""
+    mode: Literal["max", "min"] | None = None
+    """None: min for losses and errors (val_loss, val_mae, val_mse, val_rmse), max otherwise."""
     keep_last: int = 2
     """Newest checkpoints kept (plus `best`); older ones are deleted once a new one is complete."""
     every_n_steps: int | None = None
@@ -241,6 +297,12 @@ class InferenceConfig:
     """Submission CSV path; None: <output_dir>/submission.csv."""
     id_column: str = "id"
     label_column: str = "label"
+    probabilities: bool = False
+    """Also write each class's probability (columns prob_<class>; multihead: of the combined classes)."""
+    tta: Literal["none", "hflip"] = "none"
+    """Test-time augmentation: hflip averages the predictions of each image and its mirror image."""
+    weights: Literal["auto", "model", "ema"] = "auto"
+    """Which weights of a checkpoint predict: auto takes the EMA (train.ema_decay) when it has one."""
 
 
 @dataclass
@@ -253,6 +315,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -275,8 +338,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         key, value = _parse_override(override)
         _set_dotted(raw, key, value)
     config = _build(Config, raw, "")
+    return resolve(config)
+
+
+def resolve(config: Config) -> Config:
+    """Validate, and fill in what defaults to the task's choice (checkpoint.monitor and mode)."""
     validate(config)
-    return config
+    from dist_train.tasks import mode_of, monitorable  # tasks builds on this module
+
+    names = monitorable(config)
+    monitor = config.checkpoint.monitor or names[1]
+    if monitor not in names:
+        close = difflib.get_close_matches(monitor, names, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; choose one of {', '.join(names)}"
+        raise ConfigError(f"checkpoint.monitor: unknown metric {monitor!r} for task.kind={config.task.kind}{hint}")
+    mode = config.checkpoint.mode or mode_of(monitor)
+    return dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, monitor=monitor, mode=mode))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -345,6 +422,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     args = typing.get_args(kind)
     if kind is Any:
         return value
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, f"{key}.")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -441,10 +520,28 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if config.checkpoint.monitor not in MONITORABLE:
-        close = difflib.get_close_matches(config.checkpoint.monitor, MONITORABLE, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]}?" if close else f"; choose one of {', '.join(MONITORABLE)}"
-        raise ConfigError(f"checkpoint.monitor: unknown metric {config.checkpoint.monitor!r}{hint}")
+    task = config.task
+    mixing = config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0
+    task_checks = [
+        (config.data.mixup_alpha >= 0 and config.data.cutmix_alpha >= 0, "data.mixup_alpha and data.cutmix_alpha must be >= 0"),
+        (0 <= config.data.mix_prob <= 1 and 0 <= config.data.mix_switch_prob <= 1, "data.mix_prob and data.mix_switch_prob must be in [0, 1]"),
+        (config.train.ema_decay is None or 0 < config.train.ema_decay < 1, "train.ema_decay must be in (0, 1) or null"),
+        (task.kind != "multihead" or len(task.heads) >= 2, "task.kind=multihead needs at least two task.heads"),
+        (len({h.name for h in task.heads}) == len(task.heads), "task.heads: head names must be unique"),
+        (all(h.weight >= 0 for h in task.heads), "task.heads: weights must be >= 0"),
+        (task.ndcg_k > 0 and task.huber_delta > 0 and all(k > 0 for k in task.top_k), "task.ndcg_k, task.huber_delta and task.top_k must be positive"),
+        (task.kind == "classification" or not mixing, f"data.mixup_alpha/cutmix_alpha: mixing needs task.kind=classification (not {task.kind})"),
+        (task.kind == "classification" or config.data.bad_samples == "error", f"data.bad_samples=skip is for task.kind=classification (not {task.kind})"),
+        (task.kind == "classification" or config.data.source == "csv", f"task.kind={task.kind} reads its labels from CSV tables: set data.source=csv"),
+        (task.kind == "classification" or not config.data.balanced_sampler, "data.balanced_sampler is for task.kind=classification"),
+        (task.kind == "classification" or config.loss.class_weights is None or task.kind == "multihead", "loss.class_weights is for classification"),
+    ]
+    for ok, message in task_checks:
+        if not ok:
+            raise ConfigError(message)
+    for head in task.heads:
+        if head.classes is not None and len(set(head.classes)) != len(head.classes):
+            raise ConfigError(f"task.heads {head.name}: classes contain duplicates")
     if config.data.classes is not None and len(set(config.data.classes)) != len(config.data.classes):
         raise ConfigError("data.classes contains duplicates")
     for i, spec in enumerate(config.data.train_augment):

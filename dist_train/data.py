@@ -32,11 +32,32 @@ BAD_TARGET = -2
 
 @dataclass
 class Records:
-    """One split as plain lists: image paths, integer targets (-1 when unlabelled) and row ids."""
+    """One split as plain lists: image paths, targets (-1 when unlabelled) and row ids.
+
+    A target is a class index, or a tuple (several heads, several values) or a float (tasks.py encodes
+    them from `labels`, the raw label columns). `groups`: each row's query (ranking).
+    """
 
     paths: list[Path]
-    targets: list[int]
+    targets: list
     ids: list[str]
+    labels: dict[str, list[str]] | None = None
+    groups: list[str] | None = None
+
+    def take(self, idx) -> "Records":
+        pick = lambda values: [values[i] for i in idx]  # noqa: E731
+        return Records(pick(self.paths), pick(self.targets) if self.targets else [], pick(self.ids),
+                       {k: pick(v) for k, v in self.labels.items()} if self.labels is not None else None,
+                       pick(self.groups) if self.groups is not None else None)
+
+
+def as_target(value):
+    """A record's target as the loader collates it: ints stay ints, tuples and floats become tensors."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return torch.tensor(value, dtype=torch.float32)
+    return torch.tensor(value, dtype=torch.long if all(isinstance(v, int) for v in value) else torch.float32)
 
 
 class ImageDataset(Dataset):
@@ -67,7 +88,7 @@ class ImageDataset(Dataset):
         return len(self.records.paths)
 
     def __getitem__(self, index: int):
-        path, target = self.records.paths[index], self.records.targets[index]
+        path, target = self.records.paths[index], as_target(self.records.targets[index])
         try:
             with Image.open(path) as image:
                 image = image.convert(self.mode)
@@ -99,7 +120,7 @@ class EncodedImageDataset(ImageDataset):
         self.scale, self.ratio, self.center_fraction = tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.eval_crop_fraction
 
     def __getitem__(self, index: int):
-        path, target = self.records.paths[index], self.records.targets[index]
+        path, target = self.records.paths[index], as_target(self.records.targets[index])
         try:
             with Image.open(path) as image:  # reads the header only: the size, and a first check of the file
                 width, height = image.size
@@ -170,16 +191,19 @@ def sorted_labels(labels: list[str]) -> list[str]:
     return sorted(unique)
 
 
-def _csv_split(cfg: DataConfig, table: str, labelled: bool) -> tuple[list[Path], list[str], list[str]]:
+def _csv_split(cfg: DataConfig, table: str, labelled: bool, columns: list[str] | None = None, query: str | None = None):
     path = resolve(cfg, table)
-    required = [cfg.image_column] + ([cfg.label_column] if labelled else [cfg.id_column])
+    columns = columns or [cfg.label_column]
+    required = [cfg.image_column] + (columns if labelled else [cfg.id_column]) + ([query] if query else [])
     rows = read_csv(path, required)
     if not rows:
         raise DataError(f"{path}: no rows")
     image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.root)
     paths = [image_root / row[cfg.image_column] for row in rows]
     _check_images_exist(paths, str(path))
-    labels = [row[cfg.label_column] for row in rows] if labelled else []
+    labels = {c: [row[c] for row in rows] for c in columns} if labelled else {}
+    if query:
+        labels[query] = [row[query] for row in rows]
     if cfg.id_column in rows[0]:
         ids = [row[cfg.id_column] for row in rows]
     else:
@@ -194,6 +218,7 @@ def _folder_split(cfg: DataConfig, directory: str, labelled: bool) -> tuple[list
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     paths, labels = [], []
+    columns = {cfg.label_column: labels}
     if labelled:
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
         if not class_dirs:
@@ -207,30 +232,50 @@ def _folder_split(cfg: DataConfig, directory: str, labelled: bool) -> tuple[list
     if not paths:
         raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     ids = [str(p.relative_to(root).with_suffix("")) for p in paths]
-    return paths, labels, ids
+    return paths, columns if labelled else {}, ids
 
 
-def _split(cfg: DataConfig, where: str, labelled: bool):
+def _split(cfg: DataConfig, where: str, labelled: bool, columns: list[str] | None = None, query: str | None = None) -> Records:
     if cfg.source == "folder":
-        return _folder_split(cfg, where, labelled)
-    return _csv_split(cfg, where, labelled)
+        paths, labels, ids = _folder_split(cfg, where, labelled)
+    else:
+        paths, labels, ids = _csv_split(cfg, where, labelled, columns, query)
+    return Records(paths, [], ids, labels if labelled else None, labels.pop(query) if query else None)
+
+
+def load_splits(cfg: DataConfig, seed: int, label, columns: list[str] | None = None, query: str | None = None,
+                stratify: bool = True):
+    """The training and validation splits, and what their labels define (e.g. the class names).
+
+    `label(labels, where, defined)` turns a split's raw label columns into its targets and returns
+    (targets, defined); it sees the whole training table first (defined=None: it decides, e.g. the classes),
+    then the validation table. `query` becomes `Records.groups`. Without data.val a seeded hold-out of the
+    training table, stratified by its first label column.
+    """
+    if cfg.source == "digits":
+        materialize_digits(Path(cfg.root))
+    train = _split(cfg, cfg.train, True, columns, query)
+    train.targets, defined = label(train.labels, str(resolve(cfg, cfg.train)), None)
+    if cfg.val is not None:
+        val = _split(cfg, cfg.val, True, columns, query)
+        val.targets, _ = label(val.labels, str(resolve(cfg, cfg.val)), defined)
+    else:
+        first = next(iter(train.labels.values()))
+        train, val = _holdout(train, cfg.val_fraction, seed, first if stratify else None)
+    return train, val, defined
 
 
 def load_records(cfg: DataConfig, seed: int) -> tuple[Records, Records, list[str]]:
-    """The training and validation splits, and the class names (index = target)."""
-    if cfg.source == "digits":
-        materialize_digits(Path(cfg.root))
-    paths, labels, ids = _split(cfg, cfg.train, labelled=True)
-    classes = list(cfg.classes) if cfg.classes is not None else sorted_labels(labels)
-    if len(classes) < 2:
-        raise DataError(f"{resolve(cfg, cfg.train)}: found {len(classes)} class; need at least 2")
-    train = Records(paths, _targets(labels, classes, str(resolve(cfg, cfg.train))), ids)
-    if cfg.val is not None:
-        vpaths, vlabels, vids = _split(cfg, cfg.val, labelled=True)
-        val = Records(vpaths, _targets(vlabels, classes, str(resolve(cfg, cfg.val))), vids)
-    else:
-        train, val = _holdout(train, cfg.val_fraction, seed)
-    return train, val, classes
+    """Single-label classification: the training and validation splits, and the class names (index = target)."""
+
+    def label(labels, where, classes):
+        if classes is None:
+            classes = list(cfg.classes) if cfg.classes is not None else sorted_labels(labels[cfg.label_column])
+            if len(classes) < 2:
+                raise DataError(f"{where}: found {len(classes)} class; need at least 2")
+        return _targets(labels[cfg.label_column], classes, where), classes
+
+    return load_splits(cfg, seed, label)
 
 
 def load_test_records(cfg: DataConfig) -> Records:
@@ -238,21 +283,17 @@ def load_test_records(cfg: DataConfig) -> Records:
         raise ConfigError("data.test is not set: nothing to predict")
     if cfg.source == "digits":
         materialize_digits(Path(cfg.root))
-    paths, _, ids = _split(cfg, cfg.test, labelled=False)
-    return Records(paths, [-1] * len(paths), ids)
+    records = _split(cfg, cfg.test, labelled=False)
+    records.targets = [-1] * len(records.paths)
+    return records
 
 
-def _holdout(records: Records, fraction: float, seed: int) -> tuple[Records, Records]:
+def _holdout(records: Records, fraction: float, seed: int, stratify: list[str] | None) -> tuple[Records, Records]:
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(records.paths))
-    train_idx, val_idx = train_test_split(index, test_size=fraction, random_state=seed, stratify=records.targets)
-
-    def take(idx):
-        idx = sorted(idx)
-        return Records([records.paths[i] for i in idx], [records.targets[i] for i in idx], [records.ids[i] for i in idx])
-
-    return take(train_idx), take(val_idx)
+    train_idx, val_idx = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    return records.take(sorted(train_idx)), records.take(sorted(val_idx))
 
 
 def materialize_digits(root: Path) -> None:

@@ -37,21 +37,21 @@ def debug_config(config: Config) -> Config:
 
 
 def head(records: Records, count: int) -> Records:
-    return Records(records.paths[:count], records.targets[:count], records.ids[:count])
+    return records.take(range(min(count, len(records.paths))))
 
 
 def run_debug(config: Config, config_path: str | None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--debug runs one process: python train.py --config X --debug (no accelerate launch)")
-    from dist_train.data import load_records
     from dist_train.inference import predict
     from dist_train.models import build_model
+    from dist_train.tasks import load_task
     from dist_train.trainer import fit
 
-    train, val, classes = load_records(config.data, config.seed)
-    model = build_model(config.model, config.model.num_classes or len(classes), config.data.channels, config.data.image_size)
+    train, val, _, task = load_task(config)
+    model = build_model(config.model, config.model.num_classes or task.num_outputs, config.data.channels, config.data.image_size)
     print(f"debug: the run {config_path or 'the default config'} describes\n"
-          f"{summary(config, model, len(train.paths), len(val.paths), classes)}", flush=True)
+          f"{summary(config, model, len(train.paths), len(val.paths), task)}", flush=True)
     torch.autograd.set_detect_anomaly(True)
     debug = debug_config(config)
     print(f"debug: now a few batches on one process, into {debug.output_dir}", flush=True)
@@ -64,7 +64,7 @@ def eval_batch(config: Config) -> int:
     return config.data.eval_batch_size or config.data.batch_size
 
 
-def summary(config: Config, model: torch.nn.Module, train_len: int, val_len: int, classes: list[str]) -> str:
+def summary(config: Config, model: torch.nn.Module, train_len: int, val_len: int, task) -> str:
     """What the real run (not the debug one) will be: model size, batch, steps, the LR curve."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -78,7 +78,8 @@ def summary(config: Config, model: torch.nn.Module, train_len: int, val_len: int
     lines = [
         f"  model      {config.model.name}: {trainable + frozen:,} parameters ({trainable:,} trainable, {frozen:,} frozen), "
         f"{megabytes:.2f} MB of weights",
-        f"  data       {config.data.source}: {train_len:,} training / {val_len:,} validation images, {len(classes)} classes, "
+        f"  data       {config.data.source}: {train_len:,} training / {val_len:,} validation images, "
+        f"{f'{task.num_outputs} classes' if task.kind == 'classification' else f'task {task.kind}, {task.num_outputs} outputs'}, "
         f"input {config.data.channels}x{config.data.image_size}x{config.data.image_size}",
         f"  batch      {batch} per process x {accum} accumulation = {batch * accum} per optimizer step on 1 process "
         f"(x N on N processes, with 1/N of the steps)",

@@ -172,6 +172,7 @@ def train_one_epoch(
     skip_bad_samples: bool = False,
     prepare_input=None,
     beat=lambda: None,
+    mix=None,
 ) -> tuple[EpochResult, int]:
     """One pass over this process's shard; returns the result and the new optimizer-step count.
 
@@ -184,7 +185,8 @@ def train_one_epoch(
     N processes x batch b x accumulation A take the same steps as 1 process with batch N*b*A.
     With a `guard`, a step whose loss or gradient is not finite on any rank is skipped by every rank, so
     the weights stay finite and identical. `prepare_input(images, targets)` makes the model's input
-    (data.ModelInput: decode on the device, dtype, memory layout). Nothing in a step waits for the device:
+    (data.ModelInput: decode on the device, dtype, memory layout); `mix(images, targets, epoch, micro)` mixes a
+    batch (mixup/CutMix) into soft targets. Nothing in a step waits for the device:
     the loss and counters stay there and are read every `log_every_n_steps`.
     """
     model.train()
@@ -218,6 +220,8 @@ def train_one_epoch(
             readable = targets >= 0
             totals.values[2] += (~readable[:real]).sum()
             targets = targets.clamp(min=0)
+        if mix is not None:
+            images, targets = mix(images, targets, epoch, micro)
         # accumulate() turns off DDP's gradient all-reduce on all but the last micro-batch of each
         # window (and always syncs at the end of the loader, so no gradient leaks into the next epoch).
         with accelerator.accumulate(model):
@@ -347,7 +351,7 @@ def predict_gathered(accelerator: Accelerator, model: torch.nn.Module, loader, d
             logits = model(images)
         batch = {"logits": logits.float(), "targets": targets, "indices": indices}
         if loss_fn is not None:
-            batch["losses"] = loss_fn(logits, targets.clamp(min=0))
+            batch["losses"] = loss_fn(logits, targets if targets.is_floating_point() else targets.clamp(min=0))
         for key, value in accelerator.gather_for_metrics(batch).items():
             outputs[key].append(value)  # kept on the device: one copy to the host at the end, no sync per batch
     return {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in outputs.items()}

@@ -1,4 +1,8 @@
-"""predict(): shard the test set over all processes, gather, and write one submission in the input's order."""
+"""predict(): shard the test set over all processes, gather, and write one submission in the input's order.
+
+Several checkpoints (an ensemble) and test-time augmentation average their predictions (tasks.Task.average)
+before the submission is written; the result does not depend on the number of processes.
+"""
 from __future__ import annotations
 
 import json
@@ -6,24 +10,31 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from dist_train.checkpoint import CLASSES_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify
+from dist_train.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify
 from dist_train.config import Config
-from dist_train.data import ModelInput, Records, build_dataset, build_loader, decodes_on_device, load_records, load_test_records
+from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device, load_test_records
 from dist_train.distributed import build_accelerator, main_print
 from dist_train.engine import check_each_once, predict_gathered
 from dist_train.errors import CheckpointError
-from dist_train.losses import build_loss
-from dist_train.metrics import classification_metrics
 from dist_train.models import build_model, read_weights
 from dist_train.submission import write_submission
+from dist_train.tasks import Task, build_task, group_ids, load_task
 
 
-def resolve_weights(checkpoint: str | Path) -> Path:
-    """A checkpoint directory (its model.safetensors) or a weights file itself; inside a checkpoint
-    written by dist_train, the weights are checked against its manifest first."""
+def resolve_weights(checkpoint: str | Path, which: str = "auto") -> Path:
+    """A checkpoint directory (its model.safetensors, or ema.safetensors: `which` = ema, or auto when the run kept
+    an average) or a weights file itself; inside a checkpoint written by dist_train, the weights are checked
+    against its manifest first."""
     path = Path(checkpoint)
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if path.is_dir():
+        if which == "ema" and not (path / EMA_FILE).is_file():
+            raise CheckpointError(f"--checkpoint {checkpoint}: inference.weights=ema, but the run kept no moving average "
+                                  f"(train.ema_decay)")
+        weights = path / (EMA_FILE if which != "model" and (path / EMA_FILE).is_file() else WEIGHTS_FILE)
+    else:
+        weights = path
     if not weights.is_file():
         raise CheckpointError(f"--checkpoint {checkpoint}: no weights at {weights}")
     if (weights.parent / MANIFEST_FILE).is_file():
@@ -31,54 +42,83 @@ def resolve_weights(checkpoint: str | Path) -> Path:
     return weights
 
 
-def predict(config: Config, checkpoint: str | Path, output: str | Path | None = None, split: str = "test",
+class FlipAverage(nn.Module):
+    """Test-time augmentation: the prediction of an image and of its mirror image, averaged by the task."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.task.average([self.model(images), self.model(images.flip(-1))])
+
+
+def predict(config: Config, checkpoint: str | Path | list, output: str | Path | None = None, split: str = "test",
             limit: int | None = None) -> Path | None:
     """Write the submission CSV; returns its path on the main process (None elsewhere).
 
-    split="val" predicts the labelled validation split instead and also writes its metrics to
-    `<output stem>.metrics.json`: the scores of a checkpoint, whatever the number of processes.
-    `limit`: only the first that many samples (train.py --debug).
+    `checkpoint`: one checkpoint (directory or weights file) or a list of them, whose predictions are averaged
+    (probabilities for classes, values otherwise). split="val" predicts the labelled validation split instead
+    and also writes its metrics to `<output stem>.metrics.json`: the scores of a checkpoint, whatever the
+    number of processes. `limit`: only the first that many samples (train.py --debug).
     """
-    weights = resolve_weights(checkpoint)
+    checkpoints = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    weights = [resolve_weights(c, config.inference.weights) for c in checkpoints]
     accelerator = build_accelerator(
         seed=config.seed, mixed_precision=config.train.mixed_precision, timeout_s=config.train.distributed_timeout_s
     )
-    classes_file = weights.parent / CLASSES_FILE
+    saved = [json.loads((w.parent / CLASSES_FILE).read_text()) if (w.parent / CLASSES_FILE).is_file() else None for w in weights]
+    if any(s != saved[0] for s in saved):
+        raise CheckpointError(f"the checkpoints were trained on different labels ({checkpoints[0]}: {saved[0]}; "
+                              f"{checkpoints[saved.index(next(s for s in saved if s != saved[0]))]}: other labels)")
     with accelerator.main_process_first():
-        if split == "val":
-            _, records, data_classes = load_records(config.data, config.seed)
-        else:
-            records = load_test_records(config.data)
-        if classes_file.is_file():
-            classes = json.loads(classes_file.read_text())
-        else:  # a bare weights file: the classes come from the training data, as in training
-            classes = data_classes if split == "val" else load_records(config.data, config.seed)[2]
-
+        labels = saved[0]
+        if split == "val" or labels is None:  # a bare weights file: the labels come from the training data, as in training
+            _, val_records, data_labels, _ = load_task(config)
+            labels = labels if labels is not None else data_labels
+        records = val_records if split == "val" else load_test_records(config.data)
+    task = build_task(config, labels)
     if limit is not None:
-        records = Records(records.paths[:limit], records.targets[:limit], records.ids[:limit])
-    # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
-    model = build_model(replace(config.model, pretrained=None, freeze=[]), len(classes), config.data.channels, config.data.image_size)
-    model.load_state_dict(read_weights(weights))
+        records = records.take(range(min(limit, len(records.paths))))
+
     channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
-    model.to(accelerator.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     on_device = decodes_on_device(config.data, accelerator.device, [records])
     dataset = build_dataset(records, config.data, split, config.seed, on_device)
     loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))
-    loss_fn = build_loss(config.loss, len(classes)).to(accelerator.device) if split == "val" else None
     prepare_input = ModelInput(config.data, accelerator.device, on_device, torch.float32, channels_last)
-    out = predict_gathered(accelerator, model, loader, "predict", loss_fn, prepare_input=prepare_input)
-    check_each_once(out["indices"], len(dataset), "inference")
+    predictions, targets = [], None
+    for path in weights:
+        # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
+        model = build_model(replace(config.model, pretrained=None, freeze=[]), task.num_outputs, config.data.channels,
+                            config.data.image_size)
+        model.load_state_dict(read_weights(path))
+        model.to(accelerator.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        if config.inference.tta == "hflip":
+            model = FlipAverage(model, task)
+        out = predict_gathered(accelerator, model, loader, "predict", prepare_input=prepare_input)
+        check_each_once(out["indices"], len(dataset), "inference")
+        order = torch.argsort(out["indices"])
+        predictions.append(out["logits"][order])
+        targets = out["targets"][order]
+    outputs = predictions[0] if len(predictions) == 1 else task.average(predictions)
 
     path = Path(output or config.inference.output or Path(config.output_dir) / "submission.csv")
     if accelerator.is_main_process:
-        order = torch.argsort(out["indices"])
-        predicted = out["logits"].argmax(dim=1)[order].tolist()
-        ids = [records.ids[i] for i in out["indices"][order].tolist()]
-        write_submission(path, ids, [classes[p] for p in predicted], config.inference.id_column, config.inference.label_column)
-        main_print(accelerator, f"wrote {len(ids)} predictions from {accelerator.num_processes} process(es) to {path}")
+        ids = list(records.ids)
+        extra = {}
+        if config.inference.probabilities:
+            probabilities = task.probabilities(outputs)
+            extra = {f"prob_{name}": [f"{p:.6g}" for p in probabilities[:, c].tolist()] for c, name in enumerate(task.class_names)}
+        write_submission(path, ids, task.predictions(outputs), config.inference.id_column, config.inference.label_column, extra)
+        main_print(accelerator, f"wrote {len(ids)} predictions from {accelerator.num_processes} process(es)"
+                                f"{f' averaging {len(weights)} checkpoints' if len(weights) > 1 else ''}"
+                                f"{' with flip TTA' if config.inference.tta == 'hflip' else ''} to {path}")
         if split == "val":
-            metrics = classification_metrics(out["logits"], out["targets"], out["losses"])
+            clean = targets if targets.is_floating_point() else targets.clamp(min=0)
+            losses = task.loss()(outputs, clean)
+            groups = group_ids(records.groups)
+            metrics = task.metrics(outputs, targets, losses, groups)
             path.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=1))
-            main_print(accelerator, " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_") and k != "val_samples"))
+            main_print(accelerator, " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float)))
     accelerator.wait_for_everyone()
     return path if accelerator.is_main_process else None

@@ -6,17 +6,20 @@ import os
 from pathlib import Path
 
 
-def write_submission(path: Path, ids: list[str], labels: list[str], id_column: str = "id", label_column: str = "label") -> Path:
-    if len(ids) != len(labels):
-        raise ValueError(f"submission: {len(ids)} ids but {len(labels)} labels")
+def write_submission(path: Path, ids: list[str], labels: list[str], id_column: str = "id", label_column: str = "label",
+                     extra: dict[str, list] | None = None) -> Path:
+    """`extra`: more columns (e.g. per-class probabilities), one value per row each."""
+    extra = extra or {}
+    if len(ids) != len(labels) or any(len(v) != len(ids) for v in extra.values()):
+        raise ValueError(f"submission: {len(ids)} ids but {len(labels)} labels or another column's length differs")
     if len(set(ids)) != len(ids):
         raise ValueError("submission: duplicate ids")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow([id_column, label_column])
-        writer.writerows(zip(ids, labels))
+        writer.writerow([id_column, label_column, *extra])
+        writer.writerows(zip(ids, labels, *extra.values()))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

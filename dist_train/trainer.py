@@ -22,18 +22,22 @@ from dist_train import debug as debug_module
 from dist_train import faults
 from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.config import Config, to_dict
-from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device, load_records
+from torch.utils.data import default_collate
+
+from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device
 from dist_train.decode import collate_encoded
 from dist_train.distributed import broadcast_buffers, build_accelerator, is_main_process_env, main_print, same_on_all_ranks
 from dist_train.engine import (EpochTotals, FiniteGuard, check_each_once, input_dtype, largest_batch_that_fits,
                                predict_gathered, train_one_epoch)
+from dist_train.ema import ModelEMA
 from dist_train.errors import ConfigError, ResourceError
 from dist_train.faults import Preempted, SignalFlag, Watchdog, any_rank
-from dist_train.losses import build_loss
-from dist_train.metrics import classification_metrics, is_improvement
+from dist_train.metrics import is_improvement
+from dist_train.mixing import mix_batch
 from dist_train.debug import head
 from dist_train.models import build_model, has_batchnorm, parameter_counts
 from dist_train.optim import Schedule, build_optimizer
+from dist_train.tasks import group_ids, load_task
 from dist_train.tracking import Tracking, flat_hparams
 
 
@@ -106,11 +110,12 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
 
     # --- data, model, loss, optimizer -------------------------------------------------------------
     with accelerator.main_process_first():  # the digits are written once, by the main process
-        train_records, val_records, classes = load_records(config.data, config.seed)
-    num_classes = config.model.num_classes or len(classes)
-    if num_classes != len(classes):
-        raise ConfigError(f"model.num_classes={num_classes} but the data has {len(classes)} classes")
-    model = build_model(config.model, num_classes, config.data.channels, config.data.image_size)
+        train_records, val_records, labels, task = load_task(config)
+    num_outputs = config.model.num_classes or task.num_outputs
+    if num_outputs != task.num_outputs:
+        raise ConfigError(f"model.num_classes={num_outputs} but the data has {task.num_outputs} "
+                          f"{'classes' if task.kind == 'classification' else f'outputs (task.kind={task.kind})'}")
+    model = build_model(config.model, num_outputs, config.data.channels, config.data.image_size)
     if debug:
         train_records = head(train_records, debug_module.TRAIN_BATCHES * config.data.batch_size * config.train.grad_accum_steps)
         val_records = head(val_records, debug_module.EVAL_BATCHES * debug_module.eval_batch(config))
@@ -136,13 +141,13 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
     train_loader = build_loader(train_set, config.data, train=True, seed=config.seed)
     val_loader = build_loader(val_set, config.data, train=False, seed=config.seed)
     trainable, frozen = parameter_counts(model)
-    loss_fn = build_loss(config.loss, num_classes).to(accelerator.device)
+    loss_fn = task.loss().to(accelerator.device)
     if debug:
         batch = [train_set[i] for i in range(min(config.data.batch_size, len(train_set)))]
         if on_device:
             images, targets = ModelInput(config.data, accelerator.device, True, torch.float32, False)(*collate_encoded(batch)[:2])
         else:
-            images, targets = torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+            images, targets = torch.stack([b[0] for b in batch]), default_collate([b[1] for b in batch])
         first, last = debug_module.overfit_one_batch(config, model, loss_fn, images, targets, accelerator.device)
         print(f"debug: overfit one batch ({len(targets)} images, {debug_module.OVERFIT_STEPS} steps of {config.optim.name} "
               f"at lr {config.optim.lr:g}): loss {first:.4f} -> {last:.4f}, ok", flush=True)
@@ -151,6 +156,20 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
     torch_optimizer = build_optimizer(config.optim, model, fused=not config.deepspeed.enabled)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, torch_optimizer, train_loader, val_loader)
     prepare_input = ModelInput(config.data, accelerator.device, on_device, input_dtype(model), channels_last)
+    ema = None
+    if config.train.ema_decay is not None:
+        if config.deepspeed.enabled and config.deepspeed.zero_stage == 3:
+            raise ConfigError("train.ema_decay needs whole parameters on every rank; DeepSpeed ZeRO-3 partitions them "
+                              "(use zero_stage 1 or 2, or DDP)")
+        ema = ModelEMA(accelerator.unwrap_model(model), config.train.ema_decay, config.train.ema_warmup)
+    mix = None
+    if config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0:
+        def mix(images, targets, epoch: int, micro: int):
+            """Mixup/CutMix of one micro-batch; its randomness is a function of (seed, epoch, batch, rank) only."""
+            seed = ((config.seed * 1_000_003 + epoch) * 1_000_033 + micro) * 1_009 + accelerator.process_index
+            return mix_batch(images, targets, task.num_outputs, mixup_alpha=config.data.mixup_alpha,
+                             cutmix_alpha=config.data.cutmix_alpha, prob=config.data.mix_prob,
+                             switch_prob=config.data.mix_switch_prob, generator=torch.Generator().manual_seed(seed))
     nonfinite = config.train.nonfinite
     if nonfinite == "skip" and config.deepspeed.enabled:
         nonfinite = "stop"  # DeepSpeed steps inside backward: a bad step cannot be skipped, only refused
@@ -174,6 +193,8 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         resume_dir = ckpt.resolve_resume_on_main(accelerator, resume, checkpoints)
         ckpt.load_checkpoint(accelerator, resume_dir, schedule, state, layout, log=lambda m: main_print(accelerator, m))
         state.layout = layout
+        if ema is not None:
+            ckpt.load_ema(resume_dir, ema)
         if accelerator.is_main_process:
             ckpt.repair_after_resume(output_dir, state)
         main_print(accelerator, f"resumed from {resume_dir}: epoch {state.epoch + 1}, batch {state.batches_done}, "
@@ -210,7 +231,8 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         "total_optimizer_steps": total_steps,
         "train_samples": len(train_set),
         "val_samples": len(val_set),
-        "classes": classes,
+        "task": task.kind,
+        "classes": labels,
         "parameters": {"trainable": trainable, "frozen": frozen},
         "resumed_from": str(resume_dir) if resume is not None else None,
     }
@@ -239,8 +261,8 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
     def save(best: bool = False) -> Path:
         poll_guard(state.global_step)
         watchdog.beat()
-        path = ckpt.save_checkpoint(accelerator, model, checkpoints, schedule, state, config_yaml, classes,
-                                    best=best, keep_last=config.checkpoint.keep_last)
+        path = ckpt.save_checkpoint(accelerator, model, checkpoints, schedule, state, config_yaml, labels,
+                                    best=best, keep_last=config.checkpoint.keep_last, ema=ema)
         watchdog.beat()
         return path
 
@@ -250,6 +272,8 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         """After each optimizer step: non-finite steps, periodic saves, preemption, max_steps. True ends the epoch."""
         nonlocal last_save
         state.global_step, state.batches_done = global_step, batches_done
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
         reached_max = config.train.max_steps is not None and global_step >= config.train.max_steps
         mid_epoch = batches_done < len(train_loader) and not reached_max  # else the epoch-end save follows
         due = config.checkpoint.every_n_steps is not None and global_step % config.checkpoint.every_n_steps == 0
@@ -270,6 +294,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         return reached_max
 
     monitor, mode = config.checkpoint.monitor, config.checkpoint.mode
+    val_groups = group_ids(val_records.groups)
     stopped_early = False
     for epoch in range(state.epoch, config.train.epochs):
         if config.train.max_steps is not None and state.global_step >= config.train.max_steps:
@@ -300,14 +325,19 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
             skip_bad_samples=config.data.bad_samples == "skip",
             prepare_input=prepare_input,
             beat=watchdog.beat,
+            mix=mix,
         )
         poll_guard(state.global_step)
         lr = schedule.lr()
         broadcast_buffers(accelerator, model)
-        out = predict_gathered(accelerator, model, val_loader, "validate", loss_fn, beat=watchdog.beat,
-                               prepare_input=prepare_input)
+        if ema is not None and accelerator.num_processes > 1:  # the average's BatchNorm statistics: rank 0's, as the model's
+            for buffer in ema.module.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
+        out = predict_gathered(accelerator, ema.module if ema is not None else model, val_loader, "validate", loss_fn,
+                               beat=watchdog.beat, prepare_input=prepare_input)
         check_each_once(out["indices"], len(val_set), "validation")
-        metrics = same_on_all_ranks(accelerator, classification_metrics(out["logits"], out["targets"], out["losses"]))
+        groups = val_groups[out["indices"]] if val_groups is not None else None
+        metrics = same_on_all_ranks(accelerator, task.metrics(out["logits"], out["targets"], out["losses"], groups))
         schedule.step_metric(metrics[monitor])
         improved = is_improvement(metrics[monitor], state.best_metric, mode)
         state.epoch, state.batches_done = epoch + 1, 0
@@ -344,7 +374,8 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
              **({"data/skipped_samples": result.skipped_samples} if config.data.bad_samples == "skip" else {})},
             step=state.global_step,
         )
-        tracking.evaluation(state.global_step, metrics, classes, val_set, out)
+        if task.kind == "classification":
+            tracking.evaluation(state.global_step, metrics, labels, val_set, out)
         if result.skipped_samples:
             main_print(accelerator, f"epoch {state.epoch}: skipped {result.skipped_samples} unreadable training images "
                                     f"(data.bad_samples=skip; {state.skipped_samples} in all)")
@@ -357,8 +388,8 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         main_print(
             accelerator,
             f"epoch {state.epoch}/{config.train.epochs}  train_loss {result.train_loss:.4f}  "
-            f"val_loss {metrics['val_loss']:.4f}  val_accuracy {metrics['val_accuracy']:.4f}  "
-            f"val_f1_macro {metrics['val_f1_macro']:.4f}  lr {lr:.2e}  {record['samples_per_sec']:.0f} samples/s"
+            + "".join(f"{k} {metrics[k]:.4f}  " for k in task.headline())
+            + f"lr {lr:.2e}  {record['samples_per_sec']:.0f} samples/s"
             + ("  * best" if improved else ""),
         )
         if config.train.max_steps is not None and state.global_step >= config.train.max_steps:

@@ -83,7 +83,7 @@ def test_missing_config_file(tmp_path):
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="data.mean needs 1 values"):
         load_config(None, ["data.channels=1"])
-    with pytest.raises(ConfigError, match="checkpoint.monitor: unknown metric 'val_acc'; did you mean val_accuracy"):
+    with pytest.raises(ConfigError, match="checkpoint.monitor: unknown metric 'val_acc' for task.kind=classification; did you mean val_accuracy"):
         load_config(None, ["checkpoint.monitor=val_acc"])
     with pytest.raises(ConfigError, match="grad_accum_steps must be positive"):
         load_config(None, ["train.grad_accum_steps=0"])
