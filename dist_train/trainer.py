@@ -22,6 +22,7 @@ from dist_train import debug as debug_module
 from dist_train import faults
 from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.config import Config, to_dict
+from dist_train.custom import class_names, user_datasets
 from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device, load_records
 from dist_train.decode import collate_encoded
 from dist_train.distributed import broadcast_buffers, build_accelerator, is_main_process_env, main_print, same_on_all_ranks
@@ -37,11 +38,14 @@ from dist_train.optim import Schedule, build_optimizer
 from dist_train.tracking import Tracking, flat_hparams
 
 
-def fit(config: Config, resume: str | None = None, overwrite: bool = False, debug: bool = False) -> dict:
+def fit(config: Config, resume: str | None = None, overwrite: bool = False, debug: bool = False, *,
+        model: torch.nn.Module | None = None, loss: torch.nn.Module | None = None, train_dataset=None,
+        val_dataset=None) -> dict:
     """Train as configured; returns the run summary also written to run_info.json.
 
     debug=True (train.py --debug): print a summary of the real run, check that the model can overfit one
-    batch, then train and validate on a few batches only.
+    batch, then train and validate on a few batches only. model / loss / train_dataset / val_dataset
+    (dist_train.Trainer) take the place of what the config builds (custom.py says what they must be).
     """
     output_dir = Path(config.output_dir)
     checkpoints = output_dir / "checkpoints"
@@ -77,7 +81,8 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, debu
             for name in ckpt.clean_stale(checkpoints):
                 print(f"removed {checkpoints / name}, left by a job that died while saving", flush=True)
         accelerator.wait_for_everyone()
-        summary = _fit(accelerator, config, output_dir, resume, watchdog, signals, debug)
+        given = {"model": model, "loss": loss, "train": train_dataset, "val": val_dataset}
+        summary = _fit(accelerator, config, output_dir, resume, watchdog, signals, debug, given)
         accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
         return summary
     except BaseException as exc:
@@ -97,7 +102,7 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, debu
 
 
 def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watchdog: Watchdog, signals: SignalFlag,
-         debug: bool = False) -> dict:
+         debug: bool = False, given: dict | None = None) -> dict:
     started = time.time()
     # The same seed on every rank: identical initial weights before DDP even broadcasts them.
     set_seed(config.seed)
@@ -105,15 +110,25 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         torch.use_deterministic_algorithms(True)
 
     # --- data, model, loss, optimizer -------------------------------------------------------------
-    with accelerator.main_process_first():  # the digits are written once, by the main process
-        train_records, val_records, classes = load_records(config.data, config.seed)
+    given = given or {}
+    with accelerator.main_process_first():  # the digits (or the user's data) are written once, by the main process
+        user_sets = user_datasets(config.data, {"train": given.get("train"), "val": given.get("val")})
+        if user_sets is None:
+            train_records, val_records, classes = load_records(config.data, config.seed)
+        else:
+            classes = class_names(user_sets["train"], config.model.num_classes)
     num_classes = config.model.num_classes or len(classes)
     if num_classes != len(classes):
         raise ConfigError(f"model.num_classes={num_classes} but the data has {len(classes)} classes")
-    model = build_model(config.model, num_classes, config.data.channels, config.data.image_size)
+    model = build_model(config.model, num_classes, config.data.channels, config.data.image_size, given=given.get("model"))
+    model_name = config.model.name if given.get("model") is None and config.model.file is None else type(model).__name__
     if debug:
-        train_records = head(train_records, debug_module.TRAIN_BATCHES * config.data.batch_size * config.train.grad_accum_steps)
-        val_records = head(val_records, debug_module.EVAL_BATCHES * debug_module.eval_batch(config))
+        train_count = debug_module.TRAIN_BATCHES * config.data.batch_size * config.train.grad_accum_steps
+        val_count = debug_module.EVAL_BATCHES * debug_module.eval_batch(config)
+        if user_sets is None:
+            train_records, val_records = head(train_records, train_count), head(val_records, val_count)
+        else:
+            user_sets = {"train": user_sets["train"].head(train_count), "val": user_sets["val"].head(val_count)}
     if config.deepspeed.enabled and config.train.mixed_precision != "no" and accelerator.device.type == "cpu" and has_batchnorm(model):
         raise ConfigError(
             f"DeepSpeed with {config.train.mixed_precision} on CPU cannot run BatchNorm ({config.model.name}): DeepSpeed "
@@ -129,14 +144,20 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
             config = replace(config, data=replace(config.data, batch_size=found))
     if config.model.sync_batchnorm:
         model = convert_sync_batchnorm(model, on_gpu=accelerator.device.type == "cuda")
-    on_device = decodes_on_device(config.data, accelerator.device, [train_records, val_records])
-    train_set = build_dataset(train_records, config.data, "train", config.seed, on_device)
-    val_set = build_dataset(val_records, config.data, "val", config.seed, on_device)
+    if user_sets is None:
+        on_device = decodes_on_device(config.data, accelerator.device, [train_records, val_records])
+        train_set = build_dataset(train_records, config.data, "train", config.seed, on_device)
+        val_set = build_dataset(val_records, config.data, "val", config.seed, on_device)
+    else:
+        on_device, train_set, val_set = False, user_sets["train"], user_sets["val"]
+        if config.tracking.images:
+            main_print(accelerator, "tracking: the worst-mistakes grid shows the built-in dataset's image files; "
+                                    "skipped for your datasets (the confusion matrix is still drawn)")
     channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
     train_loader = build_loader(train_set, config.data, train=True, seed=config.seed)
     val_loader = build_loader(val_set, config.data, train=False, seed=config.seed)
     trainable, frozen = parameter_counts(model)
-    loss_fn = build_loss(config.loss, num_classes).to(accelerator.device)
+    loss_fn = build_loss(config.loss, num_classes, given=given.get("loss")).to(accelerator.device)
     if debug:
         batch = [train_set[i] for i in range(min(config.data.batch_size, len(train_set)))]
         if on_device:
@@ -227,7 +248,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         f"dist_train: {accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}; "
         f"global batch {run_info['global_batch']} = {config.data.batch_size} x {accelerator.num_processes} processes "
         f"x {accum} accumulation; {len(train_loader)} batches/epoch/process, {steps_per_epoch} optimizer steps/epoch; "
-        f"{config.model.name}: {trainable:,} trainable, {frozen:,} frozen parameters",
+        f"{model_name}: {trainable:,} trainable, {frozen:,} frozen parameters",
     )
 
     def poll_guard(step: int) -> None:
