@@ -127,7 +127,7 @@ def user_datasets(cfg: DataConfig, given: dict[str, object | None]) -> dict[str,
         else:
             where = f"the {split} dataset given"
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise ConfigError(f"{where} is a {type(dataset).__name__}, not a map-style Dataset (__getitem__ and __len__)")
+            raise ConfigError(f"{where} ({type(dataset).__name__}) is not a map-style Dataset (__getitem__ and __len__)")
         if len(dataset) == 0:
             raise DataError(f"{where} is empty")
         datasets[split] = IndexedDataset(dataset, split)
@@ -160,7 +160,7 @@ class PerSampleLoss(nn.Module):
     def __init__(self, loss, where: str):
         super().__init__()
         if not callable(loss):
-            raise ConfigError(f"{where} is a {type(loss).__name__}, not a loss module")
+            raise ConfigError(f"{where} ({type(loss).__name__}) is not a loss module")
         if hasattr(loss, "reduction"):
             loss.reduction = "none"
         self.loss, self.where = loss, where

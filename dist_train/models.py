@@ -66,7 +66,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
             cfg, num_classes, in_channels, image_size)
         if not isinstance(model, nn.Module):
             where = "the model given" if given is not None else f"model.file {cfg.file}: build_model(...)"
-            raise ConfigError(f"{where} is a {type(model).__name__}, not a torch.nn.Module")
+            raise ConfigError(f"{where} ({type(model).__name__}) is not a torch.nn.Module")
     elif cfg.name == "small_cnn":
         model = SmallCNN(num_classes, in_channels, width=cfg.width, dropout=cfg.dropout)
     elif cfg.name == "mlp":
