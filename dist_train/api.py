@@ -29,13 +29,15 @@ class Trainer:
     it as to a built-in one, and it is the object that trains. `loss`: a module mapping (logits, targets) to one
     loss per sample (a `reduction` attribute is set to "none"; another shape is an error). `train_dataset`,
     `val_dataset`: map-style datasets yielding (image tensor, target) or (image, target, index); optional
-    attributes `classes` (class names; else set model.num_classes) and `set_epoch(epoch)` (called each epoch).
+    attributes `classes` (class names; else set model.num_classes) and `set_epoch(epoch)` (called each epoch;
+    persistent loader workers see it only through shared memory, custom.IndexedDataset.set_epoch).
     Each left out comes from the config: model.file / loss.file / data.file, else the built-in ones.
 
     Under `accelerate launch --num_processes N script.py` every process runs the script and builds its own
     objects (give every rank the same; DDP starts all ranks from rank 0's weights). As with train.py, a bad
     input then ends the job with one line `error: ...` and exit code 2, and a rank that fails ends the job at
-    once; in one process errors are raised.
+    once; in one process errors are raised. A preemption signal (SIGTERM, SIGUSR1) saves a checkpoint and
+    exits with code 75 (requeued under SLURM) in both cases, as train.py does: fit(resume="auto") continues.
     """
 
     def __init__(self, config: Config | dict | str | Path | None = None, *, model: nn.Module | None = None,

@@ -89,11 +89,13 @@ class IndexedDataset(Dataset):
                         f"(image tensor, target), (image, target, index) or, for test, an image tensor")
 
     def set_epoch(self, epoch: int) -> None:
-        """Passed on when the user's dataset has it (its augmentation may depend on the epoch)."""
+        """Passed on when the user's dataset has it (its augmentation may depend on the epoch). Persistent loader
+        workers hold copies of the dataset: they see the epoch only if it lives in shared memory (a tensor after
+        .share_memory_(), as in data.ImageDataset)."""
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
-    def ids(self) -> list[str]:
+    def row_ids(self) -> list[str]:
         """The submission ids: the dataset's `ids` attribute, else the row index."""
         ids = getattr(self.dataset, "ids", None)
         if ids is None:

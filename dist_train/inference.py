@@ -74,7 +74,7 @@ def predict(config: Config, checkpoint: str | Path, output: str | Path | None = 
         on_device = decodes_on_device(config.data, accelerator.device, [records])
         dataset, row_ids = build_dataset(records, config.data, split, config.seed, on_device), records.ids
     else:
-        on_device, dataset, row_ids = False, user_sets[split], user_sets[split].ids()
+        on_device, dataset, row_ids = False, user_sets[split], user_sets[split].row_ids()
     loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))
     loss_fn = build_loss(config.loss, len(classes), given=loss).to(accelerator.device) if split == "val" else None
     prepare_input = ModelInput(config.data, accelerator.device, on_device, torch.float32, channels_last)
