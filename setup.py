@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="Distributed training of PyTorch image classifiers on Accelerate: CPU, one GPU, many GPUs, SLURM.",
     packages=find_packages(include=["dist_train", "dist_train.*"]),
+    package_data={"dist_train": ["templates/project/*"]},
+    entry_points={"console_scripts": ["dist-train = dist_train.scaffold:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11",

@@ -1,6 +1,7 @@
 """Typed run configuration: dataclass sections, strict YAML/JSON loading, dotted command-line overrides."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -84,6 +85,11 @@ class DataConfig:
     """Share of training batches that are mixed (when mixup or cutmix is on)."""
     mix_switch_prob: float = 0.5
     """With both on: the probability that a mixed batch uses CutMix rather than mixup."""
+    file: str | None = None
+    """Your own datasets: a Python file defining `build_dataset(cfg: DataConfig, split: str) -> Dataset`
+    (split: train, val or test), items (image tensor, target) or an image alone for test; optional
+    attributes `classes` (train) and `ids` (test). Replaces `source`; balanced_sampler and decode=device
+    need the built-in datasets. Relative to the config file's directory."""
 
 
 @dataclass
@@ -105,6 +111,10 @@ class ModelConfig:
     """Parameter-name prefixes to freeze, e.g. [conv1, bn1, layer1] for transfer learning."""
     dropout: float = 0.0
     """Dropout before the small CNN's classifier (torchvision models keep their own)."""
+    file: str | None = None
+    """Your own network: a Python file defining `build_model(cfg: ModelConfig, num_classes: int,
+    in_channels: int, image_size: int) -> nn.Module`, used instead of `name`; pretrained and freeze
+    still apply. Relative to the config file's directory."""
 
 
 @dataclass
@@ -119,6 +129,10 @@ class LossConfig:
     """focal only: weight of the true class's term (None: no weighting)."""
     class_weights: list[float] | None = None
     """cross_entropy/focal: per-class weights, one per class."""
+    file: str | None = None
+    """Your own loss: a Python file defining `build_loss(cfg: LossConfig, num_classes: int) -> nn.Module`,
+    used instead of `name`; it must return one loss per sample (a `reduction` attribute is set to "none").
+    Relative to the config file's directory."""
 
 
 @dataclass
@@ -329,15 +343,28 @@ class Config:
 # loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read YAML/JSON at `path` (None: all defaults), apply `key=value` overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] = (), values: dict[str, Any] | None = None) -> Config:
+    """Read YAML/JSON at `path` (None: all defaults), apply `key=value` overrides, then `values` (dotted key ->
+    Python value), validate. Relative *.file paths resolve against the config file's directory."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_file(Path(path))
     for override in overrides:
         key, value = _parse_override(override)
         _set_dotted(raw, key, value)
+    return config_from_dict(raw, values, Path(path).parent if path is not None else Path.cwd())
+
+
+def config_from_dict(raw: dict[str, Any], values: dict[str, Any] | None = None, base_dir: str | Path = ".") -> Config:
+    """A validated Config from nested sections `raw` and dotted `values`; relative *.file paths made absolute
+    against `base_dir` (so that the run directory's config.yaml works from anywhere)."""
+    raw = copy.deepcopy(raw)
+    for key, value in (values or {}).items():
+        _set_dotted(raw, key, value)
     config = _build(Config, raw, "")
+    for section in (config.model, config.loss, config.data):
+        if section.file is not None:
+            section.file = str((Path(base_dir) / section.file).absolute())
     return resolve(config)
 
 
@@ -547,6 +574,9 @@ def validate(config: Config) -> None:
     for i, spec in enumerate(config.data.train_augment):
         if "name" not in spec:
             raise ConfigError(f"data.train_augment[{i}] needs a `name` (a torchvision.transforms.v2 class)")
+    for key, path in (("model.file", config.model.file), ("loss.file", config.loss.file), ("data.file", config.data.file)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{key}: file not found: {path}")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

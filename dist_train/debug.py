@@ -43,15 +43,22 @@ def head(records: Records, count: int) -> Records:
 def run_debug(config: Config, config_path: str | None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--debug runs one process: python train.py --config X --debug (no accelerate launch)")
+    from dist_train.custom import user_datasets
     from dist_train.inference import predict
     from dist_train.models import build_model
-    from dist_train.tasks import load_task
+    from dist_train.tasks import load_task, task_for_datasets
     from dist_train.trainer import fit
 
-    train, val, _, task = load_task(config)
+    datasets = user_datasets(config.data, {"train": None, "val": None})  # data.file's, else the built-in ones
+    if datasets is None:
+        train, val, _, task = load_task(config)
+        train_len, val_len = len(train.paths), len(val.paths)
+    else:
+        _, task = task_for_datasets(config, datasets["train"])
+        train_len, val_len = len(datasets["train"]), len(datasets["val"])
     model = build_model(config.model, config.model.num_classes or task.num_outputs, config.data.channels, config.data.image_size)
     print(f"debug: the run {config_path or 'the default config'} describes\n"
-          f"{summary(config, model, len(train.paths), len(val.paths), task)}", flush=True)
+          f"{summary(config, model, train_len, val_len, task)}", flush=True)
     torch.autograd.set_detect_anomaly(True)
     debug = debug_config(config)
     print(f"debug: now a few batches on one process, into {debug.output_dir}", flush=True)
@@ -75,10 +82,12 @@ def summary(config: Config, model: torch.nn.Module, train_len: int, val_len: int
     if config.train.max_steps is not None:
         total = min(total, config.train.max_steps)
     sched = config.scheduler
+    model_name = f"{type(model).__name__} (model.file)" if config.model.file else config.model.name
+    data_name = f"data.file {Path(config.data.file).name}" if config.data.file else config.data.source
     lines = [
-        f"  model      {config.model.name}: {trainable + frozen:,} parameters ({trainable:,} trainable, {frozen:,} frozen), "
+        f"  model      {model_name}: {trainable + frozen:,} parameters ({trainable:,} trainable, {frozen:,} frozen), "
         f"{megabytes:.2f} MB of weights",
-        f"  data       {config.data.source}: {train_len:,} training / {val_len:,} validation images, "
+        f"  data       {data_name}: {train_len:,} training / {val_len:,} validation images, "
         f"{f'{task.num_outputs} classes' if task.kind == 'classification' else f'task {task.kind}, {task.num_outputs} outputs'}, "
         f"input {config.data.channels}x{config.data.image_size}x{config.data.image_size}",
         f"  batch      {batch} per process x {accum} accumulation = {batch * accum} per optimizer step on 1 process "

@@ -13,14 +13,16 @@ import torch
 from torch import nn
 
 from dist_train.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify
-from dist_train.config import Config
+from dist_train.config import Config, resolve
+from dist_train.custom import user_datasets
 from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device, load_test_records
 from dist_train.distributed import build_accelerator, main_print
 from dist_train.engine import check_each_once, predict_gathered
 from dist_train.errors import CheckpointError
 from dist_train.models import build_model, read_weights
 from dist_train.submission import write_submission
-from dist_train.tasks import Task, build_task, group_ids, load_task
+from dist_train.losses import build_loss
+from dist_train.tasks import Task, build_task, group_ids, load_task, task_for_datasets
 
 
 def resolve_weights(checkpoint: str | Path, which: str = "auto") -> Path:
@@ -54,14 +56,17 @@ class FlipAverage(nn.Module):
 
 
 def predict(config: Config, checkpoint: str | Path | list, output: str | Path | None = None, split: str = "test",
-            limit: int | None = None) -> Path | None:
+            limit: int | None = None, *, model: nn.Module | None = None, loss: nn.Module | None = None,
+            dataset=None) -> Path | None:
     """Write the submission CSV; returns its path on the main process (None elsewhere).
 
     `checkpoint`: one checkpoint (directory or weights file) or a list of them, whose predictions are averaged
     (probabilities for classes, values otherwise). split="val" predicts the labelled validation split instead
     and also writes its metrics to `<output stem>.metrics.json`: the scores of a checkpoint, whatever the
-    number of processes. `limit`: only the first that many samples (train.py --debug).
+    number of processes. `limit`: only the first that many samples (train.py --debug). `model` / `loss` /
+    `dataset` (dist_train.Trainer) take the place of what the config builds; the weights are loaded into that model.
     """
+    config = resolve(config)
     checkpoints = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
     weights = [resolve_weights(c, config.inference.weights) for c in checkpoints]
     accelerator = build_accelerator(
@@ -72,25 +77,38 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
         raise CheckpointError(f"the checkpoints were trained on different labels ({checkpoints[0]}: {saved[0]}; "
                               f"{checkpoints[saved.index(next(s for s in saved if s != saved[0]))]}: other labels)")
     with accelerator.main_process_first():
-        labels = saved[0]
-        if split == "val" or labels is None:  # a bare weights file: the labels come from the training data, as in training
-            _, val_records, data_labels, _ = load_task(config)
-            labels = labels if labels is not None else data_labels
-        records = val_records if split == "val" else load_test_records(config.data)
+        labels, records = saved[0], None
+        user_sets = user_datasets(config.data, {split: dataset})  # None: the built-in dataset
+        if user_sets is not None:
+            if labels is None:  # a bare weights file: the dataset's `classes`, else model.num_classes
+                labels = task_for_datasets(config, user_sets[split])[0]
+        else:
+            if split == "val" or labels is None:  # a bare weights file: the labels come from the training data
+                _, val_records, data_labels, _ = load_task(config)
+                labels = labels if labels is not None else data_labels
+            records = val_records if split == "val" else load_test_records(config.data)
     task = build_task(config, labels)
-    if limit is not None:
+    if limit is not None and user_sets is not None:
+        user_sets[split] = user_sets[split].head(limit)
+    elif limit is not None:
         records = records.take(range(min(limit, len(records.paths))))
 
     channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
-    on_device = decodes_on_device(config.data, accelerator.device, [records])
-    dataset = build_dataset(records, config.data, split, config.seed, on_device)
+    if user_sets is None:
+        on_device = decodes_on_device(config.data, accelerator.device, [records])
+        dataset, row_ids = build_dataset(records, config.data, split, config.seed, on_device), records.ids
+        groups = group_ids(records.groups)
+    else:
+        on_device, dataset, row_ids = False, user_sets[split], user_sets[split].row_ids()
+        groups = group_ids(getattr(dataset, "groups", None))
+    given_model = model
     loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))
     prepare_input = ModelInput(config.data, accelerator.device, on_device, torch.float32, channels_last)
     predictions, targets = [], None
     for path in weights:
         # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
         model = build_model(replace(config.model, pretrained=None, freeze=[]), task.num_outputs, config.data.channels,
-                            config.data.image_size)
+                            config.data.image_size, given=given_model)
         model.load_state_dict(read_weights(path))
         model.to(accelerator.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         if config.inference.tta == "hflip":
@@ -104,7 +122,7 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
 
     path = Path(output or config.inference.output or Path(config.output_dir) / "submission.csv")
     if accelerator.is_main_process:
-        ids = list(records.ids)
+        ids = list(row_ids)
         extra = {}
         if config.inference.probabilities:
             probabilities = task.probabilities(outputs)
@@ -115,8 +133,7 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
                                 f"{' with flip TTA' if config.inference.tta == 'hflip' else ''} to {path}")
         if split == "val":
             clean = targets if targets.is_floating_point() else targets.clamp(min=0)
-            losses = task.loss()(outputs, clean)
-            groups = group_ids(records.groups)
+            losses = (build_loss(config.loss, task.num_outputs, given=loss) if loss is not None else task.loss())(outputs, clean)
             metrics = task.metrics(outputs, targets, losses, groups)
             path.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=1))
             main_print(accelerator, " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float)))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_train.config import LossConfig
+from dist_train.custom import PerSampleLoss, load_function
 from dist_train.errors import ConfigError
 
 
@@ -85,8 +86,16 @@ class SoftF1Loss(nn.Module):
         return (1 - f1.mean()).expand(len(targets))
 
 
-def build_loss(cfg: LossConfig, num_classes: int) -> nn.Module:
-    """A module mapping (logits, targets) to per-sample losses; the engine decides how to average."""
+def build_loss(cfg: LossConfig, num_classes: int, given: nn.Module | None = None) -> nn.Module:
+    """A module mapping (logits, targets) to per-sample losses; the engine decides how to average.
+
+    `given` (a loss given to Trainer) or cfg.file's build_loss(cfg, num_classes) takes the place of `cfg.name`.
+    """
+    if given is not None:
+        return PerSampleLoss(given, "the loss given")
+    if cfg.file is not None:
+        return PerSampleLoss(load_function(cfg.file, "build_loss", "loss.file")(cfg, num_classes),
+                             f"loss.file {cfg.file}: build_loss(...)")
     weights = None
     if cfg.class_weights is not None:
         if len(cfg.class_weights) != num_classes:

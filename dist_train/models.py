@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dist_train.config import ModelConfig
+from dist_train.custom import load_function
 from dist_train.errors import CheckpointError, ConfigError
 
 
@@ -54,9 +55,19 @@ class MLP(nn.Module):
         return self.classifier(self.dropout(self.hidden(x)))
 
 
-def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int = 32) -> nn.Module:
-    """The network named by `cfg.name` with a `num_classes` head, pretrained weights loaded, prefixes frozen."""
-    if cfg.name == "small_cnn":
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int = 32,
+                given: nn.Module | None = None) -> nn.Module:
+    """The network named by `cfg.name` with a `num_classes` head, pretrained weights loaded, prefixes frozen.
+
+    `given` (a model given to Trainer) or cfg.file's build_model(...) takes the place of the named network.
+    """
+    if given is not None or cfg.file is not None:
+        model = given if given is not None else load_function(cfg.file, "build_model", "model.file")(
+            cfg, num_classes, in_channels, image_size)
+        if not isinstance(model, nn.Module):
+            where = "the model given" if given is not None else f"model.file {cfg.file}: build_model(...)"
+            raise ConfigError(f"{where} ({type(model).__name__}) is not a torch.nn.Module")
+    elif cfg.name == "small_cnn":
         model = SmallCNN(num_classes, in_channels, width=cfg.width, dropout=cfg.dropout)
     elif cfg.name == "mlp":
         model = MLP(num_classes, in_channels * image_size * image_size, width=cfg.width, dropout=cfg.dropout)

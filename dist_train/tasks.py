@@ -82,6 +82,24 @@ def load_task(config: Config) -> tuple[Records, Records, list[str] | dict, "Task
     return train, val, defined, task
 
 
+def task_for_datasets(config: Config, train_set) -> tuple[list[str] | dict, "Task"]:
+    """What the labels define, and the task, for datasets of your own (Trainer, data.file): the classes come
+    from the dataset's `classes` (or model.num_classes), multihead needs each head's `classes` in the config."""
+    from dist_train.custom import class_names
+
+    kind = config.task.kind
+    if kind == "classification":
+        labels = class_names(train_set, config.model.num_classes)
+    elif kind == "multihead":
+        missing = [h.name for h in config.task.heads if h.classes is None]
+        if missing:
+            raise ConfigError(f"task.heads {', '.join(missing)}: with your own datasets each head needs its `classes`")
+        labels = {"heads": {h.name: list(h.classes) for h in config.task.heads}}
+    else:
+        labels = fit_labels(config, {})
+    return labels, build_task(config, labels)
+
+
 def build_task(config: Config, labels: list[str] | dict) -> "Task":
     kind = config.task.kind
     if kind == "classification":

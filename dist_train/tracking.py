@@ -59,7 +59,8 @@ class Tracking:
         if not self.cfg.images:
             return
         writer.add_figure("val/confusion_matrix", confusion_figure(metrics["confusion_matrix"], classes), step)
-        grid = worst_mistakes_grid(dataset, outputs, classes, self.cfg.num_images)
+        # (the grid reads the built-in dataset's image files; a user's dataset has none to show)
+        grid = worst_mistakes_grid(dataset, outputs, classes, self.cfg.num_images) if hasattr(dataset, "records") else None
         if grid is not None:
             writer.add_image("val/worst_mistakes", grid, step, dataformats="HWC")
 

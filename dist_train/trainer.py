@@ -21,9 +21,10 @@ from dist_train import checkpoint as ckpt
 from dist_train import debug as debug_module
 from dist_train import faults
 from dist_train.batchnorm import convert_sync_batchnorm
-from dist_train.config import Config, to_dict
+from dist_train.config import Config, resolve, to_dict
 from torch.utils.data import default_collate
 
+from dist_train.custom import user_datasets
 from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device
 from dist_train.decode import collate_encoded
 from dist_train.distributed import broadcast_buffers, build_accelerator, is_main_process_env, main_print, same_on_all_ranks
@@ -37,16 +38,21 @@ from dist_train.mixing import mix_batch
 from dist_train.debug import head
 from dist_train.models import build_model, has_batchnorm, parameter_counts
 from dist_train.optim import Schedule, build_optimizer
-from dist_train.tasks import group_ids, load_task
+from dist_train.losses import build_loss
+from dist_train.tasks import group_ids, load_task, task_for_datasets
 from dist_train.tracking import Tracking, flat_hparams
 
 
-def fit(config: Config, resume: str | None = None, overwrite: bool = False, debug: bool = False) -> dict:
+def fit(config: Config, resume: str | None = None, overwrite: bool = False, debug: bool = False, *,
+        model: torch.nn.Module | None = None, loss: torch.nn.Module | None = None, train_dataset=None,
+        val_dataset=None) -> dict:
     """Train as configured; returns the run summary also written to run_info.json.
 
     debug=True (train.py --debug): print a summary of the real run, check that the model can overfit one
-    batch, then train and validate on a few batches only.
+    batch, then train and validate on a few batches only. model / loss / train_dataset / val_dataset
+    (dist_train.Trainer) take the place of what the config builds (custom.py says what they must be).
     """
+    config = resolve(config)  # (a Config built in Python: validated, monitor/mode filled in)
     output_dir = Path(config.output_dir)
     checkpoints = output_dir / "checkpoints"
     if resume is None and not overwrite and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
@@ -81,7 +87,8 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, debu
             for name in ckpt.clean_stale(checkpoints):
                 print(f"removed {checkpoints / name}, left by a job that died while saving", flush=True)
         accelerator.wait_for_everyone()
-        summary = _fit(accelerator, config, output_dir, resume, watchdog, signals, debug)
+        given = {"model": model, "loss": loss, "train": train_dataset, "val": val_dataset}
+        summary = _fit(accelerator, config, output_dir, resume, watchdog, signals, debug, given)
         accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
         return summary
     except BaseException as exc:
@@ -101,7 +108,7 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, debu
 
 
 def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watchdog: Watchdog, signals: SignalFlag,
-         debug: bool = False) -> dict:
+         debug: bool = False, given: dict | None = None) -> dict:
     started = time.time()
     # The same seed on every rank: identical initial weights before DDP even broadcasts them.
     set_seed(config.seed)
@@ -109,16 +116,26 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         torch.use_deterministic_algorithms(True)
 
     # --- data, model, loss, optimizer -------------------------------------------------------------
-    with accelerator.main_process_first():  # the digits are written once, by the main process
-        train_records, val_records, labels, task = load_task(config)
+    given = given or {}
+    with accelerator.main_process_first():  # the digits (or the user's data) are written once, by the main process
+        user_sets = user_datasets(config.data, {"train": given.get("train"), "val": given.get("val")})
+        if user_sets is None:
+            train_records, val_records, labels, task = load_task(config)
+        else:
+            labels, task = task_for_datasets(config, user_sets["train"])
     num_outputs = config.model.num_classes or task.num_outputs
     if num_outputs != task.num_outputs:
         raise ConfigError(f"model.num_classes={num_outputs} but the data has {task.num_outputs} "
                           f"{'classes' if task.kind == 'classification' else f'outputs (task.kind={task.kind})'}")
-    model = build_model(config.model, num_outputs, config.data.channels, config.data.image_size)
+    model = build_model(config.model, num_outputs, config.data.channels, config.data.image_size, given=given.get("model"))
+    model_name = config.model.name if given.get("model") is None and config.model.file is None else type(model).__name__
     if debug:
-        train_records = head(train_records, debug_module.TRAIN_BATCHES * config.data.batch_size * config.train.grad_accum_steps)
-        val_records = head(val_records, debug_module.EVAL_BATCHES * debug_module.eval_batch(config))
+        train_count = debug_module.TRAIN_BATCHES * config.data.batch_size * config.train.grad_accum_steps
+        val_count = debug_module.EVAL_BATCHES * debug_module.eval_batch(config)
+        if user_sets is None:
+            train_records, val_records = head(train_records, train_count), head(val_records, val_count)
+        else:
+            user_sets = {"train": user_sets["train"].head(train_count), "val": user_sets["val"].head(val_count)}
     if config.deepspeed.enabled and config.train.mixed_precision != "no" and accelerator.device.type == "cpu" and has_batchnorm(model):
         raise ConfigError(
             f"DeepSpeed with {config.train.mixed_precision} on CPU cannot run BatchNorm ({config.model.name}): DeepSpeed "
@@ -134,14 +151,21 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
             config = replace(config, data=replace(config.data, batch_size=found))
     if config.model.sync_batchnorm:
         model = convert_sync_batchnorm(model, on_gpu=accelerator.device.type == "cuda")
-    on_device = decodes_on_device(config.data, accelerator.device, [train_records, val_records])
-    train_set = build_dataset(train_records, config.data, "train", config.seed, on_device)
-    val_set = build_dataset(val_records, config.data, "val", config.seed, on_device)
+    if user_sets is None:
+        on_device = decodes_on_device(config.data, accelerator.device, [train_records, val_records])
+        train_set = build_dataset(train_records, config.data, "train", config.seed, on_device)
+        val_set = build_dataset(val_records, config.data, "val", config.seed, on_device)
+    else:
+        on_device, train_set, val_set = False, user_sets["train"], user_sets["val"]
+        if config.tracking.images:
+            main_print(accelerator, "tracking: the worst-mistakes grid shows the built-in dataset's image files; "
+                                    "skipped for your datasets (the confusion matrix is still drawn)")
     channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
     train_loader = build_loader(train_set, config.data, train=True, seed=config.seed)
     val_loader = build_loader(val_set, config.data, train=False, seed=config.seed)
     trainable, frozen = parameter_counts(model)
-    loss_fn = task.loss().to(accelerator.device)
+    loss_fn = (build_loss(config.loss, num_outputs, given=given["loss"]) if given.get("loss") is not None
+               else task.loss()).to(accelerator.device)
     if debug:
         batch = [train_set[i] for i in range(min(config.data.batch_size, len(train_set)))]
         if on_device:
@@ -249,7 +273,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         f"dist_train: {accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}; "
         f"global batch {run_info['global_batch']} = {config.data.batch_size} x {accelerator.num_processes} processes "
         f"x {accum} accumulation; {len(train_loader)} batches/epoch/process, {steps_per_epoch} optimizer steps/epoch; "
-        f"{config.model.name}: {trainable:,} trainable, {frozen:,} frozen parameters",
+        f"{model_name}: {trainable:,} trainable, {frozen:,} frozen parameters",
     )
 
     def poll_guard(step: int) -> None:
@@ -294,7 +318,9 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         return reached_max
 
     monitor, mode = config.checkpoint.monitor, config.checkpoint.mode
-    val_groups = group_ids(val_records.groups)
+    val_groups = group_ids(val_records.groups if user_sets is None else getattr(val_set, "groups", None))
+    if task.kind == "ranking" and val_groups is None:
+        raise ConfigError("task.kind=ranking: the validation dataset needs a `groups` attribute (each row's query)")
     stopped_early = False
     for epoch in range(state.epoch, config.train.epochs):
         if config.train.max_steps is not None and state.global_step >= config.train.max_steps:
