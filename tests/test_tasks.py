@@ -216,3 +216,27 @@ def test_ensemble_averages_the_probabilities_of_its_checkpoints(digits_root, tmp
     averaged = np.array([[float(v) for k, v in r.items() if k.startswith("prob_")] for r in ensemble])
     np.testing.assert_allclose(averaged, (probs[0] + probs[1]) / 2, rtol=1e-4, atol=1e-6)
     assert [r["label"] for r in ensemble] == [str(i) for i in averaged.argmax(1)]
+
+
+def test_roc_auc_and_top_k_equal_sklearn_and_are_the_same_in_1_and_2_processes(digits_root, tmp_path):
+    from sklearn.metrics import roc_auc_score, top_k_accuracy_score
+
+    extra = {"task.roc_auc": "true", "task.top_k": "[3]", "model.name": "mlp", "train.epochs": 1}
+    records = {}
+    for processes in (1, 2):
+        out = tmp_path / f"run{processes}"
+        run = tiny_overrides(digits_root, out, **{**extra, "data.batch_size": 32 // processes})
+        run_cli("train.py", run, processes=processes)
+        records[processes] = read_jsonl(out / "metrics.jsonl")[-1]
+    run_cli("predict.py", [*run, "inference.probabilities=true", "--checkpoint", str(out / "checkpoints" / "last"),
+                           "--split", "val", "--output", str(tmp_path / "val2.csv")], processes=2)
+    for key in ("val_roc_auc", "val_top3_accuracy", "val_accuracy"):
+        assert records[1][key] == pytest.approx(records[2][key], rel=1e-5), key
+    predicted = rows(tmp_path / "val2.csv")
+    truth = {r["id"]: int(r["label"]) for r in rows(digits_root / "val.csv")}
+    y = [truth[r["id"]] for r in predicted]
+    p = np.array([[float(r[f"prob_{c}"]) for c in range(10)] for r in predicted])
+    metrics = json.loads((tmp_path / "val2.metrics.json").read_text())
+    assert metrics["val_roc_auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"), rel=1e-4)
+    assert metrics["val_top3_accuracy"] == pytest.approx(top_k_accuracy_score(y, p, k=3, labels=range(10)), rel=1e-6)
+    assert metrics["val_roc_auc"] == pytest.approx(records[2]["val_roc_auc"], rel=1e-5)
