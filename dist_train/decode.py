@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torchvision
+from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode
 from torchvision.ops import roi_align
 
@@ -87,7 +88,7 @@ def collate_encoded(samples: list) -> tuple[EncodedBatch, torch.Tensor, torch.Te
         flips=torch.tensor([e["flip"] for e in encoded], dtype=torch.bool),
         paths=[e["path"] for e in encoded],
     )
-    return batch, torch.tensor([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
+    return batch, default_collate([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
 
 
 class DeviceDecoder:

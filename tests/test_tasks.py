@@ -240,3 +240,17 @@ def test_roc_auc_and_top_k_equal_sklearn_and_are_the_same_in_1_and_2_processes(d
     assert metrics["val_roc_auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"), rel=1e-4)
     assert metrics["val_top3_accuracy"] == pytest.approx(top_k_accuracy_score(y, p, k=3, labels=range(10)), rel=1e-6)
     assert metrics["val_roc_auc"] == pytest.approx(records[2]["val_roc_auc"], rel=1e-5)
+
+
+def test_targets_of_every_task_collate_for_both_decode_paths():
+    from torch.utils.data import default_collate
+
+    from dist_train.data import as_target
+    from dist_train.decode import collate_encoded
+
+    sample = {"data": torch.zeros(3, dtype=torch.uint8), "box": (0.0, 0.0, 1.0, 1.0), "flip": False, "path": "x.jpg"}
+    for value, shape, dtype in [(3, (2,), torch.long), ((1, 0, 2), (2, 3), torch.long), ((0.5, 2.0), (2, 2), torch.float32),
+                                (1.5, (2,), torch.float32)]:
+        _, targets, _ = collate_encoded([(sample, as_target(value), 0), (sample, as_target(value), 1)])
+        assert targets.shape == shape and targets.dtype == dtype
+        assert torch.equal(default_collate([as_target(value)] * 2), targets)
