@@ -31,7 +31,7 @@ def label_columns(config: Config) -> list[str]:
 
 
 def monitorable(config: Config) -> list[str]:
-    """The val_* metrics the task reports that checkpoint.monitor may name."""
+    """The val_* metrics the task reports that checkpoint.monitor may name; the second is the default monitor."""
     task = config.task
     if task.kind == "multihead":
         per_head = [f"val_{h.name}_{k}" for h in task.heads for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro")]
@@ -41,7 +41,6 @@ def monitorable(config: Config) -> list[str]:
     if task.kind == "ranking":
         return ["val_loss", f"val_ndcg@{task.ndcg_k}", "val_mrr", "val_map"]
     return [*CLASSIFICATION_METRICS, *(["val_roc_auc"] if task.roc_auc else []), *[f"val_top{k}_accuracy" for k in task.top_k]]
-"""(The second name is the task's default monitor.)"""
 
 
 def fit_labels(config: Config, columns: dict[str, list[str]]) -> list[str] | dict:

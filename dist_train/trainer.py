@@ -188,12 +188,13 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         ema = ModelEMA(accelerator.unwrap_model(model), config.train.ema_decay, config.train.ema_warmup)
     mix = None
     if config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0:
-        def mix(images, targets, epoch: int, micro: int):
+        def mix_micro_batch(images, targets, epoch: int, micro: int):
             """Mixup/CutMix of one micro-batch; its randomness is a function of (seed, epoch, batch, rank) only."""
             seed = ((config.seed * 1_000_003 + epoch) * 1_000_033 + micro) * 1_009 + accelerator.process_index
             return mix_batch(images, targets, task.num_outputs, mixup_alpha=config.data.mixup_alpha,
                              cutmix_alpha=config.data.cutmix_alpha, prob=config.data.mix_prob,
                              switch_prob=config.data.mix_switch_prob, generator=torch.Generator().manual_seed(seed))
+        mix = mix_micro_batch
     nonfinite = config.train.nonfinite
     if nonfinite == "skip" and config.deepspeed.enabled:
         nonfinite = "stop"  # DeepSpeed steps inside backward: a bad step cannot be skipped, only refused

@@ -7,7 +7,6 @@ import math
 import re
 
 import pytest
-import torch
 import yaml
 from torch import nn
 
