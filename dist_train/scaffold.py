@@ -1,4 +1,6 @@
-"""`dist-train new DIR` (or `python -m dist_train new DIR`): a ready project of your own model, dataset and loss."""
+"""The `dist-train` command (also `python -m dist_train`): `new DIR` writes a ready project of your own model,
+dataset and loss; `train ...` / `predict ...` are train.py / predict.py, so that
+`accelerate launch ... -m dist_train train --config X` works wherever dist_train is installed."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +10,6 @@ from pathlib import Path
 TEMPLATE = Path(__file__).parent / "templates" / "project"
 FILES = ("config.yaml", "model.py", "dataset.py", "loss.py", "test_smoke.py", "README.md", "accelerate_config.yaml")
 """What a new project holds, besides its example data in data/."""
-
-
-def script(name: str) -> str:
-    """train.py or predict.py: beside the package in a dist_train checkout (pip install -e)."""
-    path = Path(__file__).resolve().parent.parent / name
-    return str(path) if path.is_file() else f"<dist_train checkout>/{name}"
 
 
 def new_project(directory: Path) -> list[str]:
@@ -27,7 +23,7 @@ def new_project(directory: Path) -> list[str]:
     directory.mkdir(parents=True, exist_ok=True)
     for file in FILES:
         text = (TEMPLATE / file).read_text()
-        for key, value in {"name": directory.name, "train_py": script("train.py"), "predict_py": script("predict.py")}.items():
+        for key, value in {"name": directory.name}.items():
             text = text.replace("{" + key + "}", value)
         (directory / file).write_text(text)
     materialize_digits(directory / "data")
@@ -35,7 +31,13 @@ def new_project(directory: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dist-train", description="dist_train's project tools.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["train"], ["predict"]):
+        from dist_train.cli import exit_process, predict_main, train_main
+
+        exit_process((train_main if argv[0] == "train" else predict_main)(argv[1:]))
+    parser = argparse.ArgumentParser(prog="dist-train", description="dist_train's project tools: new DIR | train ... | "
+                                                                    "predict ... (train.py / predict.py's arguments)")
     commands = parser.add_subparsers(dest="command", required=True)
     new = commands.add_parser("new", help="write a ready project: config.yaml, model.py, dataset.py, loss.py, a smoke "
                                           "test, a README and example data")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"created {project}/: {', '.join(written)} (example data: scikit-learn's digits)\n"
           f"next, from here:\n"
           f"  pytest {project}    # your parts train two short epochs and predict\n"
-          f"  accelerate launch --config_file {project}/accelerate_config.yaml --num_processes 2 {script('train.py')} "
+          f"  accelerate launch --config_file {project}/accelerate_config.yaml --num_processes 2 -m dist_train train "
           f"--config {project}/config.yaml\n"
           f"then make it yours: model.py, dataset.py, loss.py, config.yaml ({project}/README.md)", flush=True)
     return 0

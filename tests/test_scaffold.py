@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, command, read_jsonl, run_env
+from conftest import BIN, ROOT, read_jsonl, run_env
 from dist_train.config import load_config
 
 TRAIN = 1257  # the digits' training split, the project's example data
@@ -37,8 +37,8 @@ def test_new_writes_a_project_and_says_what_to_run(project):
     names = {"config.yaml", "model.py", "dataset.py", "loss.py", "test_smoke.py", "README.md", "accelerate_config.yaml", "data"}
     assert {p.name for p in directory.iterdir()} == names
     assert "  pytest my_project" in stdout
-    launch = (f"  accelerate launch --config_file my_project/accelerate_config.yaml --num_processes 2 {ROOT / 'train.py'} "
-              f"--config my_project/config.yaml")
+    launch = ("  accelerate launch --config_file my_project/accelerate_config.yaml --num_processes 2 -m dist_train train "
+              "--config my_project/config.yaml")
     assert launch in stdout
     assert launch.strip() in (directory / "README.md").read_text()
     config = load_config(directory / "config.yaml")
@@ -58,9 +58,11 @@ def test_its_smoke_test_passes(project):
     assert "1 passed" in proc.stdout
 
 
-def test_its_config_trains_on_two_processes(project):
-    parent, _ = project
-    proc = run(command("train.py", ["--config", "my_project/config.yaml"], processes=2), parent)
+def test_its_config_trains_on_two_processes_with_the_printed_command(project):
+    parent, stdout = project
+    launch = next(line for line in stdout.splitlines() if "accelerate launch" in line).split()
+    assert launch[:2] == ["accelerate", "launch"]
+    proc = run([str(BIN / "accelerate"), *launch[1:]], parent)  # `-m dist_train train`: no path to a checkout
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = parent / "runs" / "my_project"
     info = json.loads((out / "run_info.json").read_text())
@@ -69,6 +71,10 @@ def test_its_config_trains_on_two_processes(project):
     assert len(digests) == 2 and digests[0] == digests[1]
     assert all(m["rank_samples"] == [640, 640] for m in read_jsonl(out / "metrics.jsonl"))
     assert info["best"]["value"] > 0.9  # the template's model, data and loss learn the digits
+    predicted = run([sys.executable, "-m", "dist_train", "predict", "--config", "my_project/config.yaml",
+                     "--checkpoint", str(out / "checkpoints" / "best")], parent)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert len((out / "submission.csv").read_text().splitlines()) == len((parent / "my_project" / "data" / "info.csv").read_text().splitlines())
 
 
 def test_new_refuses_a_directory_that_is_not_empty(tmp_path):
