@@ -172,7 +172,8 @@ def _check_images_exist(paths: list[Path], where: str) -> None:
         raise DataError(f"{where}: image file not found: {missing[0]}{more}")
 
 
-def _targets(labels: list[str], classes: list[str], where: str) -> list[int]:
+def encode_classes(labels: list[str], classes: list[str], where: str) -> list[int]:
+    """Class indices of `labels`; a label outside `classes` is a DataError naming its row."""
     index = {c: i for i, c in enumerate(classes)}
     for row, label in enumerate(labels):
         if label not in index:
@@ -266,16 +267,13 @@ def load_splits(cfg: DataConfig, seed: int, label, columns: list[str] | None = N
 
 
 def load_records(cfg: DataConfig, seed: int) -> tuple[Records, Records, list[str]]:
-    """Single-label classification: the training and validation splits, and the class names (index = target)."""
+    """Single-label classification: the training and validation splits, and the class names (index = target);
+    tasks.load_task with the default task."""
+    from dist_train.config import Config
+    from dist_train.tasks import load_task  # tasks builds on this module
 
-    def label(labels, where, classes):
-        if classes is None:
-            classes = list(cfg.classes) if cfg.classes is not None else sorted_labels(labels[cfg.label_column])
-            if len(classes) < 2:
-                raise DataError(f"{where}: found {len(classes)} class; need at least 2")
-        return _targets(labels[cfg.label_column], classes, where), classes
-
-    return load_splits(cfg, seed, label)
+    train, val, classes, _ = load_task(Config(seed=seed, data=cfg))
+    return train, val, classes
 
 
 def load_test_records(cfg: DataConfig) -> Records:

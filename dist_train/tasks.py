@@ -14,7 +14,7 @@ from dist_train.config import Config
 from dist_train.errors import ConfigError, DataError
 from dist_train.losses import build_loss, build_regression_loss
 from dist_train.metrics import classification_metrics, ranking_metrics, regression_metrics
-from dist_train.data import Records, load_splits, sorted_labels
+from dist_train.data import Records, encode_classes, load_splits, sorted_labels
 
 CLASSIFICATION_METRICS = ("val_loss", "val_accuracy", "val_f1_macro", "val_precision_macro", "val_recall_macro")
 LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse")
@@ -350,17 +350,6 @@ def group_ids(groups: list[str] | None) -> torch.Tensor | None:
 def mode_of(metric: str) -> str:
     """min for losses and errors, max for everything else."""
     return "min" if metric.rsplit("_", 1)[-1] in LOWER_IS_BETTER else "max"
-
-
-def encode_classes(labels: list[str], classes: list[str], where: str) -> list[int]:
-    index = {c: i for i, c in enumerate(classes)}
-    for row, label in enumerate(labels):
-        if label not in index:
-            raise DataError(
-                f"{where}: row {row + 1} has label {label!r}, which is not one of the "
-                f"{len(classes)} classes ({', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''})"
-            )
-    return [index[label] for label in labels]
 
 
 def _floats(values: list[str], where: str) -> list[float]:
