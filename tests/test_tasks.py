@@ -95,6 +95,18 @@ def common(root, out, **extra):
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def assert_each_rank(out):
+    """Every rank trained on its share of each epoch (padding at most one batch) and ended with the same weights."""
+    info = json.loads((out / "run_info.json").read_text())
+    world, batch = info["num_processes"], info["per_process_batch"]
+    digests = info["final_weights_sha256_per_rank"]
+    assert len(digests) == world and len(set(digests)) == 1
+    for record in read_jsonl(out / "metrics.jsonl"):
+        samples = record["rank_samples"]
+        assert len(samples) == world and max(samples) - min(samples) <= batch
+        assert info["train_samples"] <= sum(samples) < info["train_samples"] + world * batch
+
+
 def rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -108,6 +120,7 @@ def test_multihead_run_is_the_same_in_1_and_2_processes_and_submits_combined_cla
         args = common(root, out, **{"data.batch_size": 32 // processes})
         run_cli("train.py", ["--config", config_path("attributes.yaml"), *args], processes=processes)
         runs[processes] = read_jsonl(out / "metrics.jsonl")
+        assert_each_rank(out)
         run_cli("predict.py", ["--config", config_path("attributes.yaml"), *args, "inference.probabilities=true",
                                "--checkpoint", str(out / "checkpoints" / "best")], processes=processes)
     for one, two in zip(runs[1], runs[2], strict=True):
@@ -132,6 +145,7 @@ def test_regression_metrics_equal_sklearn_on_the_submission_in_2_processes(tmp_p
     trained = run_cli("train.py", args, processes=2)
     assert "val_mae" in trained.stdout and "best val_rmse" in trained.stdout
     history = read_jsonl(out / "metrics.jsonl")
+    assert_each_rank(out)
     assert history[-1]["val_rmse"] < history[0]["val_rmse"]
     run_cli("predict.py", [*args, "--checkpoint", str(out / "checkpoints" / "last"), "--split", "val",
                            "--output", str(tmp_path / "val.csv")], processes=2)
@@ -151,6 +165,7 @@ def test_ranking_metrics_per_query_survive_the_gather_in_2_processes(tmp_path):
     args = common(root, out, **{"task.kind": "ranking", "data.label_column": "relevance", "task.ndcg_k": 3,
                                 "data.batch_size": 7})  # batches cut across queries and ranks
     run_cli("train.py", args, processes=2)
+    assert_each_rank(out)
     run_cli("predict.py", [*args, "--checkpoint", str(out / "checkpoints" / "last"), "--split", "val",
                            "--output", str(tmp_path / "val.csv")], processes=2)
     scores = {r["id"]: float(r["label"]) for r in rows(tmp_path / "val.csv")}
@@ -169,6 +184,7 @@ def test_ema_is_evaluated_checkpointed_resumed_and_predicts(digits_root, tmp_pat
     run = tiny_overrides(digits_root, tmp_path / "ema", **{"train.ema_decay": 0.9, "model.name": "mlp",
                                                           "checkpoint.every_n_steps": 7})
     run_cli("train.py", run, processes=2)
+    assert_each_rank(tmp_path / "ema")
     best = tmp_path / "ema" / "checkpoints" / "best"
     ema, model = load_file(str(best / "ema.safetensors")), load_file(str(best / "model.safetensors"))
     assert ema.keys() == model.keys() and any(not torch.equal(ema[k], model[k]) for k in ema)
@@ -228,6 +244,7 @@ def test_roc_auc_and_top_k_equal_sklearn_and_are_the_same_in_1_and_2_processes(d
         run = tiny_overrides(digits_root, out, **{**extra, "data.batch_size": 32 // processes})
         run_cli("train.py", run, processes=processes)
         records[processes] = read_jsonl(out / "metrics.jsonl")[-1]
+        assert_each_rank(out)
     run_cli("predict.py", [*run, "inference.probabilities=true", "--checkpoint", str(out / "checkpoints" / "last"),
                            "--split", "val", "--output", str(tmp_path / "val2.csv")], processes=2)
     for key in ("val_roc_auc", "val_top3_accuracy", "val_accuracy"):
