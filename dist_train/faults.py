@@ -135,7 +135,8 @@ class Watchdog:
     def _watch(self) -> None:
         store = _launcher_store()
         key = f"dist_train/beat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+        poll = min(5.0, self.timeout_s / 4)
+        while not self._stop.wait(poll):
             counts = {rank(): self.count}
             if store is not None:
                 try:
@@ -153,6 +154,7 @@ class Watchdog:
                 sys.stderr.write(f"rank {rank()}: stopping: waited {idle:.0f} s for rank(s) "
                                  f"{', '.join(map(str, behind))}, which made no progress (reported by them)\n")
                 sys.stderr.flush()
+                _tell(store, key + "reported/" + str(rank()))
                 time.sleep(5)  # let the hung rank report first
                 os._exit(HUNG_EXIT_CODE)
             sys.stderr.write(f"error: rank {rank()} made no progress for {idle:.0f} s "
@@ -161,7 +163,30 @@ class Watchdog:
             sys.stderr.flush()
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             sys.stderr.flush()
+            # The ranks waiting for this one notice at their next poll; the launcher stops them all as soon
+            # as this rank exits, so give them that long to say which rank they wait for.
+            waiting = [key + "reported/" + str(r) for r in range(self.world) if r not in behind]
+            _await(store, waiting, deadline=time.monotonic() + 2 * poll + 2)
             os._exit(HUNG_EXIT_CODE)
+
+
+def _tell(store, key: str) -> None:
+    if store is not None:
+        try:
+            store.set(key, "1")
+        except Exception:
+            pass
+
+
+def _await(store, keys: list[str], deadline: float) -> None:
+    """Wait until every key is in the store or the deadline passes (never raises)."""
+    while store is not None and keys and time.monotonic() < deadline:
+        try:
+            if store.check(keys):
+                return
+        except Exception:
+            return
+        time.sleep(0.2)
 
 
 def _launcher_store():
