@@ -60,16 +60,21 @@ class EpochTotals:
 class FiniteGuard:
     """Skips every optimizer step whose loss or gradient is NaN/Inf on any rank, the same way on every rank.
 
-    The verdict is one all-reduced flag on the device. With a fused torch optimizer it never leaves the
-    device: it goes to the optimizer as `found_inf` (the protocol torch's GradScaler uses), which leaves
-    weights, moments and step count as they were, and the counters stay on the device until `poll` reads
-    them (every checkpoint.check_every_n_steps and before each save). Otherwise (other optimizers, DeepSpeed,
-    policy stop) each step reads the flag at once: one host sync per optimizer step.
+    The verdict is a flag on the device that every rank computes alike. Under DDP (`via_gradients`) it
+    costs no communication of its own: a rank whose loss is not finite scales its backward by NaN
+    (`carry`), DDP's gradient all-reduce spreads any NaN/Inf to every rank, and each rank judges the
+    all-reduced gradients, which are the same everywhere. Elsewhere (DeepSpeed, FSDP) the local verdicts
+    are all-reduced: one small collective per optimizer step. With a fused torch optimizer the verdict never
+    leaves the device: it goes to the optimizer as `found_inf` (the protocol torch's GradScaler uses), which
+    leaves weights, moments and step count as they were, and the counters stay on the device until `poll`
+    reads them (every checkpoint.check_every_n_steps and before each save). Otherwise (other optimizers,
+    DeepSpeed, policy stop) each step reads the flag at once: one host sync per optimizer step.
     """
 
     def __init__(self, accelerator: Accelerator, torch_optimizer: torch.optim.Optimizer, policy: str, max_bad: int,
-                 kept, skipped: int = 0, in_a_row: int = 0):
+                 kept, skipped: int = 0, in_a_row: int = 0, via_gradients: bool = False):
         self.accelerator, self.torch_optimizer, self.policy, self.max_bad, self.kept = accelerator, torch_optimizer, policy, max_bad, kept
+        self.via_gradients = via_gradients and accelerator.num_processes > 1
         self.sync_free = (policy == "skip" and bool(torch_optimizer.defaults.get("fused"))
                           and accelerator.distributed_type != DistributedType.DEEPSPEED and accelerator.scaler is None)
         # skipped in all, bad steps in a row, the step at which a run of max_bad ended, the last bad step
@@ -78,13 +83,19 @@ class FiniteGuard:
 
     def step(self, optimizer, step_loss: torch.Tensor, grad_norm, step: int) -> torch.Tensor:
         """optimizer.step() unless optimizer step number `step` is bad; returns the 0-d bool verdict."""
-        bad = ~torch.isfinite(step_loss)
-        if grad_norm is not None:
-            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
-        flag = bad.to(torch.float32).reshape(1)
-        if self.accelerator.num_processes > 1:
-            torch.distributed.all_reduce(flag)
-        bad = flag[0] > 0
+        if self.via_gradients:  # the all-reduced gradients carry every rank's verdict (see carry)
+            if grad_norm is None:
+                grads = [p.grad for group in self.torch_optimizer.param_groups for p in group["params"] if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=step_loss.device)
+            bad = ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
+        else:
+            bad = ~torch.isfinite(step_loss)
+            if grad_norm is not None:
+                bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
+            if self.accelerator.num_processes > 1:
+                flag = bad.to(torch.float32).reshape(1)
+                torch.distributed.all_reduce(flag)
+                bad = flag[0] > 0
         flag = bad.to(torch.float32)  # exactly 1.0 or 0.0: the fused kernels skip on found_inf == 1 only
         counts, hit = self.counts, bad.long()
         counts[0] += hit
@@ -100,6 +111,14 @@ class FiniteGuard:
         elif not self.poll(step):
             optimizer.step()
         return bad
+
+    def carry(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate: itself (times exactly 1.0) when finite; times NaN when not, which makes
+        every gradient it reaches NaN, and DDP's all-reduce then tells every rank. (A non-finite loss alone
+        need not make the gradients so: a constant NaN term, or an Inf cross-entropy with label smoothing.)"""
+        if not self.via_gradients:
+            return loss
+        return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
 
     def poll(self, step: int) -> bool:
         """Reads the counters: warns about skipped steps, raises TrainingError when the policy says stop.
@@ -231,8 +250,12 @@ def train_one_epoch(
             if skip_bad_samples:
                 per_sample = per_sample * readable
             real_loss_sum = per_sample[:real].sum()
-            if faults.planned("nan", f"step:{global_step + 1}"):
+            if faults.planned("nan", f"step:{global_step + 1}"):  # a NaN loss and gradient
                 real_loss_sum = real_loss_sum * float("nan")
+            if faults.planned("nanloss", f"step:{global_step + 1}"):  # a NaN loss whose gradient is finite
+                real_loss_sum = real_loss_sum + float("nan")
+            if guard is not None:
+                real_loss_sum = guard.carry(real_loss_sum)
             # backward() divides by grad_accum_steps and DDP averages over ranks: undo both, and divide
             # once by the window's real sample count.
             accelerator.backward(real_loss_sum * (accum * world / window_total))

@@ -236,7 +236,8 @@ def report_failure(exc: BaseException) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # fault injection for the tests: DIST_TRAIN_FAULT="action@point[#rank],..." (rank 0 by default)
-#   actions: kill (SIGKILL), raise, hang, nan (the loss of that optimizer step), oom,
+#   actions: kill (SIGKILL), raise, hang, nan (the loss and gradient of that optimizer step),
+#            nanloss (NaN added to that step's loss: its gradient stays finite), oom,
 #            fsize=BYTES (a file-size limit from then on: later writes fail with EFBIG), signal=NAME
 #   points:  step:N (after optimizer step N; for nan: its micro-batches), batch:N (after the N-th
 #            micro-batch of the run), epoch:N (after epoch N's save), save-PHASE:N (inside the save of

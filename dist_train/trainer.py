@@ -229,7 +229,8 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
     if nonfinite != "ignore":
         guard = FiniteGuard(accelerator, torch_optimizer, nonfinite, config.train.max_bad_steps,
                             kept=lambda: f"the last checkpoint ({ckpt._describe_last(checkpoints)}) holds finite weights",
-                            skipped=state.skipped_steps, in_a_row=state.bad_steps_in_a_row)
+                            skipped=state.skipped_steps, in_a_row=state.bad_steps_in_a_row,
+                            via_gradients=isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel))
 
     # --- run directory --------------------------------------------------------------------------
     processes = gather_object([{"rank": accelerator.process_index, "machine_rank": int(os.environ.get("GROUP_RANK", 0)),

@@ -290,7 +290,7 @@ def finite_checkpoints(checkpoints: Path) -> list[str]:
 
 def test_nan_on_one_rank_is_skipped_by_every_rank(digits_root, tmp_path):
     run_cli("train.py", args(digits_root, tmp_path, **{"train.epochs": 1}), processes=2,
-            env={FAULT_ENV: "nan@step:3#1,nan@step:9#1"})
+            env={FAULT_ENV: "nan@step:3#1,nanloss@step:9#1"})
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["skipped_steps"] == 2 and info["global_step"] == 20
     assert len(set(info["final_weights_sha256_per_rank"])) == 1

@@ -75,6 +75,19 @@ def test_training_steps_make_no_host_sync():
     assert len(host_syncs_of_an_epoch(40, 1000, fused=False)) >= len(long) + 40
 
 
+def test_under_ddp_the_guard_adds_no_collective_and_a_nan_on_one_rank_is_skipped_by_both(tmp_path):
+    """The verdict travels in DDP's gradient all-reduce: no collective of its own per step; the NaN loss
+    (with a finite gradient) of rank 1 at step 3 is still skipped by both ranks, which end identical."""
+    run_cli("tests/guard_script.py", [str(tmp_path)], processes=2, env={"DIST_TRAIN_FAULT": "nanloss@step:3#1"})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for seen in ranks:
+        assert seen["via_gradients"] and seen["steps"] == 45 and seen["finite"]
+        assert seen["collectives_40_steps"] == seen["collectives_5_steps"], seen  # none per step: the epoch's end only
+        assert len(seen["collectives_40_steps"]) <= 2, seen
+        assert seen["skipped"] == 1, seen
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+
+
 # ----------------------------------------------------------------------------------------------
 # decoding on the device (here: the CPU)
 
