@@ -209,15 +209,18 @@ def worker(args) -> None:
 
 
 def launch(args, runner: str, processes: int, train_csv: str, work: Path) -> dict | None:
-    result = work / f"{runner}-{processes}.json"
+    """One job of `runner`; `dist_train+KEY=VALUE+...` is dist_train with those overrides (after --set)."""
+    base, *overrides = runner.split("+")
+    name = base if not overrides else f"{base}-{abs(hash(runner)) % 10**8}"
+    result = work / f"{name}-{processes}.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", __file__,
-           "--worker", runner, "--result", str(result), "--work", str(work), "--train-csv", train_csv]
+           "--worker", base, "--result", str(result), "--work", str(work), "--train-csv", train_csv]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k in ("device", "data", "model", "image_size", "batch_size", "workers", "steps", "classes",
                      "mixed_precision", "decode", "val_csv")]
-    cmd += [f"--set={value}" for value in args.set]
-    log = work / f"{runner}-{processes}.log"
+    cmd += [f"--set={value}" for value in [*args.set, *overrides]]
+    log = work / f"{name}-{processes}.log"
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if proc.returncode != 0 or not result.is_file():
@@ -266,7 +269,11 @@ def orchestrate(args) -> None:
     except ImportError:
         print("timm is not installed: its runner is skipped")
     if args.runners:
-        runners = [r for r in runners if r in args.runners]
+        unknown = [r for r in args.runners if r.split("+")[0] not in RUNNERS or ("+" in r and not r.startswith("dist_train+"))]
+        if unknown:
+            raise SystemExit(f"unknown runner(s) {', '.join(unknown)}: choose from {', '.join(RUNNERS)} "
+                             f"(dist_train+KEY=VALUE for a variant)")
+        runners = [r for r in args.runners if r.split("+")[0] in runners]
     table: dict[tuple[str, int], list[dict]] = {}
     for processes in args.processes:
         train_csv = f"train_bench_{processes}.csv"
@@ -276,12 +283,12 @@ def orchestrate(args) -> None:
                              f"the data set has {len(rows)} (--count)")
         _write_rows(data / train_csv, rows[:needed])
         for repeat in range(args.repeats):  # interleaved, so that drifts in machine load hit every runner alike
-            for runner in runners:
+            for runner in (runners if repeat % 2 == 0 else runners[::-1]):  # and neither always runs first
                 if runner in ("synthetic", "timm") and repeat > 0:
                     continue
                 result = launch(args, runner, processes, train_csv, work)
                 if result is not None:
-                    table.setdefault((runner, processes), []).append(result)
+                    table.setdefault((runner, processes), []).append({**result, "repeat": repeat})
     report(args, table, runners)
 
 
@@ -300,7 +307,8 @@ def report(args, table: dict, runners: list[str]) -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{args.model}, {args.image_size} px, batch {args.batch_size} per process, {args.steps} steps timed, "
           f"{args.mixed_precision} precision, on {device}; median of {args.repeats} (plain, dist_train)")
-    print(f"{'runner':<12}{'procs':>6}{'img/s':>10}{'step ms':>10}{'data wait':>11}")
+    width = max([12, *(len(r) + 2 for r in runners)])
+    print(f"{'runner':<{width}}{'procs':>6}{'img/s':>10}{'step ms':>10}{'data wait':>11}")
     for processes in args.processes:
         for runner in runners:
             step = median(runner, processes, "step_seconds")
@@ -308,7 +316,7 @@ def report(args, table: dict, runners: list[str]) -> None:
                 continue
             wait = median(runner, processes, "data_seconds") / median(runner, processes, "seconds")
             runs = " ".join(f"{r['step_seconds'] * 1000:.1f}" for r in table[(runner, processes)])
-            print(f"{runner:<12}{processes:>6}{median(runner, processes, 'images_per_sec'):>10.0f}{step * 1000:>10.1f}"
+            print(f"{runner:<{width}}{processes:>6}{median(runner, processes, 'images_per_sec'):>10.0f}{step * 1000:>10.1f}"
                   f"{wait:>10.0%}   step ms of each run: {runs}")
     ratios = {}
     for processes in args.processes:
@@ -316,9 +324,18 @@ def report(args, table: dict, runners: list[str]) -> None:
         if ours and plain:
             ratios[processes] = ours / plain
             line = f"{processes} process(es): dist_train / plain loop step time = {ours / plain:.3f}"
+            plain_runs = {r["repeat"]: r["step_seconds"] for r in table[("plain", processes)]}
+            pairs = [r["step_seconds"] / plain_runs[r["repeat"]] for r in table[("dist_train", processes)]
+                     if r["repeat"] in plain_runs]
+            if len(pairs) > 1:  # each repeat's two runs ran back to back: drifts in machine load cancel
+                line += f" (per repeat: median {statistics.median(pairs):.3f}, {min(pairs):.3f}-{max(pairs):.3f})"
             if synthetic:
                 line += f"; data-fed / synthetic-fed images/s (dist_train) = {synthetic / ours:.3f}"
             print(line)
+        for variant in (r for r in runners if r.startswith("dist_train+")):
+            step = median(variant, processes, "step_seconds")
+            if step and plain:
+                print(f"{processes} process(es): {variant} / plain loop step time = {step / plain:.3f}")
     if len(args.processes) > 1:
         first, last = args.processes[0], args.processes[-1]
         for runner in ("plain", "dist_train"):
@@ -356,7 +373,9 @@ def main() -> None:
     parser.add_argument("--decode", choices=["auto", "workers", "device"], help="dist_train's data.decode")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a dist_train config override for its runner (repeatable), e.g. --set train.nonfinite=ignore")
-    parser.add_argument("--runners", type=lambda t: t.split(","), help="only these runners, e.g. plain,dist_train")
+    parser.add_argument("--runners", type=lambda t: t.split(","),
+                        help="only these runners, in this order, e.g. plain,dist_train; dist_train+KEY=VALUE[+KEY=VALUE] "
+                             "adds a dist_train variant, e.g. plain,dist_train,dist_train+train.nonfinite=ignore")
     # internal: one runner's process
     parser.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

@@ -202,3 +202,29 @@ def test_torch_compile_trains(digits_root, tmp_path):
                                                                   "train.epochs": 1}), timeout=600)
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["global_step"] == 3 and (tmp_path / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark itself runs (its figures live in BENCHMARKS.md, not here)
+
+
+def test_throughput_benchmark_runs_every_runner_and_ends_with_the_ratio(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_env
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--device", "cpu", "--data", str(tmp_path / "jpegs"),
+                           "--count", "96", "--size", "48x40", "--classes", "3", "--image-size", "16", "--batch-size", "8",
+                           "--steps", "3", "--processes", "2", "--repeats", "2",
+                           "--runners", "synthetic,plain,dist_train,dist_train+train.nonfinite=ignore"],
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in (
+        "synthetic", "plain", "dist_train", "dist_train+train.nonfinite=ignore")}
+    assert set(rows) == {"synthetic", "plain", "dist_train", "dist_train+train.nonfinite=ignore"}, lines
+    assert all(row[1] == "2" and float(row[2]) > 0 for row in rows.values()), rows
+    assert len(rows["plain"][rows["plain"].index("run:") + 1:]) == 2  # two repeats of plain and dist_train
+    assert "dist_train / plain loop step time =" in proc.stdout and "(per repeat: median" in proc.stdout
+    assert lines[-1].startswith("ratio_vs_plain=") and float(lines[-1].split("=")[1]) > 0
