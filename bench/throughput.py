@@ -201,6 +201,9 @@ def worker(args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(json.dumps(result))
     if torch.distributed.is_initialized():
+        # every rank done with its collectives before any tears the group down: without this, gloo
+        # sometimes aborts a rank at exit ("terminate called without an active exception", 1 in 20)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -275,6 +278,7 @@ def orchestrate(args) -> None:
                              f"(dist_train+KEY=VALUE for a variant)")
         runners = [r for r in args.runners if r.split("+")[0] in runners]
     table: dict[tuple[str, int], list[dict]] = {}
+    failed: list[str] = []
     for processes in args.processes:
         train_csv = f"train_bench_{processes}.csv"
         needed = args.steps * args.batch_size * processes
@@ -289,7 +293,11 @@ def orchestrate(args) -> None:
                 result = launch(args, runner, processes, train_csv, work)
                 if result is not None:
                     table.setdefault((runner, processes), []).append({**result, "repeat": repeat})
+                else:
+                    failed.append(f"{runner} ({processes} process(es), repeat {repeat + 1})")
     report(args, table, runners)
+    if failed:
+        raise SystemExit(f"failed runs, left out of the figures above: {'; '.join(failed)}")
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:

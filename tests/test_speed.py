@@ -223,7 +223,7 @@ def test_throughput_benchmark_runs_every_runner_and_ends_with_the_ratio(tmp_path
     lines = proc.stdout.strip().splitlines()
     rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in (
         "synthetic", "plain", "dist_train", "dist_train+train.nonfinite=ignore")}
-    assert set(rows) == {"synthetic", "plain", "dist_train", "dist_train+train.nonfinite=ignore"}, lines
+    assert set(rows) == {"synthetic", "plain", "dist_train", "dist_train+train.nonfinite=ignore"}, proc.stdout + proc.stderr
     assert all(row[1] == "2" and float(row[2]) > 0 for row in rows.values()), rows
     assert len(rows["plain"][rows["plain"].index("run:") + 1:]) == 2  # two repeats of plain and dist_train
     assert "dist_train / plain loop step time =" in proc.stdout and "(per repeat: median" in proc.stdout
