@@ -19,9 +19,9 @@ from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_
 from dist_train.distributed import build_accelerator, main_print
 from dist_train.engine import check_each_once, predict_gathered
 from dist_train.errors import CheckpointError
+from dist_train.losses import build_loss
 from dist_train.models import build_model, read_weights
 from dist_train.submission import write_submission
-from dist_train.losses import build_loss
 from dist_train.tasks import Task, build_task, group_ids, load_task, task_for_datasets
 
 

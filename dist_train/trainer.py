@@ -16,16 +16,16 @@ import torch
 import torchvision
 import yaml
 from accelerate.utils import gather_object, set_seed
+from torch.utils.data import default_collate
 
 from dist_train import checkpoint as ckpt
 from dist_train import debug as debug_module
 from dist_train import faults
 from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.config import Config, resolve, to_dict
-from torch.utils.data import default_collate
-
 from dist_train.custom import user_datasets
 from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device
+from dist_train.debug import head
 from dist_train.decode import collate_encoded
 from dist_train.distributed import broadcast_buffers, build_accelerator, is_main_process_env, main_print, same_on_all_ranks
 from dist_train.engine import (EpochTotals, FiniteGuard, check_each_once, input_dtype, largest_batch_that_fits,
@@ -33,12 +33,11 @@ from dist_train.engine import (EpochTotals, FiniteGuard, check_each_once, input_
 from dist_train.ema import ModelEMA
 from dist_train.errors import ConfigError, ResourceError
 from dist_train.faults import Preempted, SignalFlag, Watchdog, any_rank
+from dist_train.losses import build_loss
 from dist_train.metrics import is_improvement
 from dist_train.mixing import mix_batch
-from dist_train.debug import head
 from dist_train.models import build_model, has_batchnorm, parameter_counts
 from dist_train.optim import Schedule, build_optimizer
-from dist_train.losses import build_loss
 from dist_train.tasks import group_ids, load_task, task_for_datasets
 from dist_train.tracking import Tracking, flat_hparams
 
