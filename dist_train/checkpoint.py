@@ -14,18 +14,21 @@ import json
 import os
 import pickle
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from dist_train import faults
-from dist_train.distributed import same_on_all_ranks
+from dist_train.distributed import any_rank, main_print, same_on_all_ranks, unwrap
+from dist_train.ema import ModelEMA
 from dist_train.errors import CheckpointError
-from dist_train.faults import any_rank, is_peer_failure
+from dist_train.faults import is_peer_failure
+from dist_train.models import pickled_globals
 
 WEIGHTS_FILE = "model.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -44,122 +47,186 @@ SAFE_GLOBALS = (
 )
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
-class TrainerState:
-    """Where the run is and what it has decided so far; saved beside the model in every checkpoint."""
+class Resumable:
+    """What a checkpoint restores besides Accelerate's model, optimizer and per-rank RNG states, each part
+    through its own state_dict. trainer_state.json holds one flat mapping of the JSON parts (the run's
+    position and decisions, the guard's counters, the EMA's update count); the schedule goes to schedule.pt
+    and the EMA's weights to ema.safetensors."""
 
-    epoch: int = 0
-    """Epochs completed."""
-    batches_done: int = 0
-    """Micro-batches of epoch `epoch` + 1 already trained on, per process (a save in the middle of an epoch)."""
-    global_step: int = 0
-    """Optimizer steps taken."""
-    best_metric: float | None = None
-    best_epoch: int | None = None
-    best_checkpoint: str | None = None
-    evals_without_improvement: int = 0
-    skipped_steps: int = 0
-    """Optimizer steps skipped because the loss or gradient was not finite (train.nonfinite=skip)."""
-    bad_steps_in_a_row: int = 0
-    skipped_samples: int = 0
-    """Unreadable images replaced by blanks that weigh nothing (data.bad_samples=skip), all ranks."""
-    epoch_totals: list[float] = field(default_factory=list)
-    """Mid-epoch: the epoch's [loss sum, real samples, unreadable samples] so far, all ranks (EpochTotals)."""
-    ema_updates: int = 0
-    """Updates of the weights' moving average (train.ema_decay; its weights are ema.safetensors)."""
-    layout: list[int] = field(default_factory=list)
-    """[processes, per-process batch, accumulation] of the run that saved: a mid-epoch position only
-    means the same thing under the same layout."""
-    history: list[dict] = field(default_factory=list)
-    """Per epoch: what each rank saw (batches, samples) — the run's own record of its sharding."""
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    run: Stateful
+    schedule: Stateful
+    guard: Stateful
+    ema: ModelEMA | None = None
 
 
 def checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:08d}"
 
 
-def save_checkpoint(
-    accelerator: Accelerator, model, checkpoints: Path, schedule, trainer_state: TrainerState, config_yaml: str,
-    classes: list[str] | dict, *, best: bool = False, keep_last: int = 2, ema=None,
-) -> Path:
-    """Write the full training state as `checkpoints/step-N`, point `last` (and `best`) at it, rotate.
+class Checkpointer:
+    """Saves a run as `checkpoints/step-N` (complete, sealed, then renamed; `last`/`best` swapped after; old ones
+    rotated) and resumes it, bitwise. Every rank calls save() and resume(): Accelerate writes each rank's RNG state
+    and DeepSpeed's shards are saved by all ranks; the other files are written by the main process only.
 
-    `classes`: what the labels define (tasks.fit_labels), for inference; `ema`: a ModelEMA whose weights are
-    saved as ema.safetensors. Every rank calls this (Accelerate writes each rank's RNG state, and DeepSpeed shards are saved by
-    all ranks); the model, optimizer and metadata files are written by the main process only.
-    Non-finite weights are never written. A save that fails on any rank (disk full, unwritable, a
-    file-size limit) raises the same CheckpointError on every rank and leaves the previous
+    The collectives of a save, in order: [ZeRO-3: gather the whole weights], agree that the weights are finite,
+    barrier (the temporary directory exists), [DeepSpeed: its own], gather every rank's write error, agree that
+    the main process sealed it. Non-finite weights are never written; a save that fails on any rank (disk full,
+    unwritable, a file-size limit) raises the same CheckpointError on every rank and leaves the previous
     checkpoints intact.
     """
-    name = checkpoint_name(trainer_state.global_step)
-    final, tmp = checkpoints / name, checkpoints / f".tmp-{name}"
-    step = trainer_state.global_step
-    weights = full_state_dict(accelerator, model) if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    tensors = weights.values() if weights is not None else accelerator.unwrap_model(model).state_dict().values()
-    (bad,) = any_rank(accelerator, not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()))
-    if bad:
-        raise CheckpointError(f"refusing to save non-finite weights at step {step}; "
-                              f"the last checkpoint written ({_describe_last(checkpoints)}) is intact")
-    error = None
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if accelerator.is_main_process:
-            if weights is not None:  # DeepSpeed saves its own (sharded) engine state; inference wants one plain file
-                save_file(weights, str(tmp / WEIGHTS_FILE))
-            torch.save(schedule.state_dict(), tmp / SCHEDULE_FILE)
-            if ema is not None:
-                trainer_state.ema_updates = ema.updates
-                save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / EMA_FILE))
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state.state_dict(), indent=1))
-            (tmp / "config.yaml").write_text(config_yaml)
-            (tmp / CLASSES_FILE).write_text(json.dumps(classes))
-        faults.inject(f"save-written:{step}")
-    except Exception as exc:  # OSError, or torch/safetensors wrapping one (ENOSPC, EFBIG, EACCES)
-        if is_peer_failure(exc):
-            raise
-        error = f"rank {accelerator.process_index}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
-    # every rank's files are in (or some rank failed) before the manifest seals them
-    errors = [e for e in gather_object([error]) if e]
-    if errors:
+
+    def __init__(self, accelerator: Accelerator, directory: Path, model, resumable: Resumable, *, layout: list[int],
+                 config_yaml: str, classes: list[str] | dict, keep_last: int = 2):
+        self.accelerator, self.directory, self.model, self.resumable = accelerator, directory, model, resumable
+        self.layout, self.config_yaml, self.classes, self.keep_last = layout, config_yaml, classes, keep_last
+
+    def describe_last(self) -> str:
+        return describe_last(self.directory)
+
+    # --- save -----------------------------------------------------------------------------------
+
+    def save(self, best: bool = False) -> Path:
+        """Write the full training state as `step-N` (N: the run's optimizer steps), point `last` (and `best`,
+        when `best`) at it, rotate; returns its path."""
+        accelerator = self.accelerator
+        trainer_state = self._trainer_state()
+        step = trainer_state["global_step"]
+        final, tmp = self.directory / checkpoint_name(step), self.directory / f".tmp-{checkpoint_name(step)}"
+        weights = full_state_dict(accelerator, self.model) if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+        tensors = weights.values() if weights is not None else unwrap(accelerator, self.model).state_dict().values()
+        (bad,) = any_rank(accelerator, not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()))
+        if bad:
+            raise CheckpointError(f"refusing to save non-finite weights at step {step}; "
+                                  f"the last checkpoint written ({self.describe_last()}) is intact")
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final} ({'; '.join(errors)}); "
-                              f"the previous checkpoint ({_describe_last(checkpoints)}) is intact")
-    if accelerator.is_main_process:
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        error = self._write(tmp, weights, trainer_state)
+        # every rank's files are in (or some rank failed) before the manifest seals them
+        errors = [e for e in gather_object([error]) if e]
+        if errors:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {final} ({'; '.join(errors)}); "
+                                  f"the previous checkpoint ({self.describe_last()}) is intact")
+        error = self._seal(tmp, final, step, best) if accelerator.is_main_process else None
+        (failed,) = any_rank(accelerator, error is not None)
+        if failed:
+            raise CheckpointError(f"{error or 'the main process could not seal the checkpoint'}; "
+                                  f"the previous checkpoint ({self.describe_last()}) is intact")
+        return final
+
+    def _trainer_state(self) -> dict:
+        """trainer_state.json: the run's state, the guard's counters and the EMA's update count."""
+        ema = self.resumable.ema
+        return {**self.resumable.run.state_dict(), **self.resumable.guard.state_dict(),
+                "ema_updates": ema.updates if ema is not None else 0}
+
+    def _write(self, tmp: Path, weights: dict | None, trainer_state: dict) -> str | None:
+        """This rank's files of the checkpoint in `tmp`; returns what went wrong, if anything."""
+        try:
+            self.accelerator.save_state(str(tmp), safe_serialization=True)
+            if self.accelerator.is_main_process:
+                if weights is not None:  # DeepSpeed saves its own (sharded) engine state; inference wants one plain file
+                    save_file(weights, str(tmp / WEIGHTS_FILE))
+                torch.save(self.resumable.schedule.state_dict(), tmp / SCHEDULE_FILE)
+                if self.resumable.ema is not None:
+                    average = self.resumable.ema.state_dict()["module"]
+                    save_file({k: v.detach().cpu().contiguous() for k, v in average.items()}, str(tmp / EMA_FILE))
+                (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+                (tmp / "config.yaml").write_text(self.config_yaml)
+                (tmp / CLASSES_FILE).write_text(json.dumps(self.classes))
+            faults.inject(f"save-written:{trainer_state['global_step']}")
+        except Exception as exc:  # OSError, or torch/safetensors wrapping one (ENOSPC, EFBIG, EACCES)
+            if is_peer_failure(exc):
+                raise
+            return f"rank {self.accelerator.process_index}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+        return None
+
+    def _seal(self, tmp: Path, final: Path, step: int, best: bool) -> str | None:
+        """The main process: manifest, rename into place, links, rotation; returns what went wrong, if anything."""
         try:
             write_manifest(tmp, step)
             faults.inject(f"save-sealed:{step}")
             if final.exists():  # the same step saved again (e.g. preemption right after a periodic save)
                 _remove(final)
             os.rename(tmp, final)
-            fsync_dir(checkpoints)
+            fsync_dir(self.directory)
             faults.inject(f"save-renamed:{step}")
-            point(checkpoints / "last", name)
+            point(self.directory / "last", final.name)
             if best:
-                point(checkpoints / "best", name)
+                point(self.directory / "best", final.name)
             faults.inject(f"save-linked:{step}")
-            rotate(checkpoints, keep_last, step)
+            rotate(self.directory, self.keep_last, step)
         except OSError as exc:
-            error = f"cannot seal checkpoint {final}: {exc.strerror or exc}"
-    (failed,) = any_rank(accelerator, error is not None)
-    if failed:
-        raise CheckpointError(f"{error or 'the main process could not seal the checkpoint'}; "
-                              f"the previous checkpoint ({_describe_last(checkpoints)}) is intact")
-    return final
+            return f"cannot seal checkpoint {final}: {exc.strerror or exc}"
+        return None
+
+    # --- resume ---------------------------------------------------------------------------------
+
+    def resume(self, resume: str) -> Path:
+        """Restore model, optimizer, RNGs (Accelerate, weights-only loads) and every Resumable part from `resume`
+        ("auto": the newest intact checkpoint, else a checkpoint directory); returns the directory. Resuming in the
+        middle of an epoch under another layout would replay or skip samples, so it is refused."""
+        accelerator = self.accelerator
+        directory = self._choose(resume)
+        saved = json.loads((directory / TRAINER_STATE_FILE).read_text())
+        if saved.get("batches_done") and saved.get("layout") != self.layout:
+            raise CheckpointError(
+                f"{directory} was saved in the middle of epoch {saved['epoch'] + 1} by [processes, batch, accumulation] = "
+                f"{saved.get('layout')}; this run has {self.layout}, under which that position means other samples. "
+                f"Resume with the same layout, or from a checkpoint saved at the end of an epoch")
+        if not (directory / f"random_states_{accelerator.process_index}.pkl").is_file():  # Accelerate would skip it silently
+            main_print(accelerator, f"warning: {directory} holds no RNG state for rank {accelerator.process_index} (it was "
+                                    f"saved by {saved.get('layout', ['?'])[0]} processes): that rank's random numbers "
+                                    f"restart from the seed")
+        try:
+            accelerator.load_state(str(directory))
+            self.resumable.schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"checkpoint {directory}: refused to load ({str(exc).splitlines()[0]})") from None
+        self.resumable.run.load_state_dict(saved)
+        self.resumable.guard.load_state_dict(saved)
+        if self.resumable.ema is not None:
+            self._load_ema(directory, saved)
+        if accelerator.is_main_process:
+            repair_after_resume(self.directory.parent, saved["global_step"], saved.get("best_checkpoint"))
+        return directory
+
+    def _choose(self, resume: str) -> Path:
+        """The checkpoint to resume from, chosen and verified (sha256 of every file) once, by the main process,
+        and agreed by every rank."""
+        choice = None
+        if self.accelerator.is_main_process:
+            try:
+                choice = ("ok", str(resolve_resume(resume, self.directory, log=lambda m: print(m, flush=True))))
+            except CheckpointError as exc:
+                choice = ("error", str(exc))
+        kind, value = same_on_all_ranks(self.accelerator, choice)
+        if kind == "error":
+            raise CheckpointError(value)
+        return Path(value)
+
+    def _load_ema(self, directory: Path, saved: dict) -> None:
+        """The moving average saved beside the model (the checkpoint was verified already)."""
+        if not (directory / EMA_FILE).is_file():
+            raise CheckpointError(f"{directory} has no {EMA_FILE}: it was saved without train.ema_decay; resume without it, "
+                                  f"or start a new run")
+        ema = self.resumable.ema
+        weights = load_file(str(directory / EMA_FILE), device=str(next(ema.module.parameters()).device))
+        ema.load_state_dict({"module": weights, "updates": saved.get("ema_updates", 0)})
 
 
-def _describe_last(checkpoints: Path) -> str:
+def describe_last(checkpoints: Path) -> str:
+    """The newest complete checkpoint in `checkpoints`, for messages."""
     found = complete_checkpoints(checkpoints)
     return str(found[0]) if found else "none yet"
 
@@ -283,8 +350,6 @@ def verify(directory: Path, only: list[str] | None = None) -> None:
 
 
 def unsafe_globals(path: Path) -> list[str]:
-    from dist_train.models import pickled_globals
-
     return pickled_globals(path, allowed=SAFE_GLOBALS)
 
 
@@ -306,66 +371,17 @@ def resolve_resume(resume: str, checkpoints: Path, log=print) -> Path:
     raise CheckpointError(f"--resume auto: none of the {len(candidates)} checkpoints in {checkpoints} is intact")
 
 
-def load_checkpoint(accelerator: Accelerator, directory: Path, schedule, trainer_state: TrainerState,
-                    layout: list[int], log=print) -> None:
-    """Restore model, optimizer, RNGs (Accelerate, weights-only loads), schedule and trainer state.
-
-    `layout` is this run's [processes, per-process batch, accumulation]: resuming in the middle of an
-    epoch under another layout would replay or skip samples, so it is refused.
-    """
-    saved = json.loads((directory / TRAINER_STATE_FILE).read_text())
-    if saved.get("batches_done") and saved.get("layout") != layout:
-        raise CheckpointError(
-            f"{directory} was saved in the middle of epoch {saved['epoch'] + 1} by [processes, batch, accumulation] = "
-            f"{saved.get('layout')}; this run has {layout}, under which that position means other samples. "
-            f"Resume with the same layout, or from a checkpoint saved at the end of an epoch")
-    rng_file = directory / f"random_states_{accelerator.process_index}.pkl"
-    if not rng_file.is_file():  # Accelerate would skip it silently
-        log(f"warning: {directory} holds no RNG state for rank {accelerator.process_index} (it was saved by "
-            f"{saved.get('layout', ['?'])[0]} processes): that rank's random numbers restart from the seed")
-    try:
-        accelerator.load_state(str(directory))
-        schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, map_location="cpu", weights_only=True))
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"checkpoint {directory}: refused to load ({str(exc).splitlines()[0]})") from None
-    trainer_state.load_state_dict(saved)
-
-
-def load_ema(directory: Path, ema) -> None:
-    """The moving average saved beside the model (the checkpoint was verified already)."""
-    from safetensors.torch import load_file
-
-    if not (directory / EMA_FILE).is_file():
-        raise CheckpointError(f"{directory} has no {EMA_FILE}: it was saved without train.ema_decay; resume without it, "
-                              f"or start a new run")
-    ema.module.load_state_dict(load_file(str(directory / EMA_FILE), device=str(next(ema.module.parameters()).device)))
-    ema.updates = json.loads((directory / TRAINER_STATE_FILE).read_text()).get("ema_updates", 0)
-
-
-def resolve_resume_on_main(accelerator, resume: str, checkpoints: Path) -> Path:
-    """The checkpoint to resume from, chosen and verified (sha256 of every file) once, by the main process."""
-    choice = None
-    if accelerator.is_main_process:
-        try:
-            choice = ("ok", str(resolve_resume(resume, checkpoints, log=lambda m: print(m, flush=True))))
-        except CheckpointError as exc:
-            choice = ("error", str(exc))
-    kind, value = same_on_all_ranks(accelerator, choice)
-    if kind == "error":
-        raise CheckpointError(value)
-    return Path(value)
-
-
-def repair_after_resume(output_dir: Path, state: TrainerState) -> None:
-    """Undo what a run killed after its last checkpoint left behind: metrics past that step, a stale `best` link."""
+def repair_after_resume(output_dir: Path, step: int, best_checkpoint: str | None) -> None:
+    """Undo what a run killed after its last checkpoint (at `step`) left behind: metrics past that step, a stale
+    `best` link."""
     metrics = output_dir / "metrics.jsonl"
     if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= state.global_step]
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         write_text_atomic(metrics, "".join(line + "\n" for line in kept))
     checkpoints = output_dir / "checkpoints"
-    best = state.best_checkpoint
-    if best and (checkpoints / best).is_dir() and (checkpoints / "best").resolve() != (checkpoints / best).resolve():
-        point(checkpoints / "best", best)
+    if best_checkpoint and (checkpoints / best_checkpoint).is_dir() and \
+            (checkpoints / "best").resolve() != (checkpoints / best_checkpoint).resolve():
+        point(checkpoints / "best", best_checkpoint)
 
 
 def state_digest(value) -> str:
@@ -399,7 +415,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer, whole and on CPU, on every rank. Under ZeRO-3 this is a collective:
     the partitioned parameters are gathered, so all ranks must call it."""
-    module = accelerator.unwrap_model(model)
+    module = unwrap(accelerator, model)
     plugin = accelerator.state.deepspeed_plugin
     if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
         import deepspeed

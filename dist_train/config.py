@@ -368,11 +368,31 @@ def config_from_dict(raw: dict[str, Any], values: dict[str, Any] | None = None, 
     return resolve(config)
 
 
+CLASSIFICATION_METRICS = ("val_loss", "val_accuracy", "val_f1_macro", "val_precision_macro", "val_recall_macro")
+LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse")
+
+
+def monitorable(config: Config) -> list[str]:
+    """The val_* metrics the task reports that checkpoint.monitor may name; the second is the default monitor."""
+    task = config.task
+    if task.kind == "multihead":
+        per_head = [f"val_{h.name}_{k}" for h in task.heads for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro")]
+        return [*CLASSIFICATION_METRICS, *per_head]
+    if task.kind == "regression":
+        return ["val_loss", "val_rmse", "val_mae", "val_mse"]
+    if task.kind == "ranking":
+        return ["val_loss", f"val_ndcg@{task.ndcg_k}", "val_mrr", "val_map"]
+    return [*CLASSIFICATION_METRICS, *(["val_roc_auc"] if task.roc_auc else []), *[f"val_top{k}_accuracy" for k in task.top_k]]
+
+
+def mode_of(metric: str) -> str:
+    """min for losses and errors, max for everything else."""
+    return "min" if metric.rsplit("_", 1)[-1] in LOWER_IS_BETTER else "max"
+
+
 def resolve(config: Config) -> Config:
     """Validate, and fill in what defaults to the task's choice (checkpoint.monitor and mode)."""
     validate(config)
-    from dist_train.tasks import mode_of, monitorable  # tasks builds on this module
-
     names = monitorable(config)
     monitor = config.checkpoint.monitor or names[1]
     if monitor not in names:

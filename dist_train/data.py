@@ -19,15 +19,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from dist_train.config import DataConfig
-from dist_train.decode import JPEG_SUFFIXES, DeviceDecoder, center_crop_box, collate_encoded, random_resized_crop_box
+from dist_train.decode import BAD_TARGET, JPEG_SUFFIXES, DeviceDecoder, center_crop_box, collate_encoded, random_resized_crop_box
 from dist_train.errors import ConfigError, DataError, SampleError
 from dist_train.faults import die_with_parent
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DIGITS_SPLIT_SEED = 0
 DIGITS_MARKER = ".complete"
-BAD_TARGET = -2
-"""The target of an unreadable image skipped under data.bad_samples=skip (-1 marks unlabelled test rows)."""
 
 
 @dataclass
@@ -264,16 +262,6 @@ def load_splits(cfg: DataConfig, seed: int, label, columns: list[str] | None = N
         first = next(iter(train.labels.values()))
         train, val = _holdout(train, cfg.val_fraction, seed, first if stratify else None)
     return train, val, defined
-
-
-def load_records(cfg: DataConfig, seed: int) -> tuple[Records, Records, list[str]]:
-    """Single-label classification: the training and validation splits, and the class names (index = target);
-    tasks.load_task with the default task."""
-    from dist_train.config import Config
-    from dist_train.tasks import load_task  # tasks builds on this module
-
-    train, val, classes, _ = load_task(Config(seed=seed, data=cfg))
-    return train, val, classes
 
 
 def load_test_records(cfg: DataConfig) -> Records:

@@ -1,23 +1,29 @@
 """`python train.py --config X --debug`: one process, a summary, an overfit-one-batch check, a few batches.
 
-The few batches go through the real loop (`fit`) and the real inference (`predict`), fast_dev_run
-style, into `<output_dir>/debug`, with anomaly detection on and no loader workers, so that a broken
-config fails in seconds, loudly, with a full traceback.
+The few batches go through the real loop (`fit`, given `Limits`) and the real inference (`predict`),
+fast_dev_run style, into `<output_dir>/debug`, with anomaly detection on and no loader workers, so that a
+broken config fails in seconds, loudly, with a full traceback.
 """
 from __future__ import annotations
 
 import copy
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
+from torch.utils.data import default_collate
 
+from dist_train.build import Data, Given, Limits, build_network, load_data
 from dist_train.config import Config
-from dist_train.data import Records
+from dist_train.data import build_dataset
 from dist_train.errors import ConfigError, TrainingError
+from dist_train.inference import predict
+from dist_train.layout import Layout
+from dist_train.models import parameter_counts
 from dist_train.optim import Schedule, build_optimizer
+from dist_train.trainer import fit
 
 TRAIN_BATCHES = 4
 EVAL_BATCHES = 2
@@ -36,35 +42,34 @@ def debug_config(config: Config) -> Config:
     )
 
 
-def head(records: Records, count: int) -> Records:
-    return records.take(range(min(count, len(records.paths))))
-
-
 def run_debug(config: Config, config_path: str | None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--debug runs one process: python train.py --config X --debug (no accelerate launch)")
-    from dist_train.custom import user_datasets
-    from dist_train.inference import predict
-    from dist_train.models import build_model
-    from dist_train.tasks import load_task, task_for_datasets
-    from dist_train.trainer import fit
-
-    datasets = user_datasets(config.data, {"train": None, "val": None})  # data.file's, else the built-in ones
-    if datasets is None:
-        train, val, _, task = load_task(config)
-        train_len, val_len = len(train.paths), len(val.paths)
-    else:
-        _, task = task_for_datasets(config, datasets["train"])
-        train_len, val_len = len(datasets["train"]), len(datasets["val"])
-    model = build_model(config.model, config.model.num_classes or task.num_outputs, config.data.channels, config.data.image_size)
+    set_seed(config.seed)  # the weights the real run starts from
+    data = load_data(config, Given())  # data.file's datasets, else the built-in ones
+    model = build_network(config, data.task)
     print(f"debug: the run {config_path or 'the default config'} describes\n"
-          f"{summary(config, model, train_len, val_len, task)}", flush=True)
+          f"{summary(config, model, *data.lengths(), data.task)}", flush=True)
     torch.autograd.set_detect_anomaly(True)
+    images, targets = first_batch(config, data)
+    first, last = overfit_one_batch(config, model, data.task.loss(), images, targets,
+                                    torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"debug: overfit one batch ({len(targets)} images, {OVERFIT_STEPS} steps of {config.optim.name} "
+          f"at lr {config.optim.lr:g}): loss {first:.4f} -> {last:.4f}, ok", flush=True)
     debug = debug_config(config)
     print(f"debug: now a few batches on one process, into {debug.output_dir}", flush=True)
-    fit(debug, overwrite=True, debug=True)
+    one_process = Layout(1, config.data.batch_size, config.train.grad_accum_steps)
+    limits = Limits(train=TRAIN_BATCHES * one_process.global_batch, val=EVAL_BATCHES * eval_batch(config))
+    fit(debug, overwrite=True, limits=limits)
     predict(debug, Path(debug.output_dir) / "checkpoints" / "last", limit=EVAL_BATCHES * eval_batch(debug))
     print("debug: train, validate, checkpoint and predict all ran; the config is ready for the real run", flush=True)
+
+
+def first_batch(config: Config, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first training batch, decoded and augmented by the CPU path."""
+    dataset = build_dataset(data.train, config.data, "train", config.seed) if data.built_in else data.train
+    items = [dataset[i] for i in range(min(config.data.batch_size, len(dataset)))]
+    return torch.stack([item[0] for item in items]), default_collate([item[1] for item in items])
 
 
 def eval_batch(config: Config) -> int:
@@ -73,14 +78,11 @@ def eval_batch(config: Config) -> int:
 
 def summary(config: Config, model: torch.nn.Module, train_len: int, val_len: int, task) -> str:
     """What the real run (not the debug one) will be: model size, batch, steps, the LR curve."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable, frozen = parameter_counts(model)
     megabytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     batch, accum = config.data.batch_size, config.train.grad_accum_steps
-    steps_per_epoch = math.ceil(math.ceil(train_len / batch) / accum)
-    total = steps_per_epoch * config.train.epochs
-    if config.train.max_steps is not None:
-        total = min(total, config.train.max_steps)
+    layout = Layout(1, batch, accum, train_len)
+    steps_per_epoch, total = layout.steps_per_epoch, layout.total_steps(config.train.epochs, config.train.max_steps)
     sched = config.scheduler
     model_name = f"{type(model).__name__} (model.file)" if config.model.file else config.model.name
     data_name = f"data.file {Path(config.data.file).name}" if config.data.file else config.data.source
@@ -90,7 +92,7 @@ def summary(config: Config, model: torch.nn.Module, train_len: int, val_len: int
         f"  data       {data_name}: {train_len:,} training / {val_len:,} validation images, "
         f"{f'{task.num_outputs} classes' if task.kind == 'classification' else f'task {task.kind}, {task.num_outputs} outputs'}, "
         f"input {config.data.channels}x{config.data.image_size}x{config.data.image_size}",
-        f"  batch      {batch} per process x {accum} accumulation = {batch * accum} per optimizer step on 1 process "
+        f"  batch      {batch} per process x {accum} accumulation = {layout.global_batch} per optimizer step on 1 process "
         f"(x N on N processes, with 1/N of the steps)",
         f"  steps      {steps_per_epoch} optimizer steps/epoch x {config.train.epochs} epochs = {total} steps (1 process); "
         f"{sched.name} schedule, warm-up {sched.warmup_epochs:g} epoch(s)",

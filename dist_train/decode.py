@@ -22,6 +22,8 @@ from torchvision.ops import roi_align
 
 from dist_train.errors import SampleError
 
+BAD_TARGET = -2
+"""The target of an unreadable image skipped under data.bad_samples=skip (-1 marks unlabelled test rows)."""
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
 
 
@@ -143,8 +145,6 @@ class DeviceDecoder:
         out = torch.where(flips[:, None, None, None], out.flip(-1), out)
         out = (out.float() - self.scale) * self.inv_std
         if targets is not None and bad:
-            from dist_train.data import BAD_TARGET
-
             targets = targets.clone()
             targets[bad] = BAD_TARGET
         return out, targets

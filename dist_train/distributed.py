@@ -13,6 +13,7 @@ from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_objec
 
 from dist_train.config import DeepSpeedConfig
 from dist_train.errors import ConfigError, DistributedSetupError, DistTrainError
+from dist_train.layout import Layout
 
 COLLECTIVE_TIMEOUT_MARGIN_S = 60
 LAUNCH_HINT = (
@@ -94,7 +95,7 @@ def deepspeed_plugin(cfg: DeepSpeedConfig, batch_size: int | None, accum: int, m
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": max_grad_norm if max_grad_norm is not None else 0.0,
-        "train_batch_size": batch_size * accum * world,
+        "train_batch_size": Layout(world, batch_size, accum).global_batch,
     }
     config: dict = {"zero_optimization": {"stage": cfg.zero_stage}}
     if cfg.config_file:
@@ -157,6 +158,21 @@ def launcher_requested_processes(pid: int | None = None) -> int | None:
     return None
 
 
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside `model`'s wrappers (torch.compile, DDP; DeepSpeed's engine), the wrappers left as they are.
+
+    Accelerate's unwrap_model imports DeepSpeed whenever it is installed, which on a CPU machine prints DeepSpeed's
+    "Setting accelerator to CPU" into every plain DDP run, and by default it hands back a compiled model's wrapper;
+    so outside DeepSpeed runs the two wrappers are stripped here.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+    module = getattr(model, "_orig_mod", model)
+    while isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        module = module.module
+    return module
+
+
 def broadcast_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP does before each forward.
 
@@ -165,8 +181,16 @@ def broadcast_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """
     if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.num_processes == 1:
         return
-    for buffer in accelerator.unwrap_model(model).buffers():
+    for buffer in unwrap(accelerator, model).buffers():
         torch.distributed.broadcast(buffer.data, src=0)
+
+
+def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """For each flag, whether it is set on at least one rank: one all-reduce, the same answer everywhere."""
+    values = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(values)
+    return [v > 0 for v in values.tolist()]
 
 
 def same_on_all_ranks(accelerator: Accelerator, value):

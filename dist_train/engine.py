@@ -1,35 +1,64 @@
-"""The explicit loop: train_one_epoch and evaluate. Everything else (what to build, when to save) lives elsewhere."""
+"""The loop: a Run trains epoch by epoch over built Parts -- micro-steps, optimizer steps, the step policy,
+evaluation, the epoch's end -- deciding through policy.py's rules and communicating through ranks.Ranks."""
 from __future__ import annotations
 
-import math
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from dist_train import faults
-from dist_train.distributed import main_print
-from dist_train.errors import TrainingError
-from dist_train.optim import Schedule
+from dist_train.build import Parts
+from dist_train.checkpoint import Checkpointer, Resumable, checkpoint_name
+from dist_train.config import to_dict
+from dist_train.distributed import unwrap
+from dist_train.faults import Preempted, SignalFlag, Watchdog
+from dist_train.policy import EvalRules, StepRules
+from dist_train.ranks import Ranks, check_each_once
+from dist_train.report import Reporter, describe_run, epoch_line, progress
 
 
-def progress(iterable, desc: str, accelerator: Accelerator) -> tqdm:
-    """A bar on the main process only; redrawn rarely when the output is a log file, not a terminal."""
-    return tqdm(
-        iterable, desc=desc, disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
+@dataclass
+class RunState:
+    """Where the run is and what it has decided so far; saved in every checkpoint (trainer_state.json)."""
+
+    epoch: int = 0
+    """Epochs completed."""
+    batches_done: int = 0
+    """Micro-batches of epoch `epoch` + 1 already trained on, per process (a save in the middle of an epoch)."""
+    global_step: int = 0
+    """Optimizer steps taken."""
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    best_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+    skipped_samples: int = 0
+    """Unreadable images replaced by blanks that weigh nothing (data.bad_samples=skip), all ranks."""
+    epoch_totals: list[float] = field(default_factory=list)
+    """Mid-epoch: the epoch's [loss sum, real samples, unreadable samples] so far, all ranks (EpochTotals)."""
+    layout: list[int] = field(default_factory=list)
+    """[processes, per-process batch, accumulation] of this run (a loaded state keeps this run's)."""
+    history: list[dict] = field(default_factory=list)
+    """Per epoch: what each rank saw (batches, samples) -- the run's own record of its sharding."""
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in (f.name for f in fields(self) if f.name != "layout"):
+            if name in state:
+                setattr(self, name, state[name])
 
 
 @dataclass
 class EpochResult:
     train_loss: float
     """Mean over this epoch's real samples of all processes (padding repeats excluded)."""
-    optimizer_steps: int
     samples: int
     """Real samples trained on by all processes together."""
     local_samples: int
@@ -46,341 +75,375 @@ class EpochTotals:
     """This rank's running sums over an epoch's good steps: [loss, real samples, unreadable samples].
 
     They stay on the device (no host sync per step). A checkpoint in the middle of an epoch stores
-    their all-rank values (`reduced`); the resumed run carries them on rank 0, so that the epoch's
-    train loss and counts cover the whole epoch.
+    their all-rank values; the resumed run carries them on rank 0, so that the epoch's train loss and
+    counts cover the whole epoch.
     """
 
     def __init__(self, device, carried: list[float] | None = None):
         self.values = torch.tensor(carried or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
 
-    def reduced(self, accelerator: Accelerator) -> list[float]:
-        return accelerator.reduce(self.values.clone(), "sum").tolist()
 
+@dataclass
+class Epoch:
+    """An epoch in progress on this rank: where it started, its loader, and its running counters (those on the
+    device are read when a step is logged and at the epoch's end: no host sync per step)."""
 
-class FiniteGuard:
-    """Skips every optimizer step whose loss or gradient is NaN/Inf on any rank, the same way on every rank.
+    number: int
+    """Counted from 1."""
+    first_batch: int
+    """Micro-batches done before this process started (> 0 after a resume in the middle of the epoch)."""
+    loader: Any
+    bar: tqdm
+    totals: EpochTotals
+    step_loss: torch.Tensor
+    """The current optimizer step's real loss sum on this rank, on the device."""
+    step_count: int = 0
+    """The current optimizer step's real samples on this rank."""
+    grad_norm: Any = None
+    """The last optimizer step's gradient norm before clipping (None without clipping)."""
+    local_batches: int = 0
+    local_samples: int = 0
+    window_samples: int = 0
+    """Real samples since the last logged step on this rank (for samples/s)."""
+    window_start: float = field(default_factory=time.perf_counter)
+    data_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
 
-    The verdict is a flag on the device that every rank computes alike. Under DDP (`via_gradients`) it
-    costs no communication of its own: a rank whose loss is not finite scales its backward by NaN
-    (`carry`), DDP's gradient all-reduce spreads any NaN/Inf to every rank, and each rank judges the
-    all-reduced gradients, which are the same everywhere. Elsewhere (DeepSpeed, FSDP) the local verdicts
-    are all-reduced: one small collective per optimizer step. With a fused torch optimizer the verdict never
-    leaves the device: it goes to the optimizer as `found_inf` (the protocol torch's GradScaler uses), which
-    leaves weights, moments and step count as they were, and the counters stay on the device until `poll`
-    reads them (every checkpoint.check_every_n_steps and before each save). Otherwise (other optimizers,
-    DeepSpeed, policy stop) each step reads the flag at once: one host sync per optimizer step.
-    """
+    def __post_init__(self):
+        self.batches = iter(self.bar)
 
-    def __init__(self, accelerator: Accelerator, torch_optimizer: torch.optim.Optimizer, policy: str, max_bad: int,
-                 kept, skipped: int = 0, in_a_row: int = 0, via_gradients: bool = False):
-        self.accelerator, self.torch_optimizer, self.policy, self.max_bad, self.kept = accelerator, torch_optimizer, policy, max_bad, kept
-        self.via_gradients = via_gradients and accelerator.num_processes > 1
-        self.sync_free = (policy == "skip" and bool(torch_optimizer.defaults.get("fused"))
-                          and accelerator.distributed_type != DistributedType.DEEPSPEED and accelerator.scaler is None)
-        # skipped in all, bad steps in a row, the step at which a run of max_bad ended, the last bad step
-        self.counts = torch.tensor([skipped, in_a_row, 0, 0], dtype=torch.int64, device=accelerator.device)
-        self.skipped, self.in_a_row = skipped, in_a_row
-
-    def step(self, optimizer, step_loss: torch.Tensor, grad_norm, step: int) -> torch.Tensor:
-        """optimizer.step() unless optimizer step number `step` is bad; returns the 0-d bool verdict."""
-        if self.via_gradients:  # the all-reduced gradients carry every rank's verdict (see carry)
-            if grad_norm is None:
-                grads = [p.grad for group in self.torch_optimizer.param_groups for p in group["params"] if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=step_loss.device)
-            bad = ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
-        else:
-            bad = ~torch.isfinite(step_loss)
-            if grad_norm is not None:
-                bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
-            if self.accelerator.num_processes > 1:
-                flag = bad.to(torch.float32).reshape(1)
-                torch.distributed.all_reduce(flag)
-                bad = flag[0] > 0
-        flag = bad.to(torch.float32)  # exactly 1.0 or 0.0: the fused kernels skip on found_inf == 1 only
-        counts, hit = self.counts, bad.long()
-        counts[0] += hit
-        counts[1] = (counts[1] + 1) * hit
-        counts[2] = torch.where((counts[1] >= self.max_bad) & (counts[2] == 0), step, counts[2])
-        counts[3] = torch.where(bad, step, counts[3])
-        if self.sync_free:
-            self.torch_optimizer.found_inf, self.torch_optimizer.grad_scale = flag, None
-            try:
-                optimizer.step()
-            finally:
-                del self.torch_optimizer.found_inf, self.torch_optimizer.grad_scale
-        elif not self.poll(step):
-            optimizer.step()
-        return bad
-
-    def carry(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss to back-propagate: itself (times exactly 1.0) when finite; times NaN when not, which makes
-        every gradient it reaches NaN, and DDP's all-reduce then tells every rank. (A non-finite loss alone
-        need not make the gradients so: a constant NaN term, or an Inf cross-entropy with label smoothing.)"""
-        if not self.via_gradients:
-            return loss
-        return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
-
-    def poll(self, step: int) -> bool:
-        """Reads the counters: warns about skipped steps, raises TrainingError when the policy says stop.
-        Returns whether the newest step was bad."""
-        skipped, self.in_a_row, run_end, last_bad = self.counts.tolist()
-        new, self.skipped = skipped - self.skipped, skipped
-        if not new:
-            return False
-        if self.policy == "stop":
-            raise TrainingError(f"step {last_bad}: the loss or gradient is not finite on some rank (train.nonfinite=stop); "
-                                f"stopped. {self.kept()}")
-        if run_end:
-            raise TrainingError(f"steps {run_end - self.max_bad + 1}-{run_end}: {self.max_bad} optimizer steps in a row had a "
-                                f"non-finite loss or gradient (train.max_bad_steps={self.max_bad}); stopped at step {step}. "
-                                f"{self.kept()}")
-        which = f"step {last_bad}" if new == 1 else f"{new} steps up to step {last_bad}"
-        main_print(self.accelerator, f"warning: {which}: non-finite loss or gradient on some rank; every rank skipped it "
-                                     f"({self.in_a_row} in a row, {skipped} in all)")
-        return last_bad == step
-
-
-def input_dtype(model: torch.nn.Module) -> torch.dtype:
-    """float32 normally (autocast does mixed precision); bf16/fp16 when DeepSpeed keeps the weights in it."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def real_rows(micro_batch: int, batch_len: int, rank: int, world: int, batch_size: int, dataset_len: int) -> int:
-    """How many leading rows of this rank's micro-batch are real samples; the rest are repeats padding the epoch.
-
-    Accelerate deals the sampler's batches out round-robin (batch k to rank k % world) and completes the
-    last ones with indices from the epoch's start, so row j of micro-batch m on rank r sits at position
-    m*world*b + r*b + j of the epoch's sample order, and is real iff that position is < len(dataset).
-    (tests/test_sharding.py pins this layout against Accelerate's BatchSamplerShard.) Plain integers:
-    no device work, no host sync.
-    """
-    start = micro_batch * world * batch_size + rank * batch_size
-    return max(0, min(batch_len, dataset_len - start))
-
-
-def window_sample_count(first: int, end: int, world: int, batch_size: int, dataset_len: int) -> int:
-    """Real samples, over all ranks, in micro-batches [first, end) of the epoch: one optimizer step's batch."""
-    return min(dataset_len, end * world * batch_size) - min(dataset_len, first * world * batch_size)
-
-
-def expected_batches_per_rank(dataset_len: int, batch_size: int, world: int) -> int:
-    return math.ceil(math.ceil(dataset_len / batch_size) / world)
-
-
-def train_one_epoch(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    loader,
-    loss_fn: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    *,
-    batch_size: int,
-    dataset_len: int,
-    grad_accum_steps: int,
-    max_grad_norm: float | None,
-    log_every_n_steps: int,
-    global_step: int,
-    log,
-    epoch: int,
-    num_batches: int,
-    start_batch: int = 0,
-    on_step=None,
-    totals: EpochTotals | None = None,
-    guard: FiniteGuard | None = None,
-    skip_bad_samples: bool = False,
-    prepare_input=None,
-    beat=lambda: None,
-    mix=None,
-) -> tuple[EpochResult, int]:
-    """One pass over this process's shard; returns the result and the new optimizer-step count.
-
-    `loader` yields micro-batches start_batch..num_batches-1 of the epoch (start_batch > 0 after a
-    resume in the middle of an epoch). After each optimizer step `on_step(batches_done, global_step,
-    finite)` may save a checkpoint or stop the run; it returns True to end the epoch there.
-
-    Each optimizer step follows the gradient of the mean loss over the real samples of its window, all
-    ranks together: padding repeats weigh 0 and a short last window is normalised by its own size, so
-    N processes x batch b x accumulation A take the same steps as 1 process with batch N*b*A.
-    With a `guard`, a step whose loss or gradient is not finite on any rank is skipped by every rank, so
-    the weights stay finite and identical. `prepare_input(images, targets)` makes the model's input
-    (data.ModelInput: decode on the device, dtype, memory layout); `mix(images, targets, epoch, micro)` mixes a
-    batch (mixup/CutMix) into soft targets. Nothing in a step waits for the device:
-    the loss and counters stay there and are read every `log_every_n_steps`.
-    """
-    model.train()
-    start = time.perf_counter()
-    world, rank, accum = accelerator.num_processes, accelerator.process_index, grad_accum_steps
-    if num_batches != expected_batches_per_rank(dataset_len, batch_size, world):
-        raise RuntimeError(f"the loader has {num_batches} batches per process; the sharding layout this loop relies on "
-                           f"gives {expected_batches_per_rank(dataset_len, batch_size, world)}")
-    totals = totals or EpochTotals(accelerator.device)
-    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # this step's, read when logged
-    steps = step_count = 0
-    local_batches, local_samples = start_batch, start_batch * batch_size  # batches before a resume were full
-    window_start = time.perf_counter()
-    window_samples = 0
-    prepare_input = prepare_input or default_input(model)
-    bar = progress(loader, f"epoch {epoch}", accelerator)
-    batches, data_seconds = iter(bar), 0.0
-    for micro in range(start_batch, num_batches):
+    def next_batch(self):
+        """The loader's next batch (None when it is exhausted), timing the wait for it."""
         waited = time.perf_counter()
         try:
-            images, targets, _ = next(batches)
+            batch = next(self.batches)
         except StopIteration:
-            break
-        data_seconds += time.perf_counter() - waited
-        beat()
-        images, targets = prepare_input(images, targets)
-        first = micro - micro % accum
-        window_total = window_sample_count(first, min(first + accum, num_batches), world, batch_size, dataset_len)
-        real = real_rows(micro, len(targets), rank, world, batch_size, dataset_len)
-        if skip_bad_samples:  # unreadable images arrive as blanks with target BAD_TARGET: they weigh nothing
-            readable = targets >= 0
-            totals.values[2] += (~readable[:real]).sum()
-            targets = targets.clamp(min=0)
-        if mix is not None:
-            images, targets = mix(images, targets, epoch, micro)
-        # accumulate() turns off DDP's gradient all-reduce on all but the last micro-batch of each
-        # window (and always syncs at the end of the loader, so no gradient leaks into the next epoch).
+            return None
+        self.data_seconds += time.perf_counter() - waited
+        return batch
+
+    def count(self, micro: MicroBatch) -> None:
+        self.step_count += micro.real
+        self.local_batches += 1
+        self.local_samples += len(micro.targets)
+        self.window_samples += micro.real
+
+    def add_step(self, bad: torch.Tensor | None) -> None:
+        """The finished optimizer step's loss and samples into the epoch's totals (a skipped step's stay out)."""
+        if bad is None:
+            self.totals.values[0] += self.step_loss
+            self.totals.values[1] += self.step_count
+        else:  # a skipped step's loss (NaN, say) stays out of the epoch's mean
+            self.totals.values[0] += torch.where(bad, 0.0, self.step_loss)
+            self.totals.values[1] += torch.where(bad, 0, self.step_count)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as the model sees it, and what the loss must know of its rows."""
+
+    index: int
+    """Within the epoch, counted from 0."""
+    images: torch.Tensor
+    targets: torch.Tensor
+    real: int
+    """Leading rows that are real samples (the rest are repeats padding the epoch: they weigh 0)."""
+    window_samples: int
+    """Real samples, all ranks, of its accumulation window: the step's loss is their mean."""
+    readable: torch.Tensor | None = None
+    """data.bad_samples=skip: which rows are readable images (the others weigh 0)."""
+
+
+class Run:
+    """One training run over built Parts: epochs of train + evaluate from where the run stands, checkpoints
+    through a Checkpointer, decisions through the pure rules of policy.py, output through a Reporter.
+
+        run = Run(accelerator, build_parts(accelerator, config))
+        run.start(resume=None)     # or "auto" / a checkpoint directory
+        summary = run.train()
+
+    `watchdog` and `signals` (faults.py) see the run's progress and its preemption signals; left out, none.
+    """
+
+    def __init__(self, accelerator: Accelerator, parts: Parts, watchdog: Watchdog | None = None,
+                 signals: SignalFlag | None = None, started: float | None = None):
+        config = parts.config
+        self.accelerator, self.parts, self.config, self.layout = accelerator, parts, config, parts.layout
+        self.state = RunState(layout=self.layout.as_list())
+        self.ranks = Ranks(accelerator)
+        self.step_rules = StepRules.of(config.train, config.checkpoint, self.layout.batches_per_process)
+        self.eval_rules = EvalRules.of(config.train, config.checkpoint)
+        self.config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
+        output_dir = Path(config.output_dir)
+        self.checkpointer = Checkpointer(accelerator, output_dir / "checkpoints", parts.model,
+                                         Resumable(self.state, parts.schedule, parts.guard, parts.ema),
+                                         layout=self.layout.as_list(), config_yaml=self.config_yaml,
+                                         classes=parts.labels, keep_last=config.checkpoint.keep_last)
+        self.reporter = Reporter(accelerator, config, output_dir)
+        self.watchdog = watchdog or Watchdog(config.train.distributed_timeout_s, 1)
+        self.signals = signals or SignalFlag(signals=())
+        self.started = started if started is not None else time.time()
+        self.last_save = time.monotonic()
+        self.info: dict = {}
+
+    def start(self, resume: str | None = None) -> None:
+        """Resume when asked, then open the run directory's records (config.yaml, run_info.json, metrics.jsonl,
+        TensorBoard) and say what runs."""
+        resumed_from = None
+        if resume is not None:
+            resumed_from = self.checkpointer.resume(resume)
+            self.reporter.say(f"resumed from {resumed_from}: epoch {self.state.epoch + 1}, batch {self.state.batches_done}, "
+                              f"step {self.state.global_step}")
+        self.info = describe_run(self.accelerator, self.parts, self.ranks.gather_processes(), resumed_from, self.started)
+        self.reporter.start(self.info, self.config_yaml, self.state.global_step if resume is not None else None,
+                            self.parts.model_name)
+
+    def train(self) -> dict:
+        """Epochs of train + evaluate from where the run stands; returns the summary (run_info.json)."""
+        stop = None
+        for index in range(self.state.epoch, self.config.train.epochs):
+            if not self.eval_rules.starts_epoch(self.state.global_step):
+                break
+            result = self.train_epoch(index)
+            metrics, outputs = self.evaluate()
+            stop = self.end_epoch(result, metrics, outputs)
+            if stop is not None:
+                break
+        return self.finish(stopped_early=stop == "patience")
+
+    # --- one epoch of training -----------------------------------------------------------------
+
+    def train_epoch(self, index: int) -> EpochResult:
+        """One pass over this process's shard of epoch `index` (from 0), from where a resume left it."""
+        epoch = self._begin_epoch(index)
+        self.parts.model.train()
+        for micro in range(epoch.first_batch, self.layout.batches_per_process):
+            batch = epoch.next_batch()
+            if batch is None:
+                break
+            self.watchdog.beat()
+            if self.micro_step(self._micro_batch(batch, micro, epoch), epoch) and self.after_step(epoch):
+                epoch.loader.end()  # leaving the loop early: unregister it from Accelerate's gradient state
+                break
+        return self._end_training(epoch)
+
+    def micro_step(self, micro: MicroBatch, epoch: Epoch) -> bool:
+        """Forward and backward of one micro-batch; the optimizer step when it ends an accumulation window.
+        Returns whether it did. Each step follows the gradient of the mean loss over the real samples of its
+        window, all ranks together: N processes x batch b x accumulation A step as 1 process with batch N*b*A."""
+        model, accelerator = self.parts.model, self.accelerator
+        # accumulate() turns off DDP's gradient all-reduce on all but the last micro-batch of each window
+        # (and always syncs at the end of the loader, so no gradient leaks into the next epoch).
         with accelerator.accumulate(model):
-            logits = model(images)
-            beat()
-            per_sample = loss_fn(logits, targets)
-            if skip_bad_samples:
-                per_sample = per_sample * readable
-            real_loss_sum = per_sample[:real].sum()
-            if faults.planned("nan", f"step:{global_step + 1}"):  # a NaN loss and gradient
-                real_loss_sum = real_loss_sum * float("nan")
-            if faults.planned("nanloss", f"step:{global_step + 1}"):  # a NaN loss whose gradient is finite
-                real_loss_sum = real_loss_sum + float("nan")
-            if guard is not None:
-                real_loss_sum = guard.carry(real_loss_sum)
+            logits = model(micro.images)
+            self.watchdog.beat()
+            loss_sum = self._real_loss_sum(logits, micro)
             # backward() divides by grad_accum_steps and DDP averages over ranks: undo both, and divide
             # once by the window's real sample count.
-            accelerator.backward(real_loss_sum * (accum * world / window_total))
-            step_loss += real_loss_sum.detach().double()
-            grad_norm, bad = None, None
-            if accelerator.sync_gradients:
-                if max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                if guard is not None:
-                    bad = guard.step(optimizer, step_loss, grad_norm, global_step + 1)
-                else:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        faults.inject(f"batch:{(epoch - 1) * num_batches + micro + 1}")
-        step_count += real
-        local_batches += 1
-        local_samples += len(targets)
-        window_samples += real
-        if accelerator.sync_gradients:
-            steps += 1
-            global_step += 1
-            if bad is None:
-                totals.values[0] += step_loss
-                totals.values[1] += step_count
-            else:  # a skipped step's loss (NaN, say) stays out of the epoch's mean
-                totals.values[0] += torch.where(bad, 0.0, step_loss)
-                totals.values[1] += torch.where(bad, 0, step_count)
-            if not accelerator.optimizer_step_was_skipped:
-                schedule.step()  # a step skipped as non-finite still counts: the LR follows the step count
-            if global_step % log_every_n_steps == 0:
-                now = time.perf_counter()
-                count = torch.tensor(float(step_count), dtype=torch.float64, device=accelerator.device)
-                total = accelerator.reduce(torch.stack([step_loss, count]), "sum")
-                values = {"train/loss": (total[0] / total[1].clamp(min=1)).item(), "train/lr": schedule.lr()}
-                values["train/samples_per_sec"] = window_samples * world / max(now - window_start, 1e-9)
-                if grad_norm is not None:
-                    values["train/grad_norm"] = float(grad_norm)
-                log(values, global_step)
-                window_start, window_samples = now, 0
-                # shown at the bar's next redraw (refreshing now would print a stale count into log files)
-                bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}", refresh=False)
-            step_loss.zero_()
-            step_count = 0
-            beat()
-            if on_step is not None and on_step(micro + 1, global_step):
-                loader.end()  # leaving the loop early: unregister it from Accelerate's gradient state
-                break
-    bar.close()
-    loss, real_samples, skipped = totals.reduced(accelerator)
-    result = EpochResult(
-        train_loss=loss / max(real_samples, 1),
-        optimizer_steps=steps,
-        samples=int(real_samples),
-        local_samples=local_samples,
-        local_batches=local_batches,
-        seconds=time.perf_counter() - start,
-        skipped_samples=int(skipped),
-        data_seconds=data_seconds,
-    )
-    return result, global_step
+            accelerator.backward(loss_sum * (self.layout.accum * self.layout.processes / micro.window_samples))
+            epoch.step_loss += loss_sum.detach().double()
+            epoch.count(micro)
+            stepped = accelerator.sync_gradients
+            if stepped:
+                self.optimizer_step(epoch)
+        faults.inject(f"batch:{(epoch.number - 1) * self.layout.batches_per_process + micro.index + 1}")
+        return stepped
 
+    def optimizer_step(self, epoch: Epoch) -> None:
+        """Clip, step (unless the guard finds the step non-finite on some rank), zero the gradients, schedule."""
+        parts, accelerator, max_norm = self.parts, self.accelerator, self.config.train.max_grad_norm
+        epoch.grad_norm = accelerator.clip_grad_norm_(parts.model.parameters(), max_norm) if max_norm is not None else None
+        bad = parts.guard.step(parts.optimizer, epoch.step_loss, epoch.grad_norm, self.state.global_step + 1)
+        parts.optimizer.zero_grad(set_to_none=True)
+        if not accelerator.optimizer_step_was_skipped:
+            parts.schedule.step()  # a step skipped as non-finite still counts: the LR follows the step count
+        self.state.global_step += 1
+        epoch.add_step(bad)
 
-def default_input(model: torch.nn.Module):
-    """Images in the dtype of the model's weights (float32 normally; bf16/fp16 when DeepSpeed keeps them so)."""
-    dtype = input_dtype(model)
-    return lambda images, targets: (images.to(dtype), targets)
+    def after_step(self, epoch: Epoch) -> bool:
+        """After an optimizer step: the log, the EMA, then the step policy -- a periodic, timed or preemption save.
+        Returns True to end the epoch here (train.max_steps)."""
+        self._log_step(epoch)
+        self.watchdog.beat()
+        step, self.state.batches_done = self.state.global_step, epoch.local_batches
+        if self.parts.ema is not None:
+            self.parts.ema.update(unwrap(self.accelerator, self.parts.model))
+        preempted = timed = False
+        if self.step_rules.checks_at(step):
+            self.parts.guard.poll(step)
+            timed_due = self.accelerator.is_main_process and self.step_rules.timed_save_due(time.monotonic() - self.last_save)
+            preempted, timed = self.ranks.agree_on_signals(self.signals.received is not None, timed_due)
+        decision = self.step_rules.after_step(step, epoch.local_batches, preempted, timed)
+        if decision.save:
+            self.state.epoch_totals = self.ranks.sum_epoch_totals(epoch.totals.values)
+            path = self.save()
+            if decision.preempt:
+                raise Preempted(f"a preemption signal reached the job; saved {path} at step {step}")
+        faults.inject(f"step:{step}")
+        return decision.end_epoch
 
+    def _begin_epoch(self, index: int) -> Epoch:
+        """Epoch `index`'s shuffle and augmentation seeds, its loader (past the batches a resumed run already did)
+        and its counters (on rank 0, the totals a mid-epoch checkpoint carried)."""
+        parts, state = self.parts, self.state
+        parts.train_loader.set_epoch(index)
+        parts.train_set.set_epoch(index)
+        first, state.batches_done = state.batches_done, 0
+        carried = state.epoch_totals if first and self.accelerator.is_main_process else None
+        totals, state.epoch_totals = EpochTotals(self.accelerator.device, carried), []
+        loader = self.accelerator.skip_first_batches(parts.train_loader, first) if first else parts.train_loader
+        if first:
+            loader.set_epoch(index)
+        return Epoch(number=index + 1, first_batch=first, loader=loader, bar=progress(loader, f"epoch {index + 1}", self.accelerator),
+                     totals=totals, step_loss=torch.zeros((), dtype=torch.float64, device=self.accelerator.device),
+                     local_batches=first, local_samples=first * self.layout.batch_size)  # batches before a resume were full
 
-def largest_batch_that_fits(accelerator: Accelerator, model: torch.nn.Module, start: int, sample_shape: tuple) -> int:
-    """Halve `start` until a forward + backward of a batch that size fits in this rank's memory; every rank
-    returns the smallest size any rank found. The probe feeds zeros in eval mode: no RNG drawn, no
-    BatchNorm statistics touched, the weights left as they were."""
-    model.to(accelerator.device)
-    was_training = model.training
-    model.eval()
-    size = start
-    while True:
-        try:
-            faults.inject(f"find:{size}")
-            with accelerator.autocast():
-                out = model(torch.zeros(size, *sample_shape, device=accelerator.device))
-            out.float().sum().backward()
-            break
-        except torch.OutOfMemoryError:
-            if size == 1:
-                raise
-            size //= 2
-        finally:
-            out = None
-            model.zero_grad(set_to_none=True)
-            if accelerator.device.type == "cuda":
-                torch.cuda.empty_cache()
-    model.train(was_training)
-    agreed = torch.tensor([size], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-    return int(agreed.item())
+    def _micro_batch(self, batch, index: int, epoch: Epoch) -> MicroBatch:
+        """The model's input (data.ModelInput: decode on the device, dtype, memory layout), unreadable images
+        weighed out, mixup/CutMix applied."""
+        images, targets, _ = batch
+        images, targets = self.parts.prepare_input(images, targets)
+        real = self.layout.real_rows(index, len(targets), self.accelerator.process_index)
+        readable = None
+        if self.config.data.bad_samples == "skip":  # unreadable images arrive as blanks with target BAD_TARGET
+            readable = targets >= 0
+            epoch.totals.values[2] += (~readable[:real]).sum()
+            targets = targets.clamp(min=0)
+        if self.parts.mix is not None:
+            images, targets = self.parts.mix(images, targets, epoch.number, index)
+        return MicroBatch(index, images, targets, real, self.layout.window_samples(index), readable)
 
+    def _real_loss_sum(self, logits: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+        """The summed loss of the micro-batch's real, readable rows (with the test-only injected NaNs)."""
+        per_sample = self.parts.loss_fn(logits, micro.targets)
+        if micro.readable is not None:
+            per_sample = per_sample * micro.readable
+        loss_sum = per_sample[:micro.real].sum()
+        if faults.planned("nan", f"step:{self.state.global_step + 1}"):  # a NaN loss and gradient
+            loss_sum = loss_sum * float("nan")
+        if faults.planned("nanloss", f"step:{self.state.global_step + 1}"):  # a NaN loss whose gradient is finite
+            loss_sum = loss_sum + float("nan")
+        return self.parts.guard.carry(loss_sum)
 
-@torch.inference_mode()
-def predict_gathered(accelerator: Accelerator, model: torch.nn.Module, loader, desc: str, loss_fn=None,
-                     beat=lambda: None, prepare_input=None):
-    """Logits, targets, dataset indices (and per-sample losses) of the whole split, gathered on every rank.
+    def _log_step(self, epoch: Epoch) -> None:
+        """Every train.log_every_n_steps: the step's loss (all ranks), LR, samples/s and gradient norm to TensorBoard."""
+        step = self.state.global_step
+        if step % self.config.train.log_every_n_steps == 0:
+            now = time.perf_counter()
+            values = {"train/loss": self.ranks.mean_step_loss(epoch.step_loss, epoch.step_count),
+                      "train/lr": self.parts.schedule.lr(),
+                      "train/samples_per_sec": epoch.window_samples * self.layout.processes / max(now - epoch.window_start, 1e-9)}
+            if epoch.grad_norm is not None:
+                values["train/grad_norm"] = float(epoch.grad_norm)
+            self.reporter.scalars(values, step)
+            epoch.window_start, epoch.window_samples = now, 0
+            # shown at the bar's next redraw (refreshing now would print a stale count into log files)
+            epoch.bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}", refresh=False)
+        epoch.step_loss.zero_()
+        epoch.step_count = 0
 
-    `gather_for_metrics` drops the repeats that pad the last batches, so each sample appears exactly once;
-    the returned indices let callers check that and restore the input order. (Unreadable images skipped
-    under data.bad_samples=skip come back with a negative target; metrics leave them out.)
-    """
-    model.eval()
-    outputs = {"logits": [], "targets": [], "indices": [], "losses": []}
-    prepare_input = prepare_input or default_input(model)
-    for images, targets, indices in progress(loader, desc, accelerator):
-        beat()
-        images, targets = prepare_input(images, targets)
-        with accelerator.autocast():
-            logits = model(images)
-        batch = {"logits": logits.float(), "targets": targets, "indices": indices}
-        if loss_fn is not None:
-            batch["losses"] = loss_fn(logits, targets if targets.is_floating_point() else targets.clamp(min=0))
-        for key, value in accelerator.gather_for_metrics(batch).items():
-            outputs[key].append(value)  # kept on the device: one copy to the host at the end, no sync per batch
-    return {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in outputs.items()}
+    def _end_training(self, epoch: Epoch) -> EpochResult:
+        """The epoch's training figures, all ranks."""
+        epoch.bar.close()
+        loss, real_samples, skipped = self.ranks.sum_epoch_totals(epoch.totals.values)
+        seconds = time.perf_counter() - epoch.started
+        self.parts.guard.poll(self.state.global_step)
+        return EpochResult(train_loss=loss / max(real_samples, 1), samples=int(real_samples), local_samples=epoch.local_samples,
+                           local_batches=epoch.local_batches, seconds=seconds, skipped_samples=int(skipped),
+                           data_seconds=epoch.data_seconds)
 
+    # --- evaluation and the epoch's end ----------------------------------------------------------
 
-def check_each_once(indices: torch.Tensor, expected: int, what: str) -> None:
-    """The gathered indices must be a permutation of range(expected): no sample lost or counted twice."""
-    if len(indices) != expected or not torch.equal(torch.sort(indices).values, torch.arange(expected)):
-        raise RuntimeError(f"{what}: gathered {len(indices)} predictions for {expected} samples (lost or duplicated rows)")
+    def evaluate(self) -> tuple[dict, dict]:
+        """The validation split through the model (its EMA when kept), each rank its shard, gathered; returns the
+        metrics (rank 0's, on every rank) and the gathered outputs."""
+        parts = self.parts
+        self.ranks.share_buffers(parts.model, parts.ema)
+        model = parts.ema.module if parts.ema is not None else parts.model
+        outputs = self.ranks.gather_predictions(model, parts.val_loader, parts.loss_fn, parts.prepare_input, self.watchdog.beat)
+        check_each_once(outputs["indices"], len(parts.val_set), "validation")
+        groups = parts.val_groups[outputs["indices"]] if parts.val_groups is not None else None
+        metrics = parts.task.metrics(outputs["logits"], outputs["targets"], outputs["losses"], groups)
+        return self.ranks.rank0_metrics(metrics), outputs
+
+    def end_epoch(self, result: EpochResult, metrics: dict, outputs: dict) -> str | None:
+        """Decide (improved? stop?), record, save (`best` when improved), and say so; returns why the run stops
+        after this epoch ("max_steps", "patience") or None."""
+        state, monitor = self.state, self.config.checkpoint.monitor
+        lr = self.parts.schedule.lr()
+        self.parts.schedule.step_metric(metrics[monitor])
+        decision = self.eval_rules.after_evaluation(metrics[monitor], state.best_metric, state.evals_without_improvement,
+                                                    state.epoch + 1, state.global_step)
+        state.epoch, state.batches_done = state.epoch + 1, 0
+        state.skipped_samples += result.skipped_samples
+        state.evals_without_improvement = decision.evals_without_improvement
+        if decision.improved:
+            state.best_metric, state.best_epoch = metrics[monitor], state.epoch
+            state.best_checkpoint = checkpoint_name(state.global_step)
+        record = self._epoch_record(result, metrics, lr)
+        self.reporter.epoch(record, metrics, state.global_step)
+        if self.parts.task.kind == "classification":
+            self.reporter.figures(state.global_step, metrics, self.parts.labels, self.parts.val_set, outputs)
+        if result.skipped_samples:
+            self.reporter.say(f"epoch {state.epoch}: skipped {result.skipped_samples} unreadable training images "
+                              f"(data.bad_samples=skip; {state.skipped_samples} in all)")
+        path = self.save(best=decision.improved)
+        faults.inject(f"epoch:{state.epoch}")
+        if self.ranks.any_preempted(self.signals.received is not None):  # e.g. a signal during validation
+            raise Preempted(f"a preemption signal reached the job; saved {path} at step {state.global_step}")
+        self.reporter.say(epoch_line(self.config, self.parts.task.headline(), record, metrics, decision.improved))
+        if decision.stop == "max_steps":
+            self.reporter.say(f"reached train.max_steps={self.config.train.max_steps}")
+        elif decision.stop == "patience":
+            self.reporter.say(f"early stop: {monitor} did not improve for {self.config.train.early_stopping_patience} evaluations")
+        return decision.stop
+
+    def _epoch_record(self, result: EpochResult, metrics: dict, lr: float) -> dict:
+        """The epoch's line of metrics.jsonl (and the run state's record of what each rank trained on)."""
+        shards = self.ranks.gather_shards(result.local_batches, result.local_samples)
+        record = {
+            "epoch": self.state.epoch,
+            "step": self.state.global_step,
+            **{k: v for k, v in metrics.items() if k.startswith("val_")},
+            "train_loss": result.train_loss,
+            "lr": lr,
+            "samples_per_sec": result.samples / max(result.seconds, 1e-9),
+            "epoch_seconds": result.seconds,
+            "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),
+            "skipped_steps": self.parts.guard.skipped,
+            "skipped_samples": result.skipped_samples,
+            "rank_batches": [b for _, b, _ in shards],
+            "rank_samples": [s for _, _, s in shards],
+        }
+        self.state.history.append({k: record[k] for k in ("epoch", "rank_batches", "rank_samples")})
+        return record
+
+    def save(self, best: bool = False) -> Path:
+        """A checkpoint of the run as it stands; the guard's counters are read first (the guard may stop the run)."""
+        self.parts.guard.poll(self.state.global_step)
+        self.watchdog.beat()
+        path = self.checkpointer.save(best)
+        self.watchdog.beat()
+        self.last_save = time.monotonic()
+        return path
+
+    def finish(self, stopped_early: bool) -> dict:
+        """The run's summary (run_info.json completed): where it ended, the best metric, each rank's final digests."""
+        parts, state = self.parts, self.state
+        digests, optimizer_digests = self.ranks.gather_digests(parts.model, parts.torch_optimizer, self.config.deepspeed.enabled)
+        summary = {
+            **self.info,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wall_seconds": time.time() - self.started,
+            "epochs_completed": state.epoch,
+            "global_step": state.global_step,
+            "stopped_early": stopped_early,
+            "best": {"metric": self.config.checkpoint.monitor, "value": state.best_metric, "epoch": state.best_epoch,
+                     "checkpoint": state.best_checkpoint},
+            "skipped_steps": parts.guard.skipped,
+            "skipped_samples": state.skipped_samples,
+            "final_weights_sha256_per_rank": digests,
+            "final_optimizer_sha256_per_rank": optimizer_digests,
+        }
+        self.reporter.finish(summary, state.best_metric)
+        return summary

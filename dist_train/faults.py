@@ -34,7 +34,7 @@ def rank() -> int:
 
 class SignalFlag:
     """Remembers that SIGTERM or SIGUSR1 (SLURM's warning signals) reached this process; acting on it is
-    left to the next step boundary, where all ranks agree (see `any_rank`)."""
+    left to the next step boundary, where all ranks agree (see `distributed.any_rank`)."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.received: str | None = None
@@ -47,14 +47,6 @@ class SignalFlag:
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
-
-
-def any_rank(accelerator, *flags: bool) -> list[bool]:
-    """For each flag, whether it is set on at least one rank: one all-reduce, the same answer everywhere."""
-    values = torch.tensor([float(f) for f in flags], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(values)
-    return [v > 0 for v in values.tolist()]
 
 
 def requeue_slurm_job() -> str | None:

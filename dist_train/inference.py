@@ -17,10 +17,10 @@ from dist_train.config import Config, resolve
 from dist_train.custom import user_datasets
 from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device, load_test_records
 from dist_train.distributed import build_accelerator, main_print
-from dist_train.engine import check_each_once, predict_gathered
 from dist_train.errors import CheckpointError
 from dist_train.losses import build_loss
 from dist_train.models import build_model, read_weights
+from dist_train.ranks import check_each_once, predict_gathered
 from dist_train.submission import write_submission
 from dist_train.tasks import Task, build_task, group_ids, load_task, task_for_datasets
 
@@ -72,63 +72,31 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
     accelerator = build_accelerator(
         seed=config.seed, mixed_precision=config.train.mixed_precision, timeout_s=config.train.distributed_timeout_s
     )
-    saved = [json.loads((w.parent / CLASSES_FILE).read_text()) if (w.parent / CLASSES_FILE).is_file() else None for w in weights]
-    if any(s != saved[0] for s in saved):
-        raise CheckpointError(f"the checkpoints were trained on different labels ({checkpoints[0]}: {saved[0]}; "
-                              f"{checkpoints[saved.index(next(s for s in saved if s != saved[0]))]}: other labels)")
     with accelerator.main_process_first():
-        labels, records = saved[0], None
-        user_sets = user_datasets(config.data, {split: dataset})  # None: the built-in dataset
-        if user_sets is not None:
-            if labels is None:  # a bare weights file: the dataset's `classes`, else model.num_classes
-                labels = task_for_datasets(config, user_sets[split])[0]
-        else:
-            if split == "val" or labels is None:  # a bare weights file: the labels come from the training data
-                _, val_records, data_labels, _ = load_task(config)
-                labels = labels if labels is not None else data_labels
-            records = val_records if split == "val" else load_test_records(config.data)
-    task = build_task(config, labels)
-    if limit is not None and user_sets is not None:
-        user_sets[split] = user_sets[split].head(limit)
-    elif limit is not None:
-        records = records.take(range(min(limit, len(records.paths))))
-
+        task, dataset, row_ids, groups, on_device = prediction_data(config, checkpoints, weights, split, dataset, limit,
+                                                                    accelerator.device)
     channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
-    if user_sets is None:
-        on_device = decodes_on_device(config.data, accelerator.device, [records])
-        dataset, row_ids = build_dataset(records, config.data, split, config.seed, on_device), records.ids
-        groups = group_ids(records.groups)
-    else:
-        on_device, dataset, row_ids = False, user_sets[split], user_sets[split].row_ids()
-        groups = group_ids(getattr(dataset, "groups", None))
-    given_model = model
     loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))
     prepare_input = ModelInput(config.data, accelerator.device, on_device, torch.float32, channels_last)
     predictions, targets = [], None
     for path in weights:
         # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
-        model = build_model(replace(config.model, pretrained=None, freeze=[]), task.num_outputs, config.data.channels,
-                            config.data.image_size, given=given_model)
-        model.load_state_dict(read_weights(path))
-        model.to(accelerator.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        network = build_model(replace(config.model, pretrained=None, freeze=[]), task.num_outputs, config.data.channels,
+                              config.data.image_size, given=model)
+        network.load_state_dict(read_weights(path))
+        network.to(accelerator.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         if config.inference.tta == "hflip":
-            model = FlipAverage(model, task)
-        out = predict_gathered(accelerator, model, loader, "predict", prepare_input=prepare_input)
+            network = FlipAverage(network, task)
+        out = predict_gathered(accelerator, network, loader, "predict", prepare_input=prepare_input)
         check_each_once(out["indices"], len(dataset), "inference")
         order = torch.argsort(out["indices"])
         predictions.append(out["logits"][order])
         targets = out["targets"][order]
     outputs = predictions[0] if len(predictions) == 1 else task.average(predictions)
-
     path = Path(output or config.inference.output or Path(config.output_dir) / "submission.csv")
     if accelerator.is_main_process:
-        ids = list(row_ids)
-        extra = {}
-        if config.inference.probabilities:
-            probabilities = task.probabilities(outputs)
-            extra = {f"prob_{name}": [f"{p:.6g}" for p in probabilities[:, c].tolist()] for c, name in enumerate(task.class_names)}
-        write_submission(path, ids, task.predictions(outputs), config.inference.id_column, config.inference.label_column, extra)
-        main_print(accelerator, f"wrote {len(ids)} predictions from {accelerator.num_processes} process(es)"
+        write_predictions(config, task, path, row_ids, outputs)
+        main_print(accelerator, f"wrote {len(row_ids)} predictions from {accelerator.num_processes} process(es)"
                                 f"{f' averaging {len(weights)} checkpoints' if len(weights) > 1 else ''}"
                                 f"{' with flip TTA' if config.inference.tta == 'hflip' else ''} to {path}")
         if split == "val":
@@ -139,3 +107,40 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
             main_print(accelerator, " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float)))
     accelerator.wait_for_everyone()
     return path if accelerator.is_main_process else None
+
+
+def prediction_data(config: Config, checkpoints: list, weights: list[Path], split: str, dataset, limit: int | None,
+                    device: torch.device):
+    """The task the checkpoints were trained for and what to predict: (task, dataset, row ids, ranking query ids,
+    decode on the device). The labels come from the checkpoints' classes.json (a bare weights file: the training
+    data's, or the user's dataset's `classes`)."""
+    saved = [json.loads((w.parent / CLASSES_FILE).read_text()) if (w.parent / CLASSES_FILE).is_file() else None for w in weights]
+    if any(s != saved[0] for s in saved):
+        other = saved.index(next(s for s in saved if s != saved[0]))
+        raise CheckpointError(f"the checkpoints were trained on different labels ({checkpoints[0]}: {saved[0]}; "
+                              f"{checkpoints[other]}: other labels)")
+    labels = saved[0]
+    user_sets = user_datasets(config.data, {split: dataset})  # None: the built-in dataset
+    if user_sets is not None:
+        if labels is None:  # a bare weights file: the dataset's `classes`, else model.num_classes
+            labels = task_for_datasets(config, user_sets[split])[0]
+        dataset = user_sets[split] if limit is None else user_sets[split].head(limit)
+        return build_task(config, labels), dataset, dataset.row_ids(), group_ids(getattr(dataset, "groups", None)), False
+    if split == "val" or labels is None:  # a bare weights file: the labels come from the training data
+        _, val_records, data_labels, _ = load_task(config)
+        labels = labels if labels is not None else data_labels
+    records = val_records if split == "val" else load_test_records(config.data)
+    if limit is not None:
+        records = records.take(range(min(limit, len(records.paths))))
+    on_device = decodes_on_device(config.data, device, [records])
+    dataset = build_dataset(records, config.data, split, config.seed, on_device)
+    return build_task(config, labels), dataset, records.ids, group_ids(records.groups), on_device
+
+
+def write_predictions(config: Config, task: Task, path: Path, row_ids: list[str], outputs: torch.Tensor) -> None:
+    """The submission: id, the task's prediction and (inference.probabilities) a probability column per class."""
+    extra = {}
+    if config.inference.probabilities:
+        probabilities = task.probabilities(outputs)
+        extra = {f"prob_{name}": [f"{p:.6g}" for p in probabilities[:, c].tolist()] for c, name in enumerate(task.class_names)}
+    write_submission(path, list(row_ids), task.predictions(outputs), config.inference.id_column, config.inference.label_column, extra)

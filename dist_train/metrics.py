@@ -1,13 +1,10 @@
-"""Metrics on whole gathered per-sample tensors (tensors in, python floats out), each implemented once."""
+"""Metrics of a whole gathered split (tensors in, python floats out), computed by scikit-learn wherever it has the
+metric; each is defined once, here."""
 from __future__ import annotations
 
+import numpy as np
 import torch
-
-
-def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """counts[true, predicted]."""
-    flat = targets.long() * num_classes + preds.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+from sklearn import metrics as sk
 
 
 def classification_metrics(
@@ -20,9 +17,9 @@ def classification_metrics(
 ) -> dict:
     """Accuracy, macro precision/recall/F1, per-class F1, the confusion matrix and the per-sample mean loss.
 
-    Classes absent from both targets and predictions get F1 = 0 and count in the macro average, as in
-    scikit-learn's `zero_division=0`. Rows with a negative target (unreadable images skipped under
-    data.bad_samples=skip) are left out.
+    Every class of the model's output counts in the macro averages (scikit-learn's `labels=range(C)`), a class
+    absent from both targets and predictions with precision, recall and F1 of 0 (`zero_division=0`). Rows with
+    a negative target (unreadable images skipped under data.bad_samples=skip) are left out.
 
     Opt-in extras (off by default so the usual keys stay exactly as they were): `with_roc_auc` adds
     `val_roc_auc` (see `roc_auc`, on softmax probabilities) and each k in `top_k` adds `val_top{k}_accuracy`.
@@ -30,25 +27,19 @@ def classification_metrics(
     readable = targets >= 0
     if not bool(readable.all()):
         logits, targets, losses = logits[readable], targets[readable], losses[readable]
-    num_classes = logits.shape[1]
-    preds = logits.argmax(dim=1)
-    cm = confusion_matrix(preds, targets, num_classes).double()
-    tp = cm.diag()
-    predicted = cm.sum(0)
-    actual = cm.sum(1)
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
-    denom = precision + recall
-    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    labels = np.arange(logits.shape[1])
+    y, predicted = targets.long().numpy(), logits.argmax(dim=1).numpy()
+    precision, recall, f1, _ = sk.precision_recall_fscore_support(y, predicted, labels=labels, zero_division=0)
+    cm = sk.confusion_matrix(y, predicted, labels=labels)
     metrics = {
         "val_loss": losses.double().mean().item(),
-        "val_accuracy": (tp.sum() / cm.sum()).item(),
-        "val_f1_macro": f1.mean().item(),
-        "val_precision_macro": precision.mean().item(),
-        "val_recall_macro": recall.mean().item(),
-        "val_samples": int(cm.sum().item()),
+        "val_accuracy": float(sk.accuracy_score(y, predicted)),
+        "val_f1_macro": float(f1.mean()),
+        "val_precision_macro": float(precision.mean()),
+        "val_recall_macro": float(recall.mean()),
+        "val_samples": int(cm.sum()),
         "per_class_f1": f1.tolist(),
-        "confusion_matrix": cm.long().tolist(),
+        "confusion_matrix": cm.tolist(),
     }
     if with_roc_auc:
         metrics["val_roc_auc"] = roc_auc(logits.double().softmax(dim=1), targets)
@@ -57,82 +48,48 @@ def classification_metrics(
     return metrics
 
 
-def is_improvement(value: float, best: float | None, mode: str) -> bool:
-    if best is None:
-        return True
-    return value > best if mode == "max" else value < best
-
-
-def _binary_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Mann-Whitney U with average ranks for ties: equal to the trapezoid area under the ROC curve,
-    which is how scikit-learn counts a positive tied with a negative (one half)."""
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    average_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based rank of each distinct score
-    ranks = average_rank[inverse]
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    u = ranks[positive].sum().item() - n_pos * (n_pos + 1) / 2
-    return u / (n_pos * n_neg)
-
-
 def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Area under the ROC curve.
+    """Area under the ROC curve (scikit-learn's `roc_auc_score`).
 
     Binary: `scores` is 1-D (score of class 1) or (N, 2) probabilities, targets in {0, 1}.
-    Multi-class (N, C > 2): one-vs-rest, macro average over classes, as scikit-learn's
-    `roc_auc_score(y, p, multi_class="ovr", average="macro")` when every class is present. A class with no
-    positive or no negative sample has no ROC curve (scikit-learn raises); it is left out of the average
-    instead, so a small validation split missing a class still gets a number. NaN when no class is left
-    (e.g. a binary split with one class only).
+    Multi-class (N, C > 2): one-vs-rest, macro average over classes, as `roc_auc_score(y, p, multi_class="ovr",
+    average="macro")` when every class is present. A class with no positive or no negative sample has no ROC
+    curve (scikit-learn raises); it is left out of the average instead, so a small validation split missing a
+    class still gets a number. NaN when no class is left (e.g. a binary split with one class only).
     """
-    targets = targets.long()
+    y = targets.long().numpy()
+    scores = scores.double().numpy()
     if scores.ndim == 2 and scores.shape[1] == 2:
         scores = scores[:, 1]
     if scores.ndim == 1:
-        columns, positives = scores[:, None], (targets == 1)[:, None]
+        columns, positives = scores[:, None], (y == 1)[:, None]
     else:
-        columns, positives = scores, targets[:, None] == torch.arange(scores.shape[1], device=targets.device)
-    aucs = [
-        _binary_auc(columns[:, c], positives[:, c])
-        for c in range(columns.shape[1])
-        if 0 < int(positives[:, c].sum()) < len(targets)
-    ]
-    return sum(aucs) / len(aucs) if aucs else float("nan")
+        columns, positives = scores, y[:, None] == np.arange(scores.shape[1])
+    aucs = [sk.roc_auc_score(positives[:, c], columns[:, c]) for c in range(columns.shape[1])
+            if 0 < positives[:, c].sum() < len(y)]
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def top_k_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
-    """Fraction of samples whose target is among the k highest scores, as scikit-learn's
-    `top_k_accuracy_score(y, logits, k=k, labels=range(C))`.
-
-    Ties follow scikit-learn's ordering (a stable ascending sort, reversed): a class tied with the target
-    ranks ahead of it when its index is higher. Counting instead of sorting keeps that exact on any device.
-    """
-    target_scores = logits.gather(1, targets.long()[:, None])
-    classes = torch.arange(logits.shape[1], device=logits.device)
-    ahead = (logits > target_scores) | ((logits == target_scores) & (classes > targets[:, None]))
-    return (ahead.sum(1) < k).double().mean().item()
+    """Fraction of samples whose target is among the k highest scores: scikit-learn's
+    `top_k_accuracy_score(y, scores, k=k, labels=range(C))` (binary: on the probability of class 1)."""
+    scores = logits.double()
+    if scores.shape[1] == 2:
+        scores = scores.softmax(dim=1)[:, 1]
+    return float(sk.top_k_accuracy_score(targets.long().numpy(), scores.numpy(), k=k, labels=np.arange(logits.shape[1])))
 
 
 def regression_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict:
     """Mean absolute error, mean squared error and its root, over all elements.
 
-    With several outputs per sample the MAE and MSE equal scikit-learn's `multioutput="uniform_average"`;
+    With several outputs per sample the MAE and MSE are scikit-learn's `multioutput="uniform_average"`;
     `val_rmse` is sqrt(val_mse), not scikit-learn's mean of per-output RMSEs. `preds` is reshaped to the
     targets' shape so that (N, 1) predictions against (N,) targets cannot broadcast to (N, N).
     """
-    errors = preds.double().reshape(targets.shape) - targets.double()
-    mse = errors.square().mean().item()
-    return {"val_mae": errors.abs().mean().item(), "val_mse": mse, "val_rmse": mse**0.5}
-
-
-def _segment_sum(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
-    return torch.zeros(n_segments, dtype=torch.float64, device=values.device).index_add_(0, segment, values.double())
-
-
-def _sorted_within_queries(query_ids: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Row order grouping rows by query and sorting each query by `key`, descending."""
-    order = torch.sort(key, descending=True, stable=True).indices
-    return order[torch.sort(query_ids[order], stable=True).indices]
+    y = targets.double().numpy()
+    predicted = preds.double().reshape(targets.shape).numpy()
+    mse = float(sk.mean_squared_error(y, predicted))
+    return {"val_mae": float(sk.mean_absolute_error(y, predicted)), "val_mse": mse, "val_rmse": mse**0.5}
 
 
 def ranking_metrics(scores: torch.Tensor, relevance: torch.Tensor, query_ids: torch.Tensor, k: int = 10) -> dict:
@@ -140,53 +97,48 @@ def ranking_metrics(scores: torch.Tensor, relevance: torch.Tensor, query_ids: to
 
     Each is averaged over queries and none depends on row order, ties included:
     - NDCG@k: scikit-learn's `ndcg_score(k=k)` per query (linear gains = relevance; tied scores share the
-      average gain of their group).
-    - MAP: scikit-learn's `average_precision_score` per query with relevant = relevance > 0 (a tied group
-      is one threshold).
-    - MRR: 1 / rank of the first relevant row, where a relevant row tied with non-relevant rows ranks
-      after them, so a constant scorer earns no credit from the dataset's row order.
-    A query with no relevant row scores 0 on all three (scikit-learn's ndcg and average precision give 0
-    too), so the three share one denominator, the number of queries.
+      average gain of their group); a query of one row scores 1 when that row is relevant.
+    - MAP: scikit-learn's `average_precision_score` per query with relevant = relevance > 0 (a tied group is one
+      threshold), computed as its `label_ranking_average_precision_score`, which is the same number per query
+      (the precision at each relevant row's tied group's end, averaged) without a call per query.
+    - MRR (scikit-learn has none): 1 / rank of the first relevant row, where a relevant row tied with
+      non-relevant rows ranks after them, so a constant scorer earns no credit from the dataset's row order.
+    A query with no relevant row scores 0 on all three (as scikit-learn's ndcg), so the three share one
+    denominator, the number of queries. Queries are laid out as rows of a matrix, padded with rows that are not
+    relevant and score below every real one (so they change nothing), a few thousand cells per chunk.
     """
     if bool((relevance < 0).any()):
         raise ValueError("ranking_metrics: relevance must be >= 0")
-    order = _sorted_within_queries(query_ids, scores)
-    query_ids, scores, relevance = query_ids[order], scores[order].double(), relevance[order].double()
-    n = len(scores)
-    starts_query = torch.ones(n, dtype=torch.bool, device=scores.device)
-    starts_query[1:] = query_ids[1:] != query_ids[:-1]
-    starts_group = starts_query.clone()  # a group: rows of one query with one score (a tie)
-    starts_group[1:] |= scores[1:] != scores[:-1]
-    ends_group = torch.ones_like(starts_group)
-    ends_group[:-1] = starts_group[1:]
-    query = starts_query.cumsum(0) - 1
-    group = starts_group.cumsum(0) - 1
-    n_queries, n_groups = int(query[-1]) + 1, int(group[-1]) + 1
-    position = torch.arange(n, device=scores.device) - starts_query.nonzero().squeeze(1)[query]  # 0-based rank
-    group_query = query[starts_group]
-    group_size = _segment_sum(torch.ones_like(scores), group, n_groups)
+    scores, relevance = scores.double().numpy(), relevance.double().numpy()
+    _, query, sizes = np.unique(query_ids.numpy(), return_inverse=True, return_counts=True)
+    rows = np.lexsort((relevance, scores, query))  # by query, then a canonical order: sums never depend on row order
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    floor = scores.min() - 1.0 if len(scores) else 0.0
+    totals = np.zeros(3)  # mrr, ndcg, map summed over queries
+    for chunk in _chunks(np.argsort(sizes, kind="stable"), sizes):
+        width = sizes[chunk].max()
+        s, r = np.full((len(chunk), width), floor), np.zeros((len(chunk), width))
+        for i, q in enumerate(chunk):
+            picked = rows[starts[q]:starts[q] + sizes[q]]
+            s[i, :sizes[q]], r[i, :sizes[q]] = scores[picked], relevance[picked]
+        relevant = r > 0
+        some = relevant.any(1)
+        if not some.any():
+            continue
+        best = np.where(relevant, s, -np.inf).max(1, keepdims=True)
+        totals[0] += (1.0 / (1 + ((s >= best) & ~relevant).sum(1)))[some].sum()
+        totals[1] += sk.ndcg_score(r, s, k=k) * len(chunk) if width > 1 else some.sum()
+        totals[2] += sk.label_ranking_average_precision_score(relevant[some], s[some]) * some.sum()
+    mrr, ndcg, ap = totals / max(len(sizes), 1)
+    return {"val_mrr": float(mrr), f"val_ndcg@{k}": float(ndcg), "val_map": float(ap)}
 
-    # NDCG@k: tied rows share their group's mean gain, spread over the group's positions
-    discount = torch.where(position < k, 1 / torch.log2(position + 2.0), 0.0)
-    group_mean_gain = _segment_sum(relevance, group, n_groups) / group_size
-    dcg = _segment_sum(group_mean_gain * _segment_sum(discount, group, n_groups), group_query, n_queries)
-    ideal = relevance[_sorted_within_queries(query, relevance)]  # same query blocks, best first
-    ideal_dcg = _segment_sum(ideal * discount, query, n_queries)
-    ndcg = torch.where(ideal_dcg > 0, dcg / ideal_dcg.clamp(min=1e-300), 0.0)
 
-    # average precision: one term per tied group, at the precision reached at the group's end
-    relevant = (relevance > 0).double()
-    n_relevant = _segment_sum(relevant, query, n_queries)
-    group_relevant = _segment_sum(relevant, group, n_groups)
-    cumulative = relevant.cumsum(0)
-    relevant_seen = (cumulative - (cumulative - relevant)[starts_query][query])[ends_group]  # within the query
-    precision_at_group_end = relevant_seen / (position[ends_group] + 1)
-    ap = _segment_sum(group_relevant * precision_at_group_end, group_query, n_queries)
-    ap = torch.where(n_relevant > 0, ap / n_relevant.clamp(min=1), 0.0)
-
-    # reciprocal rank: the first group holding a relevant row, its non-relevant rows counted ahead
-    has_relevant = group_relevant > 0
-    rank = position[starts_group] + (group_size - group_relevant) + 1  # rank if this group held the first hit
-    first_rank = torch.full((n_queries,), float("inf"), dtype=torch.float64, device=scores.device)
-    first_rank.scatter_reduce_(0, group_query[has_relevant], rank[has_relevant], reduce="amin")
-    return {"val_mrr": (1 / first_rank).mean().item(), f"val_ndcg@{k}": ndcg.mean().item(), "val_map": ap.mean().item()}
+def _chunks(queries: np.ndarray, sizes: np.ndarray, cells: int = 1 << 22):
+    """`queries` (shortest first) in runs whose padded matrix stays under `cells` cells."""
+    start = 0
+    while start < len(queries):
+        end = start + 1
+        while end < len(queries) and (end + 1 - start) * sizes[queries[end]] <= cells:
+            end += 1
+        yield queries[start:end]
+        start = end

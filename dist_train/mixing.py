@@ -5,6 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dist_train.config import DataConfig
+
 
 def _soft_targets(targets: torch.Tensor, num_classes: int, lam: float, label_smoothing: float) -> torch.Tensor:
     """lam of each sample's own class plus 1 - lam of its partner's, smoothed towards uniform."""
@@ -65,3 +67,18 @@ def mix_batch(
     elif lam < 1.0:
         mixed = images * lam + images.flip(0) * (1.0 - lam)
     return mixed, _soft_targets(targets, num_classes, lam, label_smoothing)
+
+
+class BatchMixer:
+    """Mixup/CutMix of the loop's micro-batches (data.mixup_alpha, data.cutmix_alpha); the randomness of each is a
+    function of (seed, epoch, micro-batch, rank) only, so a resumed or replayed run mixes exactly the same."""
+
+    def __init__(self, cfg: DataConfig, num_classes: int, seed: int, rank: int):
+        self.cfg, self.num_classes, self.seed, self.rank = cfg, num_classes, seed, rank
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`epoch` counts from 1, `micro` from 0 within the epoch."""
+        seed = ((self.seed * 1_000_003 + epoch) * 1_000_033 + micro) * 1_009 + self.rank
+        return mix_batch(images, targets, self.num_classes, mixup_alpha=self.cfg.mixup_alpha,
+                         cutmix_alpha=self.cfg.cutmix_alpha, prob=self.cfg.mix_prob, switch_prob=self.cfg.mix_switch_prob,
+                         generator=torch.Generator().manual_seed(seed))

@@ -10,15 +10,12 @@ import math
 import torch
 from torch import nn
 
-from dist_train.config import Config
+from dist_train.config import Config, DataConfig, monitorable
+from dist_train.custom import class_names
+from dist_train.data import Records, encode_classes, load_splits, sorted_labels
 from dist_train.errors import ConfigError, DataError
 from dist_train.losses import build_loss, build_regression_loss
 from dist_train.metrics import classification_metrics, ranking_metrics, regression_metrics
-from dist_train.data import Records, encode_classes, load_splits, sorted_labels
-
-CLASSIFICATION_METRICS = ("val_loss", "val_accuracy", "val_f1_macro", "val_precision_macro", "val_recall_macro")
-LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse")
-
 
 def label_columns(config: Config) -> list[str]:
     """The CSV columns holding a labelled row's target(s)."""
@@ -28,19 +25,6 @@ def label_columns(config: Config) -> list[str]:
     if task.kind == "regression":
         return list(task.targets) or [config.data.label_column]
     return [config.data.label_column]
-
-
-def monitorable(config: Config) -> list[str]:
-    """The val_* metrics the task reports that checkpoint.monitor may name; the second is the default monitor."""
-    task = config.task
-    if task.kind == "multihead":
-        per_head = [f"val_{h.name}_{k}" for h in task.heads for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro")]
-        return [*CLASSIFICATION_METRICS, *per_head]
-    if task.kind == "regression":
-        return ["val_loss", "val_rmse", "val_mae", "val_mse"]
-    if task.kind == "ranking":
-        return ["val_loss", f"val_ndcg@{task.ndcg_k}", "val_mrr", "val_map"]
-    return [*CLASSIFICATION_METRICS, *(["val_roc_auc"] if task.roc_auc else []), *[f"val_top{k}_accuracy" for k in task.top_k]]
 
 
 def fit_labels(config: Config, columns: dict[str, list[str]]) -> list[str] | dict:
@@ -81,11 +65,15 @@ def load_task(config: Config) -> tuple[Records, Records, list[str] | dict, "Task
     return train, val, defined, task
 
 
+def load_records(cfg: DataConfig, seed: int) -> tuple[Records, Records, list[str]]:
+    """Single-label classification: the training and validation splits, and the class names (index = target)."""
+    train, val, classes, _ = load_task(Config(seed=seed, data=cfg))
+    return train, val, classes
+
+
 def task_for_datasets(config: Config, train_set) -> tuple[list[str] | dict, "Task"]:
     """What the labels define, and the task, for datasets of your own (Trainer, data.file): the classes come
     from the dataset's `classes` (or model.num_classes), multihead needs each head's `classes` in the config."""
-    from dist_train.custom import class_names
-
     kind = config.task.kind
     if kind == "classification":
         labels = class_names(train_set, config.model.num_classes)
@@ -345,11 +333,6 @@ def group_ids(groups: list[str] | None) -> torch.Tensor | None:
         return None
     index = {}
     return torch.tensor([index.setdefault(g, len(index)) for g in groups], dtype=torch.long)
-
-
-def mode_of(metric: str) -> str:
-    """min for losses and errors, max for everything else."""
-    return "min" if metric.rsplit("_", 1)[-1] in LOWER_IS_BETTER else "max"
 
 
 def _floats(values: list[str], where: str) -> list[float]:

@@ -2,8 +2,8 @@
 
     accelerate launch --num_processes 2 tests/guard_script.py OUT_DIR
 
-Each rank runs train_one_epoch (with the default guard) for a short and a long epoch, counting the
-collectives called from Python during each, and writes what it saw to OUT_DIR/rank<R>.json.
+Each rank trains a short (5-step) and a long (40-step) epoch with the default guard (Run.train_epoch),
+counting the collectives called from Python during each, and writes what it saw to OUT_DIR/rank<R>.json.
 DIST_TRAIN_FAULT (e.g. nanloss@step:3#1) makes one rank's loss NaN.
 """
 import hashlib
@@ -15,13 +15,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, TensorDataset
 
-from dist_train.config import ModelConfig, OptimConfig, SchedulerConfig
-from dist_train.engine import FiniteGuard, train_one_epoch
-from dist_train.losses import CrossEntropy
-from dist_train.models import build_model
-from dist_train.optim import Schedule, build_optimizer
+from epoch_parts import tiny_model, tiny_run
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "barrier", "all_gather_object")
 calls = []
@@ -41,28 +36,20 @@ def main() -> None:
     out = Path(sys.argv[1])
     accelerator = Accelerator(cpu=True)
     set_seed(0)
-    model = build_model(ModelConfig(width=4), 3, 3, 8)
-    torch_optimizer = build_optimizer(OptimConfig(fused=True), model)
-    n = 40 * 4 * accelerator.num_processes
-    data = TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 3, (n,)), torch.arange(n))
-    model, optimizer, loader = accelerator.prepare(model, torch_optimizer, DataLoader(data, batch_size=4))
-    guard = FiniteGuard(accelerator, torch_optimizer, "skip", 3, kept=lambda: "",
-                        via_gradients=isinstance(model, torch.nn.parallel.DistributedDataParallel))
+    trained = tiny_model(accelerator)
     for name in COLLECTIVES:
         setattr(dist, name, counting(name))
     seen, step = {}, 0
-    for epoch, steps in ((1, 5), (2, 40)):
-        schedule = Schedule(SchedulerConfig(), torch_optimizer, steps, 45, "max")
+    for epoch, steps in enumerate((5, 40)):
+        run = tiny_run(accelerator, trained, steps, first_step=step, total_steps=45)
         calls.clear()
-        _, step = train_one_epoch(accelerator, model, loader, CrossEntropy(), optimizer, schedule, batch_size=4,
-                                  dataset_len=n, grad_accum_steps=1, max_grad_norm=None, log_every_n_steps=1000,
-                                  global_step=step, log=lambda values, at: None, epoch=epoch, num_batches=40,
-                                  on_step=lambda done, at, steps=steps: done >= steps, guard=guard)
+        run.train_epoch(epoch)
+        step = run.state.global_step
         seen[f"collectives_{steps}_steps"] = sorted(calls)
-    guard.poll(step)
-    weights = b"".join(p.detach().numpy().tobytes() for p in accelerator.unwrap_model(model).parameters())
-    seen.update(via_gradients=guard.via_gradients, skipped=guard.skipped, steps=step,
-                finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+    trained.guard.poll(step)
+    weights = b"".join(p.detach().numpy().tobytes() for p in accelerator.unwrap_model(trained.model).parameters())
+    seen.update(via_gradients=trained.guard.via_gradients, skipped=trained.guard.skipped, steps=step,
+                finite=all(bool(torch.isfinite(p).all()) for p in trained.model.parameters()),
                 weights_sha256=hashlib.sha256(weights).hexdigest())
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(seen))
     accelerator.end_training()

@@ -123,7 +123,8 @@ def build_loss(cfg, num_classes):
 
 DATA_FILE = '''
 """The digits tables through dist_train's own dataset class: items (image, target, index)."""
-from dist_train.data import build_dataset as built_in, load_records, load_test_records
+from dist_train.data import build_dataset as built_in, load_test_records
+from dist_train.tasks import load_records
 
 
 def build_dataset(cfg, split):

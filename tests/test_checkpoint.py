@@ -1,13 +1,20 @@
-"""Checkpoint bookkeeping on disk, in one process: manifests, verification, rotation, stale temporaries."""
+"""Checkpoint bookkeeping on disk, in one process: manifests, verification, rotation, stale temporaries; and a
+checkpoint written before the loop's reshape resumes today, bitwise (2 processes)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
+from conftest import config_path, read_jsonl, run_cli
 from dist_train import checkpoint as ckpt
 from dist_train.errors import CheckpointError, SampleError
+from dist_train.models import read_weights
+
+OLD_CHECKPOINT = Path(__file__).parent / "fixtures" / "checkpoint-before-reshape"
 
 
 def sealed(checkpoints, step, payload=b"weights"):
@@ -78,3 +85,27 @@ def test_an_error_reraised_by_a_loader_worker_prints_its_own_message():
     reraised = SampleError("Caught SampleError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
                            '  File "x.py", line 1, in f\ndist_train.errors.SampleError: train sample 3: cannot read image a.png')
     assert reraised.message() == "train sample 3: cannot read image a.png" and reraised.rank_local
+
+
+def test_a_checkpoint_from_before_the_reshape_resumes_bitwise(digits_root, tmp_path):
+    """tests/fixtures/README.md: step 5 of a 2-process run with EMA, saved by the code before build/engine/Checkpointer.
+    Resumed today it must end where today's uninterrupted run ends."""
+    args = ["--config", config_path("digits.yaml"), f"data.root={digits_root}", "data.image_size=8", "data.num_workers=0",
+            "model.name=mlp", "model.width=8", "train.epochs=2", "train.ema_decay=0.9", "checkpoint.every_n_steps=5",
+            "checkpoint.keep_last=100"]
+    whole = tmp_path / "whole"
+    run_cli("train.py", [*args, f"output_dir={whole}"], processes=2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(OLD_CHECKPOINT, resumed / "checkpoints" / "step-00000005")
+    proc = run_cli("train.py", [*args, f"output_dir={resumed}", "--resume", "auto"], processes=2)
+    assert f"resumed from {resumed / 'checkpoints' / 'step-00000005'}: epoch 1, batch 5, step 5" in proc.stdout
+    ends = [json.loads((d / "run_info.json").read_text()) for d in (whole, resumed)]
+    assert ends[0]["final_weights_sha256_per_rank"] == ends[1]["final_weights_sha256_per_rank"]
+    assert ends[0]["final_optimizer_sha256_per_rank"] == ends[1]["final_optimizer_sha256_per_rank"]
+    ema = [ckpt.state_digest(read_weights(d / "checkpoints" / "last" / ckpt.EMA_FILE)) for d in (whole, resumed)]
+    assert ema[0] == ema[1]
+    timing = {"samples_per_sec", "epoch_seconds", "data_wait_fraction"}
+    lines = [[{k: v for k, v in line.items() if k not in timing} for line in read_jsonl(d / "metrics.jsonl")] for d in (whole, resumed)]
+    for line in lines[1]:  # epoch 1's loss covers the steps before the resume too (the carried totals), summed in another order
+        line["train_loss"] = pytest.approx(line["train_loss"], rel=1e-12)
+    assert lines[0] == lines[1]

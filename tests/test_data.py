@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from dist_train.config import DataConfig, load_config
-from dist_train.data import (ClassBalancedSampler, ImageDataset, build_transform, load_records, load_test_records,
-                             materialize_digits, read_csv, sorted_labels)
+from dist_train.data import (ClassBalancedSampler, ImageDataset, build_transform, load_test_records, materialize_digits,
+                             read_csv, sorted_labels)
 from dist_train.errors import ConfigError, DataError
+from dist_train.tasks import load_records
 
 
 def rows(path):

@@ -108,3 +108,16 @@ def test_combinations_that_cannot_work_are_refused(digits_root, tmp_path, capsys
     proc = run_cli("train.py", args, processes=2, check=False)
     assert proc.returncode != 0
     assert "error: DeepSpeed with bf16 on CPU cannot run BatchNorm (small_cnn)" in proc.stderr
+
+
+def test_find_batch_size_tells_deepspeed_the_batch_it_found(digits_root, tmp_path):
+    """DeepSpeed's config is made before the batch-size search (with data.batch_size 32); the engine must run with the
+    size found (the run refuses to start when DeepSpeed's micro-batch and the loaders' differ)."""
+    args = ["--config", config_path("digits.yaml"), *tiny_overrides(digits_root, tmp_path, **{
+        "deepspeed.enabled": "true", "deepspeed.zero_stage": 2, "data.batch_size": 32, "train.find_batch_size": "true",
+        "train.epochs": 1})]
+    proc = run_cli("train.py", args, processes=2, env={FAULT_ENV: "oom@find:32"})  # rank 0 cannot fit 32
+    assert "train.find_batch_size: data.batch_size 32 does not fit on every rank; using 16 per process" in proc.stdout
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["per_process_batch"] == 16 and info["global_batch"] == 32
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["rank_batches"] == [40, 40]

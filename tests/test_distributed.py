@@ -21,7 +21,8 @@ TEST = 270
 
 
 def train_run(digits_root, out, processes, **overrides):
-    run_cli("train.py", ["--config", config_path("digits.yaml"), *tiny_overrides(digits_root, out, **overrides)], processes)
+    proc = run_cli("train.py", ["--config", config_path("digits.yaml"), *tiny_overrides(digits_root, out, **overrides)], processes)
+    (out / "output.txt").write_text(proc.stdout + proc.stderr)
     return json.loads((out / "run_info.json").read_text()), read_jsonl(out / "metrics.jsonl")
 
 
@@ -57,6 +58,14 @@ def test_two_processes_each_train_on_half_and_end_with_identical_weights(two_pro
     assert state_digest(model.state_dict()) == digests[0]  # the checkpoint holds exactly the trained weights
     assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: the main process
+
+
+def test_a_ddp_run_says_nothing_of_deepspeed(two_process_run):
+    """DeepSpeed is installed (the deepspeed extra) but a DDP run never imports it: its import prints a warning on
+    CPU machines and costs start-up time."""
+    output = (two_process_run[0] / "output.txt").read_text()
+    assert "dist_train: 2 process(es)" in output
+    assert "deepspeed" not in output.lower() and "Setting accelerator" not in output
 
 
 def test_run_directory_contents(two_process_run):

@@ -19,7 +19,6 @@ from sklearn.metrics import (
 
 from dist_train.metrics import (
     classification_metrics,
-    is_improvement,
     ranking_metrics,
     regression_metrics,
     roc_auc,
@@ -44,12 +43,6 @@ def test_against_sklearn(seed):
     assert m["confusion_matrix"] == confusion_matrix(y, p, labels=labels).tolist()
     assert m["val_loss"] == pytest.approx(losses.double().mean().item())
     assert m["val_samples"] == 200
-
-
-def test_is_improvement():
-    assert is_improvement(0.5, None, "max")
-    assert is_improvement(0.6, 0.5, "max") and not is_improvement(0.5, 0.5, "max")
-    assert is_improvement(0.4, 0.5, "min") and not is_improvement(0.6, 0.5, "min")
 
 
 def _ties(x: torch.Tensor) -> torch.Tensor:

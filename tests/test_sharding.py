@@ -3,18 +3,19 @@ import pytest
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from dist_train.engine import expected_batches_per_rank, real_rows, window_sample_count
+from dist_train.layout import Layout
 
 
 @pytest.mark.parametrize("n,b,world", [(13, 2, 2), (5, 4, 3), (1257, 32, 2), (9, 2, 3), (64, 8, 2), (3, 4, 2)])
 def test_row_positions_and_padding(n, b, world):
+    layout = Layout(world, b, 1, n)
     batches = BatchSampler(SequentialSampler(range(n)), b, drop_last=False)
     seen = []
     for rank in range(world):
         shard = list(BatchSamplerShard(batches, world, rank, split_batches=False, even_batches=True))
-        assert len(shard) == expected_batches_per_rank(n, b, world)
+        assert len(shard) == layout.batches_per_process
         for m, batch in enumerate(shard):
-            real = real_rows(m, len(batch), rank, world, b, n)
+            real = layout.real_rows(m, len(batch), rank)
             for j, index in enumerate(batch):
                 position = m * world * b + rank * b + j
                 if j < real:
@@ -27,7 +28,12 @@ def test_row_positions_and_padding(n, b, world):
 
 @pytest.mark.parametrize("n,b,world,accum", [(1257, 16, 1, 4), (1257, 16, 2, 2), (1257, 32, 2, 1), (5, 4, 3, 2)])
 def test_window_counts_add_up_to_the_data_set(n, b, world, accum):
-    per_rank = expected_batches_per_rank(n, b, world)
-    windows = [window_sample_count(first, min(first + accum, per_rank), world, b, n) for first in range(0, per_rank, accum)]
+    layout = Layout(world, b, accum, n)
+    firsts = range(0, layout.batches_per_process, accum)
+    windows = [layout.window_samples(first) for first in firsts]
     assert sum(windows) == n
     assert all(w == world * b * accum for w in windows[:-1])
+    assert len(windows) == layout.steps_per_epoch
+    # every micro-batch of a window reports its window's count
+    assert all(layout.window_samples(m) == windows[m // accum] for m in range(layout.batches_per_process))
+    assert layout.global_batch == world * b * accum

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 from conftest import run_cli, tiny_overrides
-from dist_train.config import DataConfig, ModelConfig, OptimConfig, SchedulerConfig
+from dist_train.config import DataConfig
 from dist_train.data import BAD_TARGET, EncodedImageDataset, ImageDataset, ModelInput, Records, build_transform
 from dist_train.decode import DeviceDecoder, collate_encoded, random_resized_crop_box
 from dist_train.errors import SampleError
@@ -36,29 +36,18 @@ class HostSyncs(TorchFunctionMode):
 
 
 def host_syncs_of_an_epoch(steps: int, log_every: int, fused: bool) -> list[str]:
-    """train_one_epoch on one process with the default guard (train.nonfinite=skip): the host syncs it made."""
+    """One epoch of Run.train_epoch on one process with the default guard (train.nonfinite=skip): the host syncs
+    it made."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from dist_train.engine import FiniteGuard, train_one_epoch
-    from dist_train.losses import CrossEntropy
-    from dist_train.models import build_model
-    from dist_train.optim import Schedule, build_optimizer
+    from epoch_parts import tiny_model, tiny_run
 
     try:
         accelerator = Accelerator(cpu=True)
-        n = steps * 4
-        data = TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 3, (n,)), torch.arange(n))
-        model = build_model(ModelConfig(width=4), 3, 3, 8)
-        torch_optimizer = build_optimizer(OptimConfig(fused=fused), model)
-        model, optimizer, loader = accelerator.prepare(model, torch_optimizer, DataLoader(data, batch_size=4))
-        schedule = Schedule(SchedulerConfig(), torch_optimizer, steps, steps, "max")
-        guard = FiniteGuard(accelerator, torch_optimizer, "skip", 3, kept=lambda: "")
+        run = tiny_run(accelerator, tiny_model(accelerator, fused), steps, max_grad_norm=1.0, log_every=log_every)
         with HostSyncs() as syncs:
-            train_one_epoch(accelerator, model, loader, CrossEntropy(), optimizer, schedule, batch_size=4, dataset_len=n,
-                            grad_accum_steps=1, max_grad_norm=1.0, log_every_n_steps=log_every, global_step=0,
-                            log=lambda values, step: None, epoch=1, num_batches=steps, guard=guard)
+            run.train_epoch(0)
         return syncs.calls
     finally:
         AcceleratorState._reset_state(True)

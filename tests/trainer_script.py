@@ -17,8 +17,9 @@ from torch import nn
 
 from dist_train import Trainer
 from dist_train.config import load_config
-from dist_train.data import build_dataset, load_records, load_test_records
+from dist_train.data import build_dataset, load_test_records
 from dist_train.models import SmallCNN
+from dist_train.tasks import load_records
 from user_parts import Recorded
 
 config_file, overrides = sys.argv[1], dict(arg.split("=", 1) for arg in sys.argv[2:])
