@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, gather_object
 from safetensors.torch import load_file, save_file
 
 from dist_train import faults
-from dist_train.distributed import any_rank, main_print, same_on_all_ranks, unwrap
+from dist_train.distributed import any_rank, same_on_all_ranks, unwrap
 from dist_train.ema import ModelEMA
 from dist_train.errors import CheckpointError
 from dist_train.faults import is_peer_failure
@@ -72,7 +72,8 @@ def checkpoint_name(global_step: int) -> str:
 
 class Checkpointer:
     """Saves a run as `checkpoints/step-N` (complete, sealed, then renamed; `last`/`best` swapped after; old ones
-    rotated) and resumes it, bitwise. Every rank calls save() and resume(): Accelerate writes each rank's RNG state
+    rotated) and resumes it, bitwise (choose_checkpoint picks which). Every rank calls save() and resume(): Accelerate
+    writes each rank's RNG state
     and DeepSpeed's shards are saved by all ranks; the other files are written by the main process only.
 
     The collectives of a save, in order: [ZeRO-3: gather the whole weights], agree that the weights are finite,
@@ -82,10 +83,10 @@ class Checkpointer:
     checkpoints intact.
     """
 
-    def __init__(self, accelerator: Accelerator, directory: Path, model, resumable: Resumable, *, layout: list[int],
-                 config_yaml: str, classes: list[str] | dict, keep_last: int = 2):
+    def __init__(self, accelerator: Accelerator, directory: Path, model, resumable: Resumable, *, config_yaml: str,
+                 classes: list[str] | dict, keep_last: int = 2):
         self.accelerator, self.directory, self.model, self.resumable = accelerator, directory, model, resumable
-        self.layout, self.config_yaml, self.classes, self.keep_last = layout, config_yaml, classes, keep_last
+        self.config_yaml, self.classes, self.keep_last = config_yaml, classes, keep_last
 
     def describe_last(self) -> str:
         return describe_last(self.directory)
@@ -172,48 +173,30 @@ class Checkpointer:
 
     # --- resume ---------------------------------------------------------------------------------
 
-    def resume(self, resume: str) -> Path:
-        """Restore model, optimizer, RNGs (Accelerate, weights-only loads) and every Resumable part from `resume`
-        ("auto": the newest intact checkpoint, else a checkpoint directory); returns the directory. Resuming in the
-        middle of an epoch under another layout would replay or skip samples, so it is refused."""
+    def resume(self, directory: Path, rescale: bool = False) -> None:
+        """Restore model, optimizer, RNGs (Accelerate, weights-only loads) and every Resumable part from checkpoint
+        `directory` (chosen and verified by choose_checkpoint). `rescale` (train.elastic=adapt): the checkpoint counted
+        its steps under another global batch; the schedule restarts at its epoch in this run's steps."""
         accelerator = self.accelerator
-        directory = self._choose(resume)
-        saved = json.loads((directory / TRAINER_STATE_FILE).read_text())
-        if saved.get("batches_done") and saved.get("layout") != self.layout:
-            raise CheckpointError(
-                f"{directory} was saved in the middle of epoch {saved['epoch'] + 1} by [processes, batch, accumulation] = "
-                f"{saved.get('layout')}; this run has {self.layout}, under which that position means other samples. "
-                f"Resume with the same layout, or from a checkpoint saved at the end of an epoch")
+        saved = saved_state(directory)
         if not (directory / f"random_states_{accelerator.process_index}.pkl").is_file():  # Accelerate would skip it silently
-            main_print(accelerator, f"warning: {directory} holds no RNG state for rank {accelerator.process_index} (it was "
-                                    f"saved by {saved.get('layout', ['?'])[0]} processes): that rank's random numbers "
-                                    f"restart from the seed")
+            print(f"rank {accelerator.process_index}: {directory} holds no RNG state for this rank (it was saved by "
+                  f"{saved.get('layout', ['?'])[0]} processes): its random numbers restart from the seed", flush=True)
         try:
             accelerator.load_state(str(directory))
-            self.resumable.schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, map_location="cpu", weights_only=True))
+            schedule = torch.load(directory / SCHEDULE_FILE, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(f"checkpoint {directory}: refused to load ({str(exc).splitlines()[0]})") from None
+        if rescale:
+            self.resumable.schedule.restart_at_epoch(saved["epoch"], schedule)
+        else:
+            self.resumable.schedule.load_state_dict(schedule)
         self.resumable.run.load_state_dict(saved)
         self.resumable.guard.load_state_dict(saved)
         if self.resumable.ema is not None:
             self._load_ema(directory, saved)
         if accelerator.is_main_process:
             repair_after_resume(self.directory.parent, saved["global_step"], saved.get("best_checkpoint"))
-        return directory
-
-    def _choose(self, resume: str) -> Path:
-        """The checkpoint to resume from, chosen and verified (sha256 of every file) once, by the main process,
-        and agreed by every rank."""
-        choice = None
-        if self.accelerator.is_main_process:
-            try:
-                choice = ("ok", str(resolve_resume(resume, self.directory, log=lambda m: print(m, flush=True))))
-            except CheckpointError as exc:
-                choice = ("error", str(exc))
-        kind, value = same_on_all_ranks(self.accelerator, choice)
-        if kind == "error":
-            raise CheckpointError(value)
-        return Path(value)
 
     def _load_ema(self, directory: Path, saved: dict) -> None:
         """The moving average saved beside the model (the checkpoint was verified already)."""
@@ -223,6 +206,37 @@ class Checkpointer:
         ema = self.resumable.ema
         weights = load_file(str(directory / EMA_FILE), device=str(next(ema.module.parameters()).device))
         ema.load_state_dict({"module": weights, "updates": saved.get("ema_updates", 0)})
+
+
+def choose_checkpoint(accelerator: Accelerator, resume: str, checkpoints: Path) -> Path:
+    """The checkpoint to resume from ("auto": the newest intact one in `checkpoints`, else the directory given),
+    chosen and verified (sha256 of every file) once, by the main process, and agreed by every rank."""
+    choice = None
+    if accelerator.is_main_process:
+        try:
+            choice = ("ok", str(resolve_resume(resume, checkpoints, log=lambda m: print(m, flush=True))))
+        except CheckpointError as exc:
+            choice = ("error", str(exc))
+    kind, value = same_on_all_ranks(accelerator, choice)
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value)
+
+
+def saved_state(directory: Path) -> dict:
+    """A checkpoint's trainer_state.json (the run's position, layout and decisions)."""
+    return json.loads((directory / TRAINER_STATE_FILE).read_text())
+
+
+def epoch_boundary_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint saved at the end of an epoch (any layout may resume it)."""
+    for directory in complete_checkpoints(checkpoints):
+        try:
+            if not saved_state(directory).get("batches_done"):
+                return directory
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def describe_last(checkpoints: Path) -> str:

@@ -255,6 +255,10 @@ class TrainConfig:
     validation, `best` and inference then use the average. None: off."""
     ema_warmup: bool = True
     """Lower the EMA decay for early steps to min(decay, (1 + n) / (10 + n)), so the random start fades fast."""
+    elastic: Literal["keep", "adapt"] = "keep"
+    """Resuming on another number of processes: keep changes train.grad_accum_steps so that the global batch (and
+    the steps per epoch, every step's LR) stay the checkpoint's, and refuses when no whole accumulation does; adapt
+    then trains on with the new global batch, the LR schedule rescaled to end at the same epoch."""
 
 
 @dataclass

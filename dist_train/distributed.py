@@ -13,6 +13,7 @@ from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_objec
 
 from dist_train.config import DeepSpeedConfig
 from dist_train.errors import ConfigError, DistributedSetupError, DistTrainError
+from dist_train.faults import say_stopping
 from dist_train.layout import Layout
 
 COLLECTIVE_TIMEOUT_MARGIN_S = 60
@@ -221,6 +222,7 @@ def fail(exc: DistTrainError, code: int = 2) -> None:
     for it in a collective, stop too.
     """
     if exc.rank_local and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        say_stopping()
         sys.stdout.flush()
         print(f"error: rank {os.environ.get('RANK', '0')}: {exc.message()}", file=sys.stderr, flush=True)
         os._exit(code)

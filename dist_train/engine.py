@@ -17,6 +17,7 @@ from dist_train.build import Parts
 from dist_train.checkpoint import Checkpointer, Resumable, checkpoint_name
 from dist_train.config import to_dict
 from dist_train.distributed import unwrap
+from dist_train.elastic import Resumption
 from dist_train.faults import Preempted, SignalFlag, Watchdog
 from dist_train.policy import EvalRules, StepRules
 from dist_train.ranks import Ranks, check_each_once
@@ -159,7 +160,7 @@ class Run:
     through a Checkpointer, decisions through the pure rules of policy.py, output through a Reporter.
 
         run = Run(accelerator, build_parts(accelerator, config))
-        run.start(resume=None)     # or "auto" / a checkpoint directory
+        run.start()                # or run.start(checkpoint.choose_checkpoint(accelerator, "auto", checkpoints))
         summary = run.train()
 
     `watchdog` and `signals` (faults.py) see the run's progress and its preemption signals; left out, none.
@@ -177,8 +178,8 @@ class Run:
         output_dir = Path(config.output_dir)
         self.checkpointer = Checkpointer(accelerator, output_dir / "checkpoints", parts.model,
                                          Resumable(self.state, parts.schedule, parts.guard, parts.ema),
-                                         layout=self.layout.as_list(), config_yaml=self.config_yaml,
-                                         classes=parts.labels, keep_last=config.checkpoint.keep_last)
+                                         config_yaml=self.config_yaml, classes=parts.labels,
+                                         keep_last=config.checkpoint.keep_last)
         self.reporter = Reporter(accelerator, config, output_dir)
         self.watchdog = watchdog or Watchdog(config.train.distributed_timeout_s, 1)
         self.signals = signals or SignalFlag(signals=())
@@ -186,16 +187,18 @@ class Run:
         self.last_save = time.monotonic()
         self.info: dict = {}
 
-    def start(self, resume: str | None = None) -> None:
-        """Resume when asked, then open the run directory's records (config.yaml, run_info.json, metrics.jsonl,
-        TensorBoard) and say what runs."""
-        resumed_from = None
-        if resume is not None:
-            resumed_from = self.checkpointer.resume(resume)
-            self.reporter.say(f"resumed from {resumed_from}: epoch {self.state.epoch + 1}, batch {self.state.batches_done}, "
+    def start(self, checkpoint: Path | None = None, resumption: Resumption | None = None) -> None:
+        """Resume from `checkpoint` when given (checkpoint.choose_checkpoint; `resumption`: how, when the layout
+        changed), then open the run directory's records (config.yaml, run_info.json, metrics.jsonl, TensorBoard)
+        and say what runs."""
+        if checkpoint is not None:
+            self.checkpointer.resume(checkpoint, rescale=resumption is not None and resumption.rescale)
+            if resumption is not None and resumption.changed:
+                self.reporter.say(resumption.message(self.layout.samples, self.state.epoch))
+            self.reporter.say(f"resumed from {checkpoint}: epoch {self.state.epoch + 1}, batch {self.state.batches_done}, "
                               f"step {self.state.global_step}")
-        self.info = describe_run(self.accelerator, self.parts, self.ranks.gather_processes(), resumed_from, self.started)
-        self.reporter.start(self.info, self.config_yaml, self.state.global_step if resume is not None else None,
+        self.info = describe_run(self.accelerator, self.parts, self.ranks.gather_processes(), checkpoint, self.started)
+        self.reporter.start(self.info, self.config_yaml, self.state.global_step if checkpoint is not None else None,
                             self.parts.model_name)
 
     def train(self) -> dict:

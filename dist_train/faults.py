@@ -5,6 +5,7 @@ import ctypes
 import faulthandler
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -127,6 +128,7 @@ class Watchdog:
     def _watch(self) -> None:
         store = _launcher_store()
         key = f"dist_train/beat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        _tell(store, _store_key("where", rank()), f"machine {os.environ.get('GROUP_RANK', '0')} on host {socket.gethostname()}")
         poll = min(5.0, self.timeout_s / 4)
         while not self._stop.wait(poll):
             counts = {rank(): self.count}
@@ -162,12 +164,46 @@ class Watchdog:
             os._exit(HUNG_EXIT_CODE)
 
 
-def _tell(store, key: str) -> None:
+def _tell(store, key: str, value: str = "1") -> None:
     if store is not None:
         try:
-            store.set(key, "1")
+            store.set(key, value)
         except Exception:
             pass
+
+
+def _store_key(what: str, of_rank: int) -> str:
+    """A key of this launch (torchrun's restarts start afresh) about one rank."""
+    return f"dist_train/{what}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{of_rank}"
+
+
+def say_stopping():
+    """Tell the other ranks (through the launcher's store) that this rank reports why it stops, so that none of them
+    takes it for lost; returns the store (None without a launcher)."""
+    store = _launcher_store(timeout_s=5) if "MASTER_ADDR" in os.environ else None
+    _tell(store, _store_key("stopping", rank()))
+    return store
+
+
+def _silent_peers(store, world: int, wait_s: float = 3.0) -> list[str]:
+    """The other ranks that stopped without a word: no failure report of theirs in the store after `wait_s` (their
+    peers, failing together with this one, report within it). Each as "rank R (machine M on host H)"."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            silent = [r for r in range(world) if r != rank() and not store.check([_store_key("stopping", r)])]
+        except Exception:
+            return []
+        if not silent or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    named = []
+    for r in silent:
+        try:
+            named.append(f"rank {r} ({store.get(_store_key('where', r)).decode()})")
+        except Exception:
+            named.append(f"rank {r}")
+    return named
 
 
 def _await(store, keys: list[str], deadline: float) -> None:
@@ -181,13 +217,13 @@ def _await(store, keys: list[str], deadline: float) -> None:
         time.sleep(0.2)
 
 
-def _launcher_store():
+def _launcher_store(timeout_s: float = 30):
     """A client of the key-value store the launcher (torchrun's agent) hosts, or None."""
     try:
         from datetime import timedelta
 
         return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                          timeout=timedelta(seconds=30), wait_for_workers=False)
+                                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     except Exception:
         return None
 
@@ -214,10 +250,17 @@ def report_failure(exc: BaseException) -> None:
     if _stopping.is_set():  # the watchdog is reporting a hang; this error is its consequence
         time.sleep(60)
         os._exit(HUNG_EXIT_CODE)
+    store = say_stopping()
     if is_peer_failure(exc):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"rank {rank()}: stopping: lost contact with another rank, whose error is reported by itself "
-              f"({first[:120]})", file=sys.stderr, flush=True)
+        silent = _silent_peers(store, world) if store is not None else []
+        if silent:
+            print(f"rank {rank()}: stopping: lost contact with {', '.join(silent)}, which stopped without a word: killed, "
+                  f"or its machine was lost ({first[:120]}). The last checkpoint is intact: resume with --resume auto",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"rank {rank()}: stopping: lost contact with another rank, whose error is reported by itself "
+                  f"({first[:120]})", file=sys.stderr, flush=True)
     else:
         frames = "".join(traceback.format_tb(exc.__traceback__))
         where = f"rank {rank()} of {world}" if world > 1 else "the run"

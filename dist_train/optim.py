@@ -43,9 +43,14 @@ class Schedule:
     """
 
     def __init__(self, cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total: int, mode: str):
-        self.optimizer = optimizer
+        self.cfg, self.optimizer, self.steps_per_epoch, self.total, self.mode = cfg, optimizer, steps_per_epoch, total, mode
         self.warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-        after_warmup = max(1, total - self.warmup_steps)
+        self._build()
+
+    def _build(self) -> None:
+        """torch's schedulers on the optimizer, at step 0 (constructing them sets each group's LR to its start)."""
+        cfg, optimizer, steps_per_epoch = self.cfg, self.optimizer, self.steps_per_epoch
+        after_warmup = max(1, self.total - self.warmup_steps)
         if cfg.name == "step":
             main = torch.optim.lr_scheduler.StepLR(optimizer, max(1, round(cfg.step_size_epochs * steps_per_epoch)), cfg.gamma)
         elif cfg.name == "cosine":
@@ -60,7 +65,7 @@ class Schedule:
         self.plateau = None
         if cfg.name == "plateau":
             self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode=mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+                optimizer, mode=self.mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
                 threshold=cfg.plateau_threshold, min_lr=cfg.min_lr,
             )
         self.steps = 0
@@ -90,3 +95,18 @@ class Schedule:
         self.per_step.load_state_dict(state["per_step"])
         if self.plateau is not None and state["plateau"] is not None:
             self.plateau.load_state_dict(state["plateau"])
+
+    def restart_at_epoch(self, epochs_done: int, state: dict) -> None:
+        """Resume a schedule saved under other steps per epoch (train.elastic=adapt): this schedule, restarted and
+        advanced to the start of epoch `epochs_done` + 1 in its own steps, so that warm-up, step decays and the cosine
+        still end where the epochs say. ReduceLROnPlateau keeps what it learnt: its state, and (past warm-up) the LR
+        it had reduced to, as the optimizer's state restored it."""
+        reduced = [group["lr"] for group in self.optimizer.param_groups]
+        self._build()
+        for _ in range(epochs_done * self.steps_per_epoch):
+            self.step()
+        if self.plateau is not None and state["plateau"] is not None:
+            self.plateau.load_state_dict(state["plateau"])
+            if self.steps >= self.warmup_steps:
+                for group, lr in zip(self.optimizer.param_groups, reduced):
+                    group["lr"] = lr

@@ -15,7 +15,7 @@ def write_submission(path: Path, ids: list[str], labels: list[str], id_column: s
     if len(set(ids)) != len(ids):
         raise ValueError("submission: duplicate ids")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # its own: two predictions into one file each stay whole
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow([id_column, label_column, *extra])

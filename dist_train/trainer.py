@@ -1,22 +1,27 @@
-"""fit(): from a config to a finished run -- the accelerator, the run directory, the parts (build.py), the loop
-(engine.Run) -- with the job's faults handled: preemption, hangs, out-of-memory, a requeued SLURM job."""
+"""fit(): from a config to a finished run -- the accelerator, the run directory (locked: one run at a time), the
+checkpoint to resume (on another number of processes too), the parts (build.py), the loop (engine.Run) -- with the
+job's faults handled: preemption, hangs, out-of-memory, a requeued SLURM job."""
 from __future__ import annotations
 
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from dist_train import checkpoint as ckpt
+from dist_train import elastic
 from dist_train.build import Given, Limits, build_parts
 from dist_train.config import Config, resolve
-from dist_train.distributed import build_accelerator, is_main_process_env
+from dist_train.distributed import build_accelerator, is_main_process_env, main_print, same_on_all_ranks
+from dist_train.elastic import Resumption
 from dist_train.engine import Run
 from dist_train.errors import ConfigError, ResourceError
 from dist_train.faults import Preempted, SignalFlag, Watchdog
 from dist_train.layout import Layout
+from dist_train.runlock import RunLock
 
 
 def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, model: torch.nn.Module | None = None,
@@ -30,7 +35,6 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
     """
     config = resolve(config)  # (a Config built in Python: validated, monitor/mode filled in)
     output_dir = Path(config.output_dir)
-    resume = resume_argument(output_dir, resume, overwrite)
     accelerator = build_accelerator(
         seed=config.seed,
         mixed_precision=config.train.mixed_precision,
@@ -46,14 +50,22 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
     # through the teardown too: a process group destroyed while a peer still uses it can hang.
     watchdog = Watchdog(config.train.distributed_timeout_s, accelerator.num_processes)
     signals = SignalFlag()
+    lock = RunLock(output_dir)
     try:
+        take_lock(accelerator, lock)  # before anything in the directory is touched
+        resume = resume_argument(output_dir, resume, overwrite)
         if accelerator.is_main_process:
             tidy_run_directory(output_dir, fresh=resume is None)
         accelerator.wait_for_everyone()
         started = time.time()
+        checkpoint, resumption = None, None
+        if resume is not None:
+            checkpoint = ckpt.choose_checkpoint(accelerator, resume, output_dir / "checkpoints")
+            resumption = plan_resumption(accelerator, config, checkpoint)
+            config = with_accumulation(accelerator, config, resumption.now.accum)
         parts = build_parts(accelerator, config, Given(model, loss, train_dataset, val_dataset), limits)
         run = Run(accelerator, parts, watchdog, signals, started)
-        run.start(resume)
+        run.start(checkpoint, resumption)
         summary = run.train()
         accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
         return summary
@@ -69,9 +81,46 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
             f"train.grad_accum_steps to keep the global batch), use train.mixed_precision=bf16, or let "
             f"train.find_batch_size=true pick a size") from None
     finally:
+        lock.release()
         watchdog.beat()
         accelerator.end_training()
         watchdog.stop()
+
+
+def take_lock(accelerator, lock: RunLock) -> None:
+    """The main process takes the run directory's lock; every rank learns whether it did (and stops if not)."""
+    outcome = None
+    if accelerator.is_main_process:
+        try:
+            outcome = ("ok", lock.acquire())
+        except ConfigError as exc:
+            outcome = ("error", str(exc))
+    kind, text = same_on_all_ranks(accelerator, outcome)
+    if kind == "error":
+        raise ConfigError(text)
+    if text:
+        main_print(accelerator, text)
+
+
+def plan_resumption(accelerator, config: Config, checkpoint: Path) -> Resumption:
+    """How this run resumes `checkpoint`: as it is, or on another number of processes (elastic.plan)."""
+    saved = ckpt.saved_state(checkpoint)
+    now = Layout(accelerator.num_processes, config.data.batch_size, config.train.grad_accum_steps)
+    boundary = ckpt.epoch_boundary_checkpoint(checkpoint.parent) if saved.get("batches_done") else None
+    return elastic.plan(Layout(*saved["layout"]) if saved.get("layout") else now, now, saved["epoch"],
+                        bool(saved.get("batches_done")), config.train.elastic, str(boundary) if boundary else None)
+
+
+def with_accumulation(accelerator, config: Config, accum: int) -> Config:
+    """The config, and the Accelerator (and DeepSpeed's plugin), with `accum` micro-batches per optimizer step."""
+    if accum == config.train.grad_accum_steps:
+        return config
+    accelerator.gradient_accumulation_steps = accum
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        layout = Layout(accelerator.num_processes, config.data.batch_size, accum)
+        plugin.deepspeed_config.update(gradient_accumulation_steps=accum, train_batch_size=layout.global_batch)
+    return replace(config, train=replace(config.train, grad_accum_steps=accum))
 
 
 def resume_argument(output_dir: Path, resume: str | None, overwrite: bool) -> str | None:

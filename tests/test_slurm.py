@@ -2,16 +2,19 @@
 
 Two machines x 1 CPU process join one gloo group; the result must be bitwise the one of a 1-machine
 2-process run. A USR1 sent to the batch shell (`scancel --signal=USR1 --batch`) must end in a
-checkpoint, a requeue, and a restarted job that resumes and finishes with the same weights.
+checkpoint, a requeue, and a restarted job that resumes and finishes with the same weights. A machine lost in the
+middle (its processes SIGKILLed) must end the job in bounded time, named, and the requeued job resume exactly.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
 
+import psutil
 import pytest
 
 import slurm
@@ -118,3 +121,55 @@ def test_a_machine_that_never_arrives_fails_with_a_clear_message(digits_root, tm
     assert ("error: dist_train: not every machine joined within JOIN_TIMEOUT_S=8 s (1/2 clients joined); "
             "this is machine 0 of 2") in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def node_processes(job: str, node_id: str) -> list[psutil.Process]:
+    """The processes job `job` runs on its machine `node_id` (their environment says so): the launcher, the
+    training processes and their loader workers, not SLURM's own."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            env, cmdline = proc.environ(), " ".join(proc.info["cmdline"] or [])
+        except (psutil.Error, OSError):
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_NODEID") == node_id and (
+                "accelerate" in cmdline or "train.py" in cmdline or "multiprocessing" in cmdline):
+            found.append(proc)
+    return found
+
+
+def test_a_lost_machine_ends_the_job_naming_it_and_the_requeued_job_resumes_exactly(cluster, two_machines, digits_root, tmp_path):
+    """SIGKILL of machine 1's launcher and training processes mid-run (as when a node dies): machine 0 stops within
+    the bound, naming the lost rank; requeued (as SLURM requeues a --requeue job after a node failure), the job
+    resumes from the last checkpoint and ends with the weights of the undisturbed run."""
+    out = tmp_path / "run"
+    job = sbatch(cluster, out, digits_root)
+    deadline = time.time() + 180
+    while not (out / "checkpoints" / ckpt.checkpoint_name(14)).exists():
+        assert time.time() < deadline and cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.05)
+    victims = node_processes(job, "1")
+    assert any("train.py" in " ".join(p.cmdline()) for p in victims), victims
+    killed = time.time()
+    for proc in victims:
+        proc.kill()
+    info = cluster.wait(job, {"FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL", "PENDING"}, timeout=120)
+    ended = time.time() - killed
+    log = (tmp_path / "run.log").read_text()
+    print(f"machine 1 killed: the job ended {ended:.1f} s later ({info['JobState']})")
+    assert info["JobState"] != "COMPLETED", log[-4000:]
+    assert ended < 60, log[-4000:]
+    assert re.search(r"rank 0: stopping: lost contact with rank 1 \(machine 1 on host [^)]+\), which stopped without a "
+                     r"word: killed, or its machine was lost", log), log[-4000:]
+    saved = ckpt.complete_checkpoints(out / "checkpoints")[0]
+    ckpt.verify(saved)
+
+    cluster.run("scontrol", "requeue", job, check=True)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)  # skip the requeue delay
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)
+    log = (tmp_path / "run.log").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "SLURM_RESTART_COUNT=1: continuing with --resume auto" in log and f"resumed from {saved}" in log
+    ours = json.loads((out / "run_info.json").read_text())
+    theirs = json.loads((two_machines[0] / "run_info.json").read_text())
+    assert ours["final_weights_sha256_per_rank"] == theirs["final_weights_sha256_per_rank"]
