@@ -1,6 +1,7 @@
 """Everything a run is made of, built from the config in the one order that the random draws and
-`accelerator.prepare` need: data, model, batch size, datasets and loaders, loss, optimizer, prepare,
-then what depends on the prepared objects (input preparation, EMA, mixing, guard, schedule)."""
+`accelerator.prepare` need: the seed, data, model, the batch (found, then fitted to a resumed checkpoint), datasets
+and loaders, loss, optimizer, prepare, then what depends on the prepared objects (schedule, guard, input
+preparation, EMA, mixing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -12,13 +13,14 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dist_train import faults
+from dist_train import elastic, faults
 from dist_train.batchnorm import convert_sync_batchnorm
 from dist_train.checkpoint import describe_last
 from dist_train.config import Config
 from dist_train.custom import IndexedDataset, user_datasets
 from dist_train.data import ModelInput, Records, build_dataset, build_loader, decodes_on_device
 from dist_train.distributed import main_print, unwrap
+from dist_train.elastic import Resumption, Saved
 from dist_train.ema import ModelEMA
 from dist_train.errors import ConfigError, DistributedSetupError
 from dist_train.guard import FiniteGuard
@@ -93,11 +95,15 @@ class Parts:
     model_name: str = ""
     parameters: tuple[int, int] = (0, 0)
     """(trainable, frozen) parameter counts."""
+    resumption: Resumption | None = None
+    """How the run resumes its checkpoint (elastic.plan), when it resumes one."""
 
 
-def build_parts(accelerator: Accelerator, config: Config, given: Given | None = None, limits: Limits | None = None) -> Parts:
-    """The parts of a run. The same seed on every rank gives identical initial weights before DDP even broadcasts
-    them: nothing between the seed and the model's initialisation draws from torch's RNG but the user's datasets."""
+def build_parts(accelerator: Accelerator, config: Config, given: Given | None = None, limits: Limits | None = None,
+                resuming: Saved | None = None) -> Parts:
+    """The parts of a run (`resuming`: the checkpoint it will resume, whose layout may set the accumulation). The same
+    seed on every rank gives identical initial weights before DDP even broadcasts them: nothing between the seed and
+    the model's initialisation draws from torch's RNG but the user's datasets."""
     given = given or Given()
     refuse_combinations(config)
     set_seed(config.seed)
@@ -106,8 +112,15 @@ def build_parts(accelerator: Accelerator, config: Config, given: Given | None = 
     with accelerator.main_process_first():  # the digits (or the user's data) are written once, by the main process
         data = load_data(config, given, limits)
     model = build_network(config, data.task, given.model)
+    model_name = config.model.name if given.model is None and config.model.file is None else type(model).__name__
     refuse_deepspeed_batchnorm(accelerator, config, model)
     config = fit_batch_size(accelerator, config, model)
+    resumption = None
+    if resuming is not None:  # the batch of this run is known: how it resumes the checkpoint's (elastic.plan)
+        now = Layout(accelerator.num_processes, config.data.batch_size, config.train.grad_accum_steps)
+        resumption = elastic.plan(resuming, now, elastic=config.train.elastic, max_steps=config.train.max_steps,
+                                  deepspeed=config.deepspeed.enabled)
+        config = with_accumulation(accelerator, config, resumption.now.accum)
     if config.model.sync_batchnorm:
         model = convert_sync_batchnorm(model, on_gpu=accelerator.device.type == "cuda")
     train_set, val_set, on_device = build_datasets(accelerator, config, data)
@@ -139,8 +152,7 @@ def build_parts(accelerator: Accelerator, config: Config, given: Given | None = 
         if config.train.ema_decay is not None else None,
         mix=BatchMixer(config.data, data.task.num_outputs, config.seed, accelerator.process_index)
         if config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0 else None,
-        model_name=config.model.name if given.model is None and config.model.file is None else type(model).__name__,
-        parameters=parameters,
+        model_name=model_name, parameters=parameters, resumption=resumption,
     )
 
 
@@ -236,6 +248,18 @@ def fit_batch_size(accelerator: Accelerator, config: Config, model: nn.Module) -
         layout = Layout(accelerator.num_processes, found, config.train.grad_accum_steps)
         plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=found, train_batch_size=layout.global_batch)
     return replace(config, data=replace(config.data, batch_size=found))
+
+
+def with_accumulation(accelerator: Accelerator, config: Config, accum: int) -> Config:
+    """The config, and the Accelerator (and DeepSpeed's plugin), with `accum` micro-batches per optimizer step."""
+    if accum == config.train.grad_accum_steps:
+        return config
+    accelerator.gradient_accumulation_steps = accum
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        layout = Layout(accelerator.num_processes, config.data.batch_size, accum)
+        plugin.deepspeed_config.update(gradient_accumulation_steps=accum, train_batch_size=layout.global_batch)
+    return replace(config, train=replace(config.train, grad_accum_steps=accum))
 
 
 def check_deepspeed_batch(accelerator: Accelerator, model: nn.Module, config: Config) -> None:

@@ -36,6 +36,9 @@ SCHEDULE_FILE = "schedule.pt"
 MANIFEST_FILE = "manifest.json"
 CLASSES_FILE = "classes.json"
 EMA_FILE = "ema.safetensors"
+TRAINER_STATE_ORDER = ("epoch", "batches_done", "global_step", "best_metric", "best_epoch", "best_checkpoint",
+                       "evals_without_improvement", "skipped_steps", "bad_steps_in_a_row", "skipped_samples",
+                       "epoch_totals", "ema_updates", "layout", "history")
 # Globals a checkpoint's pickles may name: torch tensors/storages, numpy arrays (RNG state), plain
 # containers, and three DeepSpeed state classes. Anything else (os.system, builtins.eval, ...) is refused.
 SAFE_GLOBALS = (
@@ -72,9 +75,9 @@ def checkpoint_name(global_step: int) -> str:
 
 class Checkpointer:
     """Saves a run as `checkpoints/step-N` (complete, sealed, then renamed; `last`/`best` swapped after; old ones
-    rotated) and resumes it, bitwise (choose_checkpoint picks which). Every rank calls save() and resume(): Accelerate
-    writes each rank's RNG state
-    and DeepSpeed's shards are saved by all ranks; the other files are written by the main process only.
+    rotated) and resumes it, bitwise (choose_checkpoint picks which). Every rank calls save() and resume():
+    Accelerate writes each rank's RNG state and DeepSpeed's shards are saved by all ranks; the other files are
+    written by the main process only. `layout`: this run's [processes, batch, accumulation].
 
     The collectives of a save, in order: [ZeRO-3: gather the whole weights], agree that the weights are finite,
     barrier (the temporary directory exists), [DeepSpeed: its own], gather every rank's write error, agree that
@@ -83,10 +86,10 @@ class Checkpointer:
     checkpoints intact.
     """
 
-    def __init__(self, accelerator: Accelerator, directory: Path, model, resumable: Resumable, *, config_yaml: str,
-                 classes: list[str] | dict, keep_last: int = 2):
+    def __init__(self, accelerator: Accelerator, directory: Path, model, resumable: Resumable, *, layout: list[int],
+                 config_yaml: str, classes: list[str] | dict, keep_last: int = 2):
         self.accelerator, self.directory, self.model, self.resumable = accelerator, directory, model, resumable
-        self.config_yaml, self.classes, self.keep_last = config_yaml, classes, keep_last
+        self.layout, self.config_yaml, self.classes, self.keep_last = layout, config_yaml, classes, keep_last
 
     def describe_last(self) -> str:
         return describe_last(self.directory)
@@ -126,10 +129,12 @@ class Checkpointer:
         return final
 
     def _trainer_state(self) -> dict:
-        """trainer_state.json: the run's state, the guard's counters and the EMA's update count."""
+        """trainer_state.json: the run's state, the guard's counters and the EMA's update count, keys in the order
+        of the first checkpoints."""
         ema = self.resumable.ema
-        return {**self.resumable.run.state_dict(), **self.resumable.guard.state_dict(),
-                "ema_updates": ema.updates if ema is not None else 0}
+        state = {**self.resumable.run.state_dict(), **self.resumable.guard.state_dict(),
+                 "ema_updates": ema.updates if ema is not None else 0}
+        return {**{k: state.pop(k) for k in TRAINER_STATE_ORDER if k in state}, **state}
 
     def _write(self, tmp: Path, weights: dict | None, trainer_state: dict) -> str | None:
         """This rank's files of the checkpoint in `tmp`; returns what went wrong, if anything."""
@@ -179,6 +184,10 @@ class Checkpointer:
         its steps under another global batch; the schedule restarts at its epoch in this run's steps."""
         accelerator = self.accelerator
         saved = saved_state(directory)
+        if saved.get("batches_done") and saved.get("layout") != self.layout:  # elastic.plan refuses it first, by name
+            raise CheckpointError(f"{directory} was saved in the middle of an epoch by [processes, batch, accumulation] "
+                                  f"= {saved.get('layout')}; this run has {self.layout}, under which that position means "
+                                  f"other samples")
         if not (directory / f"random_states_{accelerator.process_index}.pkl").is_file():  # Accelerate would skip it silently
             print(f"rank {accelerator.process_index}: {directory} holds no RNG state for this rank (it was saved by "
                   f"{saved.get('layout', ['?'])[0]} processes): its random numbers restart from the seed", flush=True)

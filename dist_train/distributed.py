@@ -221,8 +221,9 @@ def fail(exc: DistTrainError, code: int = 2) -> None:
     image, out of memory) is printed by that rank, which then exits at once so that its peers, waiting
     for it in a collective, stop too.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        say_stopping()  # the other ranks must not take this one for lost
     if exc.rank_local and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        say_stopping()
         sys.stdout.flush()
         print(f"error: rank {os.environ.get('RANK', '0')}: {exc.message()}", file=sys.stderr, flush=True)
         os._exit(code)

@@ -17,7 +17,6 @@ from dist_train.build import Parts
 from dist_train.checkpoint import Checkpointer, Resumable, checkpoint_name
 from dist_train.config import to_dict
 from dist_train.distributed import unwrap
-from dist_train.elastic import Resumption
 from dist_train.faults import Preempted, SignalFlag, Watchdog
 from dist_train.policy import EvalRules, StepRules
 from dist_train.ranks import Ranks, check_each_once
@@ -178,8 +177,8 @@ class Run:
         output_dir = Path(config.output_dir)
         self.checkpointer = Checkpointer(accelerator, output_dir / "checkpoints", parts.model,
                                          Resumable(self.state, parts.schedule, parts.guard, parts.ema),
-                                         config_yaml=self.config_yaml, classes=parts.labels,
-                                         keep_last=config.checkpoint.keep_last)
+                                         layout=self.layout.as_list(), config_yaml=self.config_yaml,
+                                         classes=parts.labels, keep_last=config.checkpoint.keep_last)
         self.reporter = Reporter(accelerator, config, output_dir)
         self.watchdog = watchdog or Watchdog(config.train.distributed_timeout_s, 1)
         self.signals = signals or SignalFlag(signals=())
@@ -187,10 +186,11 @@ class Run:
         self.last_save = time.monotonic()
         self.info: dict = {}
 
-    def start(self, checkpoint: Path | None = None, resumption: Resumption | None = None) -> None:
-        """Resume from `checkpoint` when given (checkpoint.choose_checkpoint; `resumption`: how, when the layout
-        changed), then open the run directory's records (config.yaml, run_info.json, metrics.jsonl, TensorBoard)
-        and say what runs."""
+    def start(self, checkpoint: Path | None = None) -> None:
+        """Resume from `checkpoint` when given (checkpoint.choose_checkpoint; under another layout as the parts'
+        resumption says), then open the run directory's records (config.yaml, run_info.json, metrics.jsonl,
+        TensorBoard) and say what runs."""
+        resumption = self.parts.resumption
         if checkpoint is not None:
             self.checkpointer.resume(checkpoint, rescale=resumption is not None and resumption.rescale)
             if resumption is not None and resumption.changed:

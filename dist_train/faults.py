@@ -144,6 +144,7 @@ class Watchdog:
             behind = sorted(r for r, c in counts.items() if c == min(counts.values()))
             _stopping.set()
             sys.stdout.flush()
+            _tell(store, _store_key("stopping", rank()))  # this rank says why it stops: it is not a lost one
             if rank() not in behind:
                 sys.stderr.write(f"rank {rank()}: stopping: waited {idle:.0f} s for rank(s) "
                                  f"{', '.join(map(str, behind))}, which made no progress (reported by them)\n")
@@ -199,8 +200,9 @@ def _silent_peers(store, world: int, wait_s: float = 3.0) -> list[str]:
         time.sleep(0.2)
     named = []
     for r in silent:
-        try:
-            named.append(f"rank {r} ({store.get(_store_key('where', r)).decode()})")
+        where = _store_key("where", r)
+        try:  # check first: get() would wait for a key that never comes
+            named.append(f"rank {r} ({store.get(where).decode()})" if store.check([where]) else f"rank {r}")
         except Exception:
             named.append(f"rank {r}")
     return named

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -103,8 +104,10 @@ class Schedule:
         it had reduced to, as the optimizer's state restored it."""
         reduced = [group["lr"] for group in self.optimizer.param_groups]
         self._build()
-        for _ in range(epochs_done * self.steps_per_epoch):
-            self.step()
+        with warnings.catch_warnings():  # stepped ahead of the optimizer on purpose: torch's order warning says nothing
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(epochs_done * self.steps_per_epoch):
+                self.step()
         if self.plateau is not None and state["plateau"] is not None:
             self.plateau.load_state_dict(state["plateau"])
             if self.steps >= self.warmup_steps:

@@ -28,6 +28,11 @@ class Ranks:
         epoch's end      sum_epoch_totals, share_buffers, gather_predictions, rank0_metrics, gather_shards,
                          Checkpointer.save, any_preempted
         end              gather_digests
+
+    Before the loop, fit() and build_parts() make theirs in this order: the lock's outcome (trainer.take_lock), a
+    barrier after tidying the run directory, the checkpoint to resume (checkpoint.choose_checkpoint), the main
+    process first through the data (a barrier), the batch size every rank can fit (build.largest_batch_that_fits),
+    Accelerate's prepare; after it, a barrier before the process group ends.
     """
 
     def __init__(self, accelerator: Accelerator):
@@ -85,8 +90,6 @@ class Ranks:
         weights = gather_object([state_digest(full_state_dict(self.accelerator, model))])
         optimizer = gather_object([None if deepspeed else state_digest(torch_optimizer.state_dict())])
         return weights, optimizer
-
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,13 +120,17 @@ class RunLock:
             whose = f"another run (its {LOCK_FILE} is unreadable: being written, or not dist_train's)"
         if reason is None:
             raise ConfigError(f"{self.directory} is in use by {whose}; choose another output_dir, or wait")
-        aside = self.path.with_name(f"{LOCK_FILE}.gone-{os.getpid()}")
+        aside = self.path.with_name(f"{LOCK_FILE}.gone-{socket.gethostname()}-{os.getpid()}")
         try:
             os.rename(self.path, aside)  # atomic: of two runs taking over at once, one moves it
         except FileNotFoundError:
             return None
-        if aside.read_text() != record:  # it changed hands just now: that run is alive
-            os.rename(aside, self.path)
+        if aside.read_text() != record:  # it changed hands just now: put the live run's lock back, never over another
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink()
             raise ConfigError(f"{self.directory} is in use by another run that has just started; choose another "
                               f"output_dir, or wait")
         aside.unlink()

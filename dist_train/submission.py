@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -15,12 +16,18 @@ def write_submission(path: Path, ids: list[str], labels: list[str], id_column: s
     if len(set(ids)) != len(ids):
         raise ValueError("submission: duplicate ids")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # its own: two predictions into one file each stay whole
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow([id_column, label_column, *extra])
-        writer.writerows(zip(ids, labels, *extra.values()))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # a temporary of its own (not a fixed name): two predictions into one file each leave it whole
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow([id_column, label_column, *extra])
+            writer.writerows(zip(ids, labels, *extra.values()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from dist_train import checkpoint as ckpt
-from dist_train import elastic
 from dist_train.build import Given, Limits, build_parts
 from dist_train.config import Config, resolve
 from dist_train.distributed import build_accelerator, is_main_process_env, main_print, same_on_all_ranks
-from dist_train.elastic import Resumption
+from dist_train.elastic import Saved
 from dist_train.engine import Run
 from dist_train.errors import ConfigError, ResourceError
 from dist_train.faults import Preempted, SignalFlag, Watchdog
@@ -58,14 +56,11 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
             tidy_run_directory(output_dir, fresh=resume is None)
         accelerator.wait_for_everyone()
         started = time.time()
-        checkpoint, resumption = None, None
-        if resume is not None:
-            checkpoint = ckpt.choose_checkpoint(accelerator, resume, output_dir / "checkpoints")
-            resumption = plan_resumption(accelerator, config, checkpoint)
-            config = with_accumulation(accelerator, config, resumption.now.accum)
-        parts = build_parts(accelerator, config, Given(model, loss, train_dataset, val_dataset), limits)
+        checkpoint = ckpt.choose_checkpoint(accelerator, resume, output_dir / "checkpoints") if resume else None
+        parts = build_parts(accelerator, config, Given(model, loss, train_dataset, val_dataset), limits,
+                            resuming=Saved.read(checkpoint) if checkpoint is not None else None)
         run = Run(accelerator, parts, watchdog, signals, started)
-        run.start(checkpoint, resumption)
+        run.start(checkpoint)
         summary = run.train()
         accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
         return summary
@@ -100,27 +95,6 @@ def take_lock(accelerator, lock: RunLock) -> None:
         raise ConfigError(text)
     if text:
         main_print(accelerator, text)
-
-
-def plan_resumption(accelerator, config: Config, checkpoint: Path) -> Resumption:
-    """How this run resumes `checkpoint`: as it is, or on another number of processes (elastic.plan)."""
-    saved = ckpt.saved_state(checkpoint)
-    now = Layout(accelerator.num_processes, config.data.batch_size, config.train.grad_accum_steps)
-    boundary = ckpt.epoch_boundary_checkpoint(checkpoint.parent) if saved.get("batches_done") else None
-    return elastic.plan(Layout(*saved["layout"]) if saved.get("layout") else now, now, saved["epoch"],
-                        bool(saved.get("batches_done")), config.train.elastic, str(boundary) if boundary else None)
-
-
-def with_accumulation(accelerator, config: Config, accum: int) -> Config:
-    """The config, and the Accelerator (and DeepSpeed's plugin), with `accum` micro-batches per optimizer step."""
-    if accum == config.train.grad_accum_steps:
-        return config
-    accelerator.gradient_accumulation_steps = accum
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        layout = Layout(accelerator.num_processes, config.data.batch_size, accum)
-        plugin.deepspeed_config.update(gradient_accumulation_steps=accum, train_batch_size=layout.global_batch)
-    return replace(config, train=replace(config.train, grad_accum_steps=accum))
 
 
 def resume_argument(output_dir: Path, resume: str | None, overwrite: bool) -> str | None:

@@ -1,4 +1,5 @@
 """Optimizers and schedules: weight-decay groups, and LR curves as closed-form functions of optimizer steps."""
+import copy
 import math
 
 import pytest
@@ -86,3 +87,47 @@ def test_state_dict_resumes_the_same_curve():
         second.step()
         rest.append(second.lr())
     assert rest == pytest.approx(full[14:])
+
+
+@pytest.mark.parametrize("cfg", [
+    SchedulerConfig(name="cosine", warmup_epochs=0.5, min_lr=0.01),
+    SchedulerConfig(name="step", step_size_epochs=1, gamma=0.5, warmup_epochs=1),
+    SchedulerConfig(name="constant", warmup_epochs=2),
+], ids=["cosine", "step", "constant"])
+def test_a_schedule_restarted_under_other_steps_per_epoch_is_where_the_epochs_say(cfg):
+    """train.elastic=adapt: 20 steps per epoch for 2 epochs, then 14: each epoch's end has the LR of the original."""
+    original, _ = lrs(cfg, steps_per_epoch=20, epochs=4)
+    opt = torch.optim.SGD(model().parameters(), lr=1.0)
+    before = Schedule(cfg, opt, 20, 80, "max")
+    for _ in range(40):
+        opt.step()
+        before.step()
+    state = before.state_dict()
+    after = Schedule(cfg, opt, 14, 56, "max")
+    after.restart_at_epoch(2, state)
+    rescaled = [after.lr()]
+    for _ in range(28):
+        opt.step()
+        after.step()
+        rescaled.append(after.lr())
+    assert rescaled[0] == pytest.approx(original[40]) and rescaled[14] == pytest.approx(original[60])
+    assert rescaled[28] == pytest.approx(original[80])
+
+
+def test_a_restarted_plateau_schedule_keeps_its_reductions():
+    cfg = SchedulerConfig(name="plateau", plateau_patience=0, plateau_factor=0.5, warmup_epochs=0.5)
+    opt = torch.optim.SGD(model().parameters(), lr=1.0)
+    before = Schedule(cfg, opt, 20, 80, "max")
+    for _ in range(20):
+        opt.step()
+        before.step()
+    before.step_metric(0.9)
+    before.step_metric(0.8)  # no improvement: halved
+    assert before.lr() == 0.5
+    optimizer_state = copy.deepcopy(opt.state_dict())  # what the checkpoint holds
+    after = Schedule(cfg, opt, 14, 56, "max")  # (building it resets the LR, as torch's schedulers do)
+    opt.load_state_dict(optimizer_state)  # as the resume restores it (Accelerate's load_state)
+    after.restart_at_epoch(1, before.state_dict())
+    assert after.lr() == 0.5 and after.steps == 14
+    after.step_metric(0.7)  # still worse than 0.9: its memory of the best came along
+    assert after.lr() == 0.25

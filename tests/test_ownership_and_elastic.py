@@ -111,33 +111,52 @@ def layout(p, b, a):
     return Layout(p, b, a, 1257)
 
 
+def at_epoch_end(p, b, a, epochs=2):
+    return elastic.Saved(Layout(p, b, a), epochs, mid_epoch=False)
+
+
 @pytest.mark.parametrize("saved,now,elastic_mode,accum,rescale", [
     ((2, 32, 1), (2, 32, 1), "keep", 1, False),
     ((2, 32, 1), (1, 32, 1), "keep", 2, False),
-    ((1, 32, 2), (2, 32, 2), "keep", 1, False),   # the configured accumulation gives way to the global batch
+    ((1, 32, 2), (2, 32, 2), "keep", 1, False),   # other processes: the configured accumulation gives way
     ((8, 32, 1), (4, 32, 1), "keep", 2, False),
     ((4, 16, 2), (8, 16, 1), "keep", 1, False),
-    ((2, 32, 1), (1, 16, 1), "keep", 4, False),   # a new per-process batch: the global batch is kept too
+    ((2, 32, 1), (1, 16, 1), "keep", 4, False),   # and a new per-process batch: the global batch is kept too
     ((2, 32, 1), (3, 32, 1), "adapt", 1, True),
     ((2, 32, 1), (4, 32, 1), "adapt", 1, True),   # 64 cannot be made of 4 x 32
     ((2, 32, 1), (1, 32, 1), "adapt", 2, False),  # adapt only where keeping is impossible
+    ((2, 32, 1), (2, 32, 2), "keep", 2, True),    # the same processes: the config's new accumulation is the user's
+    ((2, 32, 2), (2, 16, 4), "keep", 4, False),   # ... another split of the same global batch: nothing to rescale
+    ((2, 32, 1), (2, 48, 1), "keep", 1, True),
 ])
 def test_the_resumption_plan(saved, now, elastic_mode, accum, rescale):
-    plan = elastic.plan(layout(*saved), layout(*now), 2, False, elastic_mode, None)
+    plan = elastic.plan(at_epoch_end(*saved), layout(*now), elastic=elastic_mode)
     assert (plan.now.accum, plan.rescale) == (accum, rescale)
     if not rescale:
         assert plan.now.global_batch == layout(*saved).global_batch
         assert plan.now.with_samples(1257).steps_per_epoch == layout(*saved).steps_per_epoch
+    assert plan.changed == (saved != (now[0], now[1], accum))
 
 
 def test_refusals_of_the_plan():
     with pytest.raises(ConfigError, match=r"global batch 64 .* 3 process\(es\) x data.batch_size 32 cannot make it with "
                                           r"whole accumulation steps.* train.elastic=adapt to train on with global batch 96"):
-        elastic.plan(layout(2, 32, 1), layout(3, 32, 1), 2, False, "keep", None)
+        elastic.plan(at_epoch_end(2, 32, 1), layout(3, 32, 1))
+    mid = elastic.Saved(Layout(2, 32, 1), 2, mid_epoch=True, boundary="runs/x/step-00000040")
     for mode in ("keep", "adapt"):
         with pytest.raises(ConfigError, match=r"middle of epoch 3 .* resume from runs/x/step-00000040, saved at the end of an epoch"):
-            elastic.plan(layout(2, 32, 1), layout(1, 32, 1), 2, True, mode, "runs/x/step-00000040")
-    assert elastic.plan(layout(2, 32, 1), layout(2, 32, 1), 2, True, "keep", None).changed is False  # same layout: fine
+            elastic.plan(mid, layout(1, 32, 1), elastic=mode)
+    assert elastic.plan(mid, layout(2, 32, 1)).changed is False  # the same layout: a mid-epoch position is fine
+    with pytest.raises(ConfigError, match=r"a DeepSpeed checkpoint resumes on the number of processes that saved it \(2; "
+                                          r"this run has 1\)"):
+        elastic.plan(at_epoch_end(2, 32, 1), layout(1, 32, 1), deepspeed=True)
+    assert elastic.plan(at_epoch_end(2, 32, 1), layout(2, 16, 2), deepspeed=True).now.accum == 2  # same processes
+    with pytest.raises(ConfigError, match=r"train.max_steps=100 counts optimizer steps of either batch"):
+        elastic.plan(at_epoch_end(2, 32, 1), layout(3, 32, 1), elastic="adapt", max_steps=100)
+    assert elastic.plan(at_epoch_end(2, 32, 1), layout(1, 32, 1), max_steps=100).now.accum == 2  # kept batch: fine
+    message = elastic.plan(at_epoch_end(2, 32, 1), layout(3, 32, 1), elastic="adapt").message(1257, 2)
+    assert message.startswith("resume with another global batch (train.elastic=adapt): 64 -> 96, optimizer steps per "
+                              "epoch 20 -> 14") and "resumes at the start of epoch 3 of it" in message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,8 +229,7 @@ def test_an_indivisible_change_is_refused_unless_adapted(stayed_on_two, digits_r
     assert "cannot make it with whole accumulation steps" in refused.stderr and "train.elastic=adapt" in refused.stderr
     assert not (tmp_path / LOCK_FILE).exists()  # released after the error
     proc = run_cli("train.py", [*run, "train.elastic=adapt"], processes=3)
-    assert ("elastic resume (train.elastic=adapt): the global batch changes from 64 to 96 and the optimizer steps per "
-            "epoch from 20 to 14") in proc.stdout
+    assert "resume with another global batch (train.elastic=adapt): 64 -> 96, optimizer steps per epoch 20 -> 14" in proc.stdout
     ours, theirs = read_jsonl(tmp_path / "metrics.jsonl"), read_jsonl(stayed_on_two / "metrics.jsonl")
     assert [m["step"] for m in ours] == [20, 34, 48]  # epochs of 14 steps after the change
     # the rescaled schedule is at each epoch's end where the original was: the same epochs' fractions of the cosine
