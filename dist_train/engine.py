@@ -290,6 +290,7 @@ def train_one_epoch(
                 count = torch.tensor(float(step_count), dtype=torch.float64, device=accelerator.device)
                 total = accelerator.reduce(torch.stack([step_loss, count]), "sum")
                 values = {"train/loss": (total[0] / total[1].clamp(min=1)).item(), "train/lr": schedule.lr()}
+                values.update(schedule.group_lrs())  # each layer group's LR (optim.layer_decay)
                 values["train/samples_per_sec"] = window_samples * world / max(now - window_start, 1e-9)
                 if grad_norm is not None:
                     values["train/grad_norm"] = float(grad_norm)

@@ -22,7 +22,7 @@ from dist_train import checkpoint as ckpt
 from dist_train import debug as debug_module
 from dist_train import faults
 from dist_train.batchnorm import convert_sync_batchnorm
-from dist_train.config import Config, resolve, to_dict
+from dist_train.config import Config, preprocessing, preprocessing_summary, resolve, to_dict
 from dist_train.custom import user_datasets
 from dist_train.data import ModelInput, build_dataset, build_loader, decodes_on_device
 from dist_train.debug import head
@@ -259,6 +259,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         "task": task.kind,
         "classes": labels,
         "parameters": {"trainable": trainable, "frozen": frozen},
+        "preprocessing": preprocessing(config.data),
         "resumed_from": str(resume_dir) if resume is not None else None,
     }
     if accelerator.is_main_process:
@@ -274,7 +275,7 @@ def _fit(accelerator, config: Config, output_dir: Path, resume: str | None, watc
         f"dist_train: {accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}; "
         f"global batch {run_info['global_batch']} = {config.data.batch_size} x {accelerator.num_processes} processes "
         f"x {accum} accumulation; {len(train_loader)} batches/epoch/process, {steps_per_epoch} optimizer steps/epoch; "
-        f"{model_name}: {trainable:,} trainable, {frozen:,} frozen parameters",
+        f"{model_name}: {trainable:,} trainable, {frozen:,} frozen parameters; {preprocessing_summary(config.data)}",
     )
 
     def poll_guard(step: int) -> None:
