@@ -61,8 +61,8 @@ def pretrained_cfg(arch: str, pretrained: str | Path | None) -> tuple[dict, str]
     check_name(arch)
     if pretrained is not None:
         folder = weights_file(pretrained).parent
-        if (folder / "config.json").is_file():
-            cfg, architecture = _read_config_json(folder / "config.json")
+        cfg, architecture = _read_config_json(folder / "config.json") if (folder / "config.json").is_file() else ({}, None)
+        if architecture is not None:  # (a config.json without one is not timm's: the registry's entry then)
             if architecture != timm.models.split_model_name_tag(arch)[0]:
                 raise ConfigError(f"model.pretrained {pretrained} holds timm's {architecture} (its config.json); "
                                   f"model.name is {PREFIX}{arch}")

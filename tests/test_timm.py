@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from conftest import config_path, read_jsonl, run_cli, tiny_overrides
 from dist_train import synthetic
 from dist_train.config import ModelConfig, OptimConfig, SchedulerConfig, load_config
+from dist_train.debug import lr_preview
 from dist_train.errors import CheckpointError, ConfigError
 from dist_train.export import export
 from dist_train.models import build_model
@@ -112,6 +113,12 @@ def test_layer_decay_lrs_of_first_and_last_group_at_step_n_follow_the_formula():
     assert lrs["layer00"] == pytest.approx(base * decay ** 7 * factor, rel=1e-12)
     assert lrs["layer07"] == pytest.approx(base * factor, rel=1e-12) == schedule.lr()
     assert schedule.group_lrs()["lr_group/layer00"] == lrs["layer00"]
+    # train.py --debug shows them: every layer group's LR where the schedule peaks (the end of the warm-up)
+    config = load_config(None, ["model.name=timm/test_vit", "optim.layer_decay=0.75", "optim.lr=1e-3",
+                                "scheduler.warmup_epochs=1"])
+    preview = lr_preview(config, warmup, total, model)
+    assert f"LR groups  8 layer groups (optim.layer_decay=0.75), at step {warmup}: layer00 {1e-3 * decay ** 7:.2e}, " in preview
+    assert preview.endswith("layer06 7.50e-04, layer07 1.00e-03")
 
 
 def one_step_grads(model_cfg: ModelConfig, channels: int, size: int) -> tuple[float, dict, dict, int]:
