@@ -118,6 +118,19 @@ def validation_images(config: Config, count: int, dataset=None) -> torch.Tensor:
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     # The TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript, which is not on every machine
     # (the GPU machines lack it). It is deprecated in torch 2.9+ but present through 2.14; its warning says so.
+    # timm's attention layers are traced through their plain matmul + softmax path (opset 17 has no attention op,
+    # so the graph is the same), because the tracer mishandles some fused calls (EVA's is_causal).
+    fused = [module for module in model.modules() if getattr(module, "fused_attn", None) is True]
+    for module in fused:
+        module.fused_attn = False
+    try:
+        _export(model, example, path)
+    finally:
+        for module in fused:
+            module.fused_attn = True
+
+
+def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         # its deprecation notice, and the tracer's notes on Python-level branches (timm's asserts on input sizes)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

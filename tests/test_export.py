@@ -105,3 +105,21 @@ def test_torchvision_resnet18_export_matches_pytorch(digits_root, tmp_path):
     print(f"resnet18: {info['check']}")
     assert info["check"]["max_abs_logit_difference"] <= 1e-4 and info["check"]["argmax_agreement"] == 64
     assert info["input"]["shape"] == ["batch", 3, 32, 32]
+
+
+def test_timm_attention_exports_through_its_unfused_path(tmp_path):
+    """EVA's fused attention call is mistraced by the TorchScript exporter (is_causal becomes a tensor); export.py
+    traces timm's attention layers through their plain path, and puts the fused one back."""
+    import timm
+
+    from dist_train.export import compare, write_onnx
+    from dist_train.tasks import build_task
+
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, embed_dim=32, num_heads=2, num_classes=10)
+    model.eval()
+    images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    write_onnx(model, images[:2], tmp_path / "eva.onnx")
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert attention and all(m.fused_attn for m in attention)  # as they were
+    check = compare(tmp_path / "eva.onnx", model, images, build_task(load_config(None), [str(i) for i in range(10)]), 1e-4)
+    assert check["max_abs_logit_difference"] <= 1e-4 and check["argmax_agreement"] == 3
