@@ -96,9 +96,9 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=32, help="validation images the check runs (default 32)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest |logit difference| accepted between onnxruntime and PyTorch (default 1e-4)")
-    parser.add_argument("--check-only", action="store_true", help="check an existing export (--output) again, write nothing")
+    parser.add_argument("--check-only", action="store_true", help="check an existing export (--output, or the default) again, write nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="changes to the checkpoint's config, e.g. data.root=/where/the/data/is now")
+                        help="changes to the checkpoint's config, e.g. data.root=/data/digits (where the data is now)")
     args = parser.parse_intermixed_args(argv)
     try:
         from dist_train.export import export
