@@ -21,10 +21,12 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "timm>=1.0,<2",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15", "transformers>=4.40"],
         "wandb": ["wandb>=0.17"],
+        "export": ["onnx>=1.14", "onnxruntime>=1.16"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "wandb>=0.17"],
     },
 )

@@ -85,6 +85,30 @@ def predict_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dist-train export",
+        description="Export a checkpoint's model (EMA weights when it has them, as inference.weights says) with its "
+                    "preprocessing in a JSON beside it, then check the file with onnxruntime against PyTorch.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/x/checkpoints/best)")
+    parser.add_argument("--format", choices=["onnx"], default="onnx")
+    parser.add_argument("--output", help="the file to write (default: <run>/export/<checkpoint step>.onnx); its .json beside it")
+    parser.add_argument("--images", type=int, default=32, help="validation images the check runs (default 32)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest |logit difference| accepted between onnxruntime and PyTorch (default 1e-4)")
+    parser.add_argument("--check-only", action="store_true", help="check an existing export (--output, or the default) again, write nothing")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="changes to the checkpoint's config, e.g. data.root=/data/digits (where the data is now)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        from dist_train.export import export
+
+        export(args.checkpoint, args.output, args.overrides, args.images, args.tolerance, args.check_only)
+    except DistTrainError as exc:
+        fail(exc)
+    return 0
+
+
 def exit_process(code: int) -> None:
     """End a launched worker without interpreter finalization: finalizing with gloo's threads still around
     can abort the process after a successful run ("terminate called without an active exception",

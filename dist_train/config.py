@@ -40,8 +40,9 @@ class DataConfig:
     classes: list[str] | None = None
     """Class names in output order; None: the sorted labels found in `train`."""
     val_fraction: float = 0.1
-    image_size: int = 32
-    """The model sees image_size x image_size images."""
+    image_size: int | None = None
+    """The model sees image_size x image_size images. None: the input size of the timm model's pretrained_cfg
+    when model.pretrained holds timm weights, else 32 (what was used: `preprocessing_from`)."""
     train_crop: Literal["resize", "random_resized_crop"] = "resize"
     """resize: the whole image squashed to image_size (train and eval); random_resized_crop: training takes
     a random crop of `crop_scale` of the area and `crop_ratio` aspect (torchvision's RandomResizedCrop) and
@@ -56,8 +57,14 @@ class DataConfig:
     GPU when the images are all JPEG and the augmentations allow it, else workers."""
     channels: Literal[1, 3] = 3
     """1: grayscale, 3: RGB (images are converted on load)."""
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] | None = None
+    """Per-channel normalisation mean. None: the timm model's pretrained_cfg when model.pretrained holds timm
+    weights (averaged over RGB for 1 channel), else ImageNet's [0.485, 0.456, 0.406]."""
+    std: list[float] | None = None
+    """Per-channel normalisation std. None: as `mean` (ImageNet's [0.229, 0.224, 0.225])."""
+    preprocessing_from: dict[str, str] = field(default_factory=dict)
+    """Written by dist_train, not set by hand: where image_size, mean and std came from (`config`, `default`, or
+    `timm pretrained_cfg <model.tag>`); kept in the run's config.yaml, run_info.json and every export."""
     train_augment: list[dict[str, Any]] = field(default_factory=list)
     """torchvision.transforms.v2 transforms applied to training images, e.g.
     `[{name: RandomAffine, degrees: 10}]`; applied after the resize, before normalisation."""
@@ -97,7 +104,9 @@ class ModelConfig:
     """Which network, its head, and which parts of it train."""
 
     name: str = "small_cnn"
-    """`small_cnn` or `mlp` (for tiny images) or any torchvision classification model name, e.g. resnet18."""
+    """`small_cnn` or `mlp` (for tiny images), any torchvision classification model name (e.g. resnet18), or
+    `timm/<name>` for any of timm.list_models() (e.g. timm/convnext_tiny, timm/vit_base_patch16_224.augreg_in21k:
+    a tag picks the pretrained_cfg)."""
     width: int = 32
     """small_cnn: channels of the first block; mlp: hidden units."""
     sync_batchnorm: bool = False
@@ -105,12 +114,20 @@ class ModelConfig:
     num_classes: int | None = None
     """None: the number of classes found in the data."""
     pretrained: str | None = None
-    """Local weights file (.safetensors, or a weights-only torch .pt/.pth); a head of another
-    size is skipped. Nothing is ever downloaded."""
+    """Local weights file (.safetensors, or a weights-only torch .pt/.pth/.bin); a head of another size is
+    skipped. timm models also take the folder timm caches from the Hugging Face hub (its model.safetensors and
+    config.json, whose pretrained_cfg then sets data.image_size/mean/std). Nothing is ever downloaded."""
     freeze: list[str] = field(default_factory=list)
     """Parameter-name prefixes to freeze, e.g. [conv1, bn1, layer1] for transfer learning."""
     dropout: float = 0.0
-    """Dropout before the small CNN's classifier (torchvision models keep their own)."""
+    """Dropout before the classifier: small_cnn, mlp, and timm's drop_rate (torchvision models keep their own)."""
+    drop_path_rate: float | None = None
+    """Stochastic depth: timm's drop_path_rate, torchvision's stochastic_depth_prob (efficientnet, convnext,
+    swin, maxvit); None: the model's own default (timm 0; torchvision's efficientnet 0.2, convnext 0.1)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward instead of keeping them (less memory, about 30% more compute): timm's
+    set_grad_checkpointing, or torch.utils.checkpoint around the blocks of torchvision's resnet/resnext/
+    wide_resnet, efficientnet, mobilenet, convnext, regnet, swin and vit families (and small_cnn)."""
     file: str | None = None
     """Your own network: a Python file defining `build_model(cfg: ModelConfig, num_classes: int,
     in_channels: int, image_size: int) -> nn.Module`, used instead of `name`; pretrained and freeze
@@ -185,8 +202,11 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     decay_norm_and_bias: bool = False
-    """False puts normalisation weights and biases (tensors of one dimension) in a group without
-    weight decay."""
+    """False puts normalisation weights and biases (tensors of one dimension), and the tensors a timm model
+    names in no_weight_decay() (position embeddings, class tokens), in a group without weight decay."""
+    layer_decay: float | None = None
+    """Layer-wise LR decay (timm's param_groups_layer_decay): the head trains at `lr` and each layer group below
+    at layer_decay times the one above, e.g. 0.75; needs a model with group_matcher() (timm's). None: off."""
     momentum: float = 0.9
     """sgd only."""
     nesterov: bool = False
@@ -395,7 +415,8 @@ def mode_of(metric: str) -> str:
 
 
 def resolve(config: Config) -> Config:
-    """Validate, and fill in what defaults to the task's choice (checkpoint.monitor and mode)."""
+    """Fill in what the config left to be chosen (data.image_size/mean/std, checkpoint.monitor and mode), validate."""
+    config = resolve_preprocessing(config)
     validate(config)
     names = monitorable(config)
     monitor = config.checkpoint.monitor or names[1]
@@ -405,6 +426,45 @@ def resolve(config: Config) -> Config:
         raise ConfigError(f"checkpoint.monitor: unknown metric {monitor!r} for task.kind={config.task.kind}{hint}")
     mode = config.checkpoint.mode or mode_of(monitor)
     return dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, monitor=monitor, mode=mode))
+
+
+DEFAULT_PREPROCESSING = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+"""What data.image_size, mean and std are when neither the config nor timm's pretrained_cfg says (ImageNet's statistics)."""
+
+
+def resolve_preprocessing(config: Config) -> Config:
+    """data.image_size, mean and std that are None filled in: from the pretrained_cfg of the weights when
+    model.pretrained holds a timm model's, else DEFAULT_PREPROCESSING; data.preprocessing_from says which for each."""
+    data, model = config.data, config.model
+    unset = [key for key in DEFAULT_PREPROCESSING if getattr(data, key) is None]
+    values, sources = {}, {key: data.preprocessing_from.get(key, "config") for key in DEFAULT_PREPROCESSING if key not in unset}
+    if unset:
+        found = {}
+        if model.name.startswith("timm/") and model.pretrained and model.file is None:
+            from dist_train import timm_backbones  # imports timm, which only timm models need
+
+            found = timm_backbones.preprocessing(model.name[len("timm/"):], model.pretrained, data.channels)
+        for key in unset:
+            values[key] = copy.deepcopy(found.get(key, DEFAULT_PREPROCESSING[key]))
+            sources[key] = found["source"] if key in found else "default"
+    return dataclasses.replace(config, data=dataclasses.replace(
+        data, **values, preprocessing_from={key: sources[key] for key in DEFAULT_PREPROCESSING}))
+
+
+def preprocessing(data: DataConfig) -> dict[str, Any]:
+    """What the model's input is made of (run_info.json, exports): channels, size, normalisation, and their sources."""
+    return {"channels": data.channels, "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
+            "from": dict(data.preprocessing_from)}
+
+
+def preprocessing_summary(data: DataConfig) -> str:
+    """One line: the input the model sees and where each part came from (the start-up line, train.py --debug)."""
+    groups: dict[str, list[str]] = {}
+    for key, source in data.preprocessing_from.items():
+        groups.setdefault(source, []).append(key)
+    where = "; ".join(f"{', '.join(keys)} from {source}" for source, keys in groups.items())
+    return (f"input {data.channels}x{data.image_size}x{data.image_size}, mean {[round(m, 4) for m in data.mean]}, "
+            f"std {[round(v, 4) for v in data.std]} ({where})")
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -555,6 +615,8 @@ def validate(config: Config) -> None:
         (config.train.max_bad_steps >= 1, "train.max_bad_steps must be at least 1"),
         (config.train.distributed_timeout_s > 0, "train.distributed_timeout_s must be positive"),
         (config.optim.lr > 0, "optim.lr must be positive"),
+        (config.optim.layer_decay is None or 0 < config.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1] or null"),
+        (config.model.drop_path_rate is None or 0 <= config.model.drop_path_rate < 1, "model.drop_path_rate must be in [0, 1) or null"),
         (len(config.optim.betas) == 2, "optim.betas needs two values"),
         (0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
         (config.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs must be >= 0"),

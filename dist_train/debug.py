@@ -16,13 +16,13 @@ from accelerate.utils import set_seed
 from torch.utils.data import default_collate
 
 from dist_train.build import Data, Given, Limits, build_network, load_data
-from dist_train.config import Config
+from dist_train.config import Config, preprocessing_summary
 from dist_train.data import build_dataset
 from dist_train.errors import ConfigError, TrainingError
 from dist_train.inference import predict
 from dist_train.layout import Layout
 from dist_train.models import parameter_counts
-from dist_train.optim import Schedule, build_optimizer
+from dist_train.optim import Schedule, build_optimizer, param_groups
 from dist_train.trainer import fit
 
 TRAIN_BATCHES = 4
@@ -91,29 +91,41 @@ def summary(config: Config, model: torch.nn.Module, train_len: int, val_len: int
         f"{megabytes:.2f} MB of weights",
         f"  data       {data_name}: {train_len:,} training / {val_len:,} validation images, "
         f"{f'{task.num_outputs} classes' if task.kind == 'classification' else f'task {task.kind}, {task.num_outputs} outputs'}, "
-        f"input {config.data.channels}x{config.data.image_size}x{config.data.image_size}",
+        f"{preprocessing_summary(config.data)}",
         f"  batch      {batch} per process x {accum} accumulation = {layout.global_batch} per optimizer step on 1 process "
         f"(x N on N processes, with 1/N of the steps)",
         f"  steps      {steps_per_epoch} optimizer steps/epoch x {config.train.epochs} epochs = {total} steps (1 process); "
         f"{sched.name} schedule, warm-up {sched.warmup_epochs:g} epoch(s)",
-        f"  LR preview {lr_preview(config, steps_per_epoch, total)}",
+        f"  LR preview {lr_preview(config, steps_per_epoch, total, model)}",
     ]
     return "\n".join(lines)
 
 
-def lr_preview(config: Config, steps_per_epoch: int, total: int) -> str:
-    """The learning rate at a few optimizer steps of the real run, from the real Schedule."""
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.optim.lr)
+def lr_preview(config: Config, steps_per_epoch: int, total: int, model: torch.nn.Module | None = None) -> str:
+    """The learning rate at a few optimizer steps of the real run, from the real Schedule; with optim.layer_decay
+    also each layer group's (the groups `model` gets), at the step where the LR peaks."""
+    groups = param_groups(model, 0.0, True, config.optim.layer_decay) if model is not None else [{}]
+    # one stand-in tensor per group: the schedule sees the real groups' LRs, no real weights are touched
+    dummy = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": config.optim.lr * g.get("lr_scale", 1.0),
+                              **({"lr_scale": g["lr_scale"], "name": g["name"]} if "lr_scale" in g else {})} for g in groups],
+                            lr=config.optim.lr)
     schedule = Schedule(config.scheduler, dummy, steps_per_epoch, total, config.checkpoint.mode)
     points = sorted({1, schedule.warmup_steps, total // 4, total // 2, 3 * total // 4, total} - {0})
-    values = {}
+    values, per_group = {}, {}
     for step in range(1, total + 1):
         dummy.step()
         schedule.step()
         if step in points:
             values[step] = schedule.lr()
+            per_group[step] = schedule.group_lrs()
     text = " | ".join(f"step {s}: {v:.2e}" for s, v in values.items())
-    return text + ("  (then ReduceLROnPlateau on " + config.checkpoint.monitor + ")" if config.scheduler.name == "plateau" else "")
+    text += "  (then ReduceLROnPlateau on " + config.checkpoint.monitor + ")" if config.scheduler.name == "plateau" else ""
+    peak = max(values, key=values.get)
+    if per_group[peak]:
+        layers = ", ".join(f"{tag.split('/')[1]} {lr:.2e}" for tag, lr in per_group[peak].items())
+        text += (f"\n  LR groups  {len(per_group[peak])} layer groups (optim.layer_decay={config.optim.layer_decay:g}), "
+                 f"at step {peak}: {layers}")
+    return text
 
 
 def overfit_one_batch(config: Config, model: torch.nn.Module, loss_fn, images: torch.Tensor, targets: torch.Tensor,

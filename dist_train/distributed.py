@@ -179,8 +179,11 @@ def broadcast_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
 
     DeepSpeed keeps parameters in step but leaves buffers per rank: without this, each rank would
     validate a model of its own and the saved weights (rank 0's) would not be the ones evaluated.
+    Under DDP the last training step of an epoch leaves each rank its own batch's statistics until the
+    next forward: a run that validates the EMA (never forwarding the model again) would end with
+    different buffers on each rank.
     """
-    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.num_processes == 1:
+    if accelerator.num_processes == 1:
         return
     for buffer in unwrap(accelerator, model).buffers():
         torch.distributed.broadcast(buffer.data, src=0)

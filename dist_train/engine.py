@@ -334,7 +334,7 @@ class Run:
         if step % self.config.train.log_every_n_steps == 0:
             now = time.perf_counter()
             values = {"train/loss": self.ranks.mean_step_loss(epoch.step_loss, epoch.step_count),
-                      "train/lr": self.parts.schedule.lr(),
+                      "train/lr": self.parts.schedule.lr(), **self.parts.schedule.group_lrs(),
                       "train/samples_per_sec": epoch.window_samples * self.layout.processes / max(now - epoch.window_start, 1e-9)}
             if epoch.grad_norm is not None:
                 values["train/grad_norm"] = float(epoch.grad_norm)

@@ -53,3 +53,7 @@ class TrainingError(DistTrainError):
 
 class DistributedSetupError(DistTrainError):
     """The processes that started disagree with what was asked for (e.g. an unsharded launch)."""
+
+
+class ExportError(DistTrainError):
+    """An export that cannot be written, or whose file disagrees with the PyTorch model it came from."""

@@ -81,7 +81,7 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
     predictions, targets = [], None
     for path in weights:
         # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
-        network = build_model(replace(config.model, pretrained=None, freeze=[]), task.num_outputs, config.data.channels,
+        network = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False), task.num_outputs, config.data.channels,
                               config.data.image_size, given=model)
         network.load_state_dict(read_weights(path))
         network.to(accelerator.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

@@ -1,6 +1,8 @@
-"""Build a classifier: torchvision models by name or a small CNN, local pretrained weights, head size, freezing."""
+"""Build a classifier: torchvision or timm models by name or a small CNN, local pretrained weights, head size,
+freezing, gradient checkpointing."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import pickle
 import pickletools
@@ -11,7 +13,9 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from dist_train import timm_backbones
 from dist_train.config import ModelConfig
 from dist_train.custom import load_function
 from dist_train.errors import CheckpointError, ConfigError
@@ -61,30 +65,49 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
 
     `given` (a model given to Trainer) or cfg.file's build_model(...) takes the place of the named network.
     """
+    arch = timm_backbones.timm_name(cfg.name) if given is None and cfg.file is None else None
     if given is not None or cfg.file is not None:
         model = given if given is not None else load_function(cfg.file, "build_model", "model.file")(
             cfg, num_classes, in_channels, image_size)
         if not isinstance(model, nn.Module):
             where = "the model given" if given is not None else f"model.file {cfg.file}: build_model(...)"
             raise ConfigError(f"{where} ({type(model).__name__}) is not a torch.nn.Module")
-    elif cfg.name == "small_cnn":
-        model = SmallCNN(num_classes, in_channels, width=cfg.width, dropout=cfg.dropout)
-    elif cfg.name == "mlp":
-        model = MLP(num_classes, in_channels * image_size * image_size, width=cfg.width, dropout=cfg.dropout)
+    elif arch is not None:
+        state = read_weights(timm_backbones.weights_file(cfg.pretrained)) if cfg.pretrained else None
+        model = timm_backbones.create(arch, num_classes, in_channels, image_size, cfg.dropout, cfg.drop_path_rate,
+                                      cfg.pretrained, state)
+    elif cfg.name in ("small_cnn", "mlp"):
+        if cfg.drop_path_rate is not None:
+            raise ConfigError(f"model.drop_path_rate: {cfg.name} has no stochastic depth")
+        model = (SmallCNN(num_classes, in_channels, width=cfg.width, dropout=cfg.dropout) if cfg.name == "small_cnn" else
+                 MLP(num_classes, in_channels * image_size * image_size, width=cfg.width, dropout=cfg.dropout))
     else:
-        available = torchvision.models.list_models(module=torchvision.models)
-        if cfg.name not in available:
-            close = difflib.get_close_matches(cfg.name, available + ["small_cnn", "mlp"], n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"model.name: unknown model {cfg.name!r}{hint}")
-        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
-        if in_channels != 3:
-            raise ConfigError(f"model.name={cfg.name} expects 3-channel images; set data.channels=3")
-    if cfg.pretrained:
+        model = torchvision_model(cfg, num_classes, in_channels)
+    if cfg.pretrained and arch is None:
         load_pretrained(model, cfg.pretrained)
     if cfg.freeze:
         freeze(model, cfg.freeze)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model, cfg.name if given is None and cfg.file is None else type(model).__name__)
     return model
+
+
+def torchvision_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
+    available = torchvision.models.list_models(module=torchvision.models)
+    if cfg.name not in available:
+        close = difflib.get_close_matches(cfg.name, available + ["small_cnn", "mlp"], n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; timm's models are named timm/<name>"
+        raise ConfigError(f"model.name: unknown model {cfg.name!r}{hint}")
+    if in_channels != 3:
+        raise ConfigError(f"model.name={cfg.name} expects 3-channel images; set data.channels=3")
+    extra = {"stochastic_depth_prob": cfg.drop_path_rate} if cfg.drop_path_rate is not None else {}
+    try:
+        return torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes, **extra)
+    except TypeError:
+        if not extra:
+            raise
+        raise ConfigError(f"model.drop_path_rate: torchvision's {cfg.name} has no stochastic depth "
+                          f"(efficientnet, convnext, swin and maxvit have)") from None
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -163,6 +186,68 @@ def freeze(model: nn.Module, prefixes: list[str]) -> int:
     if frozen == len(names):
         raise ConfigError("model.freeze froze every parameter: nothing would train")
     return frozen
+
+
+CHECKPOINTED_BLOCKS = {
+    ("resnet", "resnext", "wide_resnet"): ("layer1", "layer2", "layer3", "layer4"),
+    ("efficientnet", "mobilenet", "convnext", "swin", "small_cnn"): ("features",),
+    ("regnet",): ("trunk_output",),
+    ("vit_",): ("encoder.layers",),
+}
+"""torchvision families (name prefixes) -> their nn.Sequential stages of blocks, each block of which
+enable_grad_checkpointing recomputes. Only families whose body is such a sequence: there a block's input is all it
+needs, so recomputing block by block is exact (other families, e.g. densenet, inception, vgg, are refused)."""
+
+
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """Activations recomputed in backward: timm's set_grad_checkpointing (any model with that method), else the
+    blocks of torchvision's stages in CHECKPOINTED_BLOCKS; any other model is refused, naming it."""
+    if hasattr(model, "set_grad_checkpointing"):
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError) as exc:  # what timm's models without support raise
+            raise ConfigError(f"model.grad_checkpointing: {name} does not support gradient checkpointing ({exc})") from None
+        return
+    stages = next((paths for prefixes, paths in CHECKPOINTED_BLOCKS.items() if name.startswith(prefixes)), None)
+    if stages is None:
+        raise ConfigError(f"model.grad_checkpointing: not available for {name} (timm's models, torchvision's resnet/"
+                          f"resnext/wide_resnet, efficientnet, mobilenet, convnext, regnet, swin, vit families and "
+                          f"small_cnn have it; a model of your own can define set_grad_checkpointing(enable))")
+    for path in stages:
+        stage = model.get_submodule(path)
+        if type(stage) is not nn.Sequential:
+            raise ConfigError(f"model.grad_checkpointing: {name}.{path} is a {type(stage).__name__}, not the "
+                              f"nn.Sequential of blocks expected")
+        # The class changes, the module and its state_dict keys do not (weights and checkpoints stay compatible).
+        stage.__class__ = CheckpointedSequential
+
+
+class CheckpointedSequential(nn.Sequential):
+    """An nn.Sequential whose blocks keep only their inputs in training and recompute the rest in backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False,
+                           context_fn=lambda block=block: (contextlib.nullcontext(), _running_stats_kept(block)))
+        return x
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module):
+    """During a recomputation, BatchNorm layers normalise with the batch's statistics as in forward but leave their
+    running statistics as forward left them (else every step would update them twice)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def has_batchnorm(model: nn.Module) -> bool:

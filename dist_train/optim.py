@@ -1,6 +1,7 @@
 """Optimizers with weight-decay parameter groups, and LR schedules counted in optimizer steps."""
 from __future__ import annotations
 
+import fnmatch
 import math
 import warnings
 
@@ -8,29 +9,70 @@ import torch
 from torch import nn
 
 from dist_train.config import OptimConfig, SchedulerConfig
+from dist_train.errors import ConfigError
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
-    """Trainable parameters split so that biases and normalisation weights (1-D tensors) skip decay."""
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool,
+                 layer_decay: float | None = None) -> list[dict]:
+    """Trainable parameters split so that biases and normalisation weights (1-D tensors), and what the model names
+    in no_weight_decay() (timm's position embeddings, class tokens), skip decay; with `layer_decay`, also by layer
+    (layer_decay_groups). Frozen parameters are in no group."""
+    skip = () if decay_norm_and_bias else tuple(getattr(model, "no_weight_decay", set)())
+    if layer_decay is not None:
+        return layer_decay_groups(model, weight_decay, decay_norm_and_bias, layer_decay, skip)
     decay, no_decay = [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if decay_norm_and_bias or param.ndim > 1 else no_decay).append(param)
+        (decay if decay_norm_and_bias or (param.ndim > 1 and not _matches(name, skip)) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
 
+def layer_decay_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool, layer_decay: float,
+                       skip: tuple[str, ...] = ()) -> list[dict]:
+    """timm's param_groups_layer_decay: layers numbered from the input (the model's group_matcher), the last one
+    (the head) at lr_scale 1 and layer i of n at layer_decay ** (n - 1 - i); each layer split by weight decay as
+    param_groups does. Each group gets a `name` (layerNN) for the logs; build_optimizer applies the lr_scale."""
+    from timm.models import group_parameters
+    from timm.optim import param_groups_layer_decay
+
+    if not hasattr(model, "group_matcher"):
+        raise ConfigError(f"optim.layer_decay: {type(model).__name__} does not name its layers (no group_matcher(), "
+                          f"which timm's models have); use a timm/<name> model or optim.layer_decay=null")
+    groups = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip,
+                                      weight_decay_exclude_1d=not decay_norm_and_bias, layer_decay=layer_decay)
+    # the same numbering timm's function used, to name each group by its layer
+    layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    last = max(layer_of.values())
+    names = {id(param): name for name, param in model.named_parameters()}
+    for group in groups:
+        group["name"] = f"layer{layer_of.get(names[id(group['params'][0])], last):02d}"
+    return groups
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)  # timm's no_weight_decay() may hold wildcards
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module, fused: bool = True) -> torch.optim.Optimizer:
     """`fused`: the default when optim.fused is None (fused kernels unless DeepSpeed runs the optimizer)."""
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias, cfg.layer_decay)
+    for group in groups:
+        if "lr_scale" in group:  # the schedulers then scale each group's own initial LR
+            group["lr"] = cfg.lr * group["lr_scale"]
     kernels = {"fused": True} if (cfg.fused if cfg.fused is not None else fused) else {"foreach": None}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
     optimizer_class = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
     return optimizer_class(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernels)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The LR of each layer group (optim.layer_decay), as `lr_group/<name>`; {} when all groups follow optim.lr."""
+    return {f"lr_group/{group['name']}": group["lr"] for group in optimizer.param_groups if "lr_scale" in group}
 
 
 class Schedule:
@@ -82,7 +124,11 @@ class Schedule:
             self.plateau.step(value)
 
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The LR that optim.lr follows (layer groups run at their lr_scale times it: group_lrs)."""
+        return max(self.optimizer.param_groups, key=lambda group: group.get("lr_scale", 1.0))["lr"]
+
+    def group_lrs(self) -> dict[str, float]:
+        return group_lrs(self.optimizer)
 
     def state_dict(self) -> dict:
         return {

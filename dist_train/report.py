@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dist_train.checkpoint import write_text_atomic
-from dist_train.config import Config, to_dict
+from dist_train.config import Config, preprocessing, preprocessing_summary, to_dict
 from dist_train.distributed import main_print
 from dist_train.tracking import Tracking, flat_hparams
 
@@ -56,7 +56,8 @@ class Reporter:
                  f"global batch {info['global_batch']} = {info['per_process_batch']} x {info['num_processes']} processes "
                  f"x {info['grad_accum_steps']} accumulation; {info['batches_per_epoch_per_process']} batches/epoch/process, "
                  f"{info['optimizer_steps_per_epoch']} optimizer steps/epoch; {model_name}: "
-                 f"{info['parameters']['trainable']:,} trainable, {info['parameters']['frozen']:,} frozen parameters")
+                 f"{info['parameters']['trainable']:,} trainable, {info['parameters']['frozen']:,} frozen parameters; "
+                 f"{preprocessing_summary(self.config.data)}")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """TensorBoard (and W&B) scalars; nothing before start()."""
@@ -120,6 +121,7 @@ def describe_run(accelerator: Accelerator, parts, processes: list[dict], resumed
         "task": parts.task.kind,
         "classes": parts.labels,
         "parameters": {"trainable": parts.parameters[0], "frozen": parts.parameters[1]},
+        "preprocessing": preprocessing(config.data),
         "resumed_from": str(resumed_from) if resumed_from is not None else None,
     }
 

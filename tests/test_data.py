@@ -66,7 +66,7 @@ def make_csv_dataset(tmp_path, labels, header=("id", "image", "label")):
             Image.new("RGB", (5, 4), (i * 20, 0, 0)).save(tmp_path / "img" / f"{i}.png")
             writer.writerow([f"s{i}", f"img/{i}.png", label])
     return DataConfig(source="csv", root=str(tmp_path), train="train.csv", val=None, test=None, val_fraction=0.25,
-                      image_size=6, channels=3)
+                      image_size=6, channels=3, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
 
 
 def test_csv_source_with_holdout_and_string_labels(tmp_path):

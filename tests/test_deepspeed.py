@@ -16,6 +16,7 @@ from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
 from dist_train.config import DeepSpeedConfig
 from dist_train.distributed import deepspeed_plugin
 from dist_train.errors import ConfigError
+from dist_train.export import export
 from dist_train.faults import FAULT_ENV
 from test_equivalence import EXACT, WEIGHT_TOL, max_weight_diff, train
 
@@ -84,6 +85,10 @@ def test_zero3_killed_then_resumed_equals_uninterrupted_and_predicts_from_consol
                                str(run_dir / "checkpoints" / "last" / "model.safetensors"), "--output", str(submissions[name]),
                                *tiny_overrides(digits_root, run_dir, **EXACT)], processes=processes)
     assert submissions["z3_1"].read_bytes() == submissions["z3_2"].read_bytes() == submissions["ddp"].read_bytes()
+    # and the export: from the consolidated weights, checked by onnxruntime against PyTorch
+    exported = export(uninterrupted / "checkpoints" / "last", tmp_path / "z3.onnx")
+    print(f"ZeRO-3 export: {exported['check']}")
+    assert exported["check"]["max_abs_logit_difference"] <= 1e-4 and exported["check"]["argmax_agreement"] == 32
 
 
 def test_deepspeed_json_config_is_the_base_and_must_agree(digits_root, tmp_path):

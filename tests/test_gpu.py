@@ -66,7 +66,7 @@ def test_nvjpeg_decode_matches_the_cpu_decode(tmp_path):
     for i in range(8):
         paths.append(tmp_path / f"{i}.jpg")
         photo(i, 300 + 10 * i, 200 + 5 * i).save(paths[-1], quality=90)
-    cfg = DataConfig(image_size=64)
+    cfg = DataConfig(image_size=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     dataset = EncodedImageDataset(Records(paths, [0] * 8, [str(i) for i in range(8)]), cfg, "random_resized_crop", 0.5)
     batch, targets, _ = collate_encoded([dataset[i] for i in range(8)])
     outputs = {}

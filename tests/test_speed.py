@@ -13,12 +13,14 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 from conftest import run_cli, tiny_overrides
-from dist_train.config import DataConfig
+from dist_train.config import DEFAULT_PREPROCESSING, DataConfig
 from dist_train.data import BAD_TARGET, EncodedImageDataset, ImageDataset, ModelInput, Records, build_transform
 from dist_train.decode import DeviceDecoder, collate_encoded, random_resized_crop_box
 from dist_train.errors import SampleError
 
 HOST_SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
+
+NORMALISE = {"mean": DEFAULT_PREPROCESSING["mean"], "std": DEFAULT_PREPROCESSING["std"]}  # what config.resolve fills in
 
 
 class HostSyncs(TorchFunctionMode):
@@ -105,7 +107,7 @@ def decoded_on_device(records: Records, cfg: DataConfig, crop: str, flip_p: floa
 
 
 def test_device_decode_matches_the_workers_pillow_path(jpegs):
-    cfg = DataConfig(image_size=32)
+    cfg = DataConfig(image_size=32, **NORMALISE)
     images, targets = decoded_on_device(jpegs, cfg, "resize", 0.0)
     pillow = ImageDataset(jpegs, build_transform(cfg, train=False), 3)
     reference = torch.stack([pillow[i][0] for i in range(len(jpegs.paths))])
@@ -117,7 +119,7 @@ def test_device_decode_matches_the_workers_pillow_path(jpegs):
 
 
 def test_device_crops_follow_the_sample_and_epoch(jpegs):
-    cfg = DataConfig(image_size=16)
+    cfg = DataConfig(image_size=16, **NORMALISE)
     dataset = EncodedImageDataset(jpegs, cfg, "random_resized_crop", 0.5, seed=3)
     first = [dataset[i][0]["box"] for i in range(6)]
     assert first == [dataset[i][0]["box"] for i in range(6)]  # a function of (seed, epoch, index): any worker, any rank
@@ -136,8 +138,8 @@ def test_device_decode_names_a_corrupt_jpeg_or_skips_it(jpegs, tmp_path):
     broken.write_bytes(data[:700] + bytes(len(data) - 700))  # the header reads, the entropy-coded data is zeros
     records = Records(jpegs.paths[:2] + [broken], [0, 1, 2], ["a", "b", "c"])
     with pytest.raises(SampleError, match="cannot decode image .*broken.jpg"):
-        decoded_on_device(records, DataConfig(image_size=16), "resize", 0.0)
-    images, targets = decoded_on_device(records, DataConfig(image_size=16), "resize", 0.0, bad_samples="skip")
+        decoded_on_device(records, DataConfig(image_size=16, **NORMALISE), "resize", 0.0)
+    images, targets = decoded_on_device(records, DataConfig(image_size=16, **NORMALISE), "resize", 0.0, bad_samples="skip")
     assert targets.tolist() == [0, 1, BAD_TARGET] and images.shape == (3, 3, 16, 16)
 
 
