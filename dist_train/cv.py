@@ -138,7 +138,7 @@ def summarize(config: Config) -> dict:
         metrics = _scores(task, outputs[rows], targets[rows], losses[rows], held.groups)
         per_fold.append({"fold": fold, "rows": len(rows), "groups": len(set(held.split_groups)) if held.split_groups else None,
                          "best_epoch": info["best"]["epoch"], "wall_seconds": round(info["wall_seconds"], 1), **metrics})
-    names = [k for k in per_fold[0] if k.startswith("val_")]
+    names = [k for k in per_fold[0] if k.startswith("val_") and k != "val_samples"]
     summary = {
         "folds": config.cv.folds, "seed": config.seed if config.cv.seed is None else config.cv.seed,
         "group_column": config.data.group_column, "rows": len(records.paths), "monitor": config.checkpoint.monitor,

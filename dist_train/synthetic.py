@@ -153,17 +153,15 @@ def write_masks(root: str | Path, people: int = 360, eval_people: int = 300, siz
     for person in persons[:people]:
         folder = tmp / "train" / "images" / person["folder"]
         folder.mkdir(parents=True)
-        for photo in PHOTOS:
-            mask = 0 if photo.startswith("mask") else 1 if photo == "incorrect_mask" else 2
-            Image.fromarray(_mask_photo(person, mask, PHOTOS.index(photo), size, rng)).save(folder / f"{photo}.jpg", quality=90)
+        for photo, mask, image in _photos(person, size, rng):
+            image.save(folder / f"{photo}.jpg", quality=90)
             rows.append([f"images/{person['folder']}/{photo}.jpg", 6 * mask + 3 * person["gender"] + person["age_band"],
                          mask, person["gender"], person["age_band"]])
     (tmp / "eval" / "images").mkdir(parents=True)
     for person in persons[people:]:
-        for photo in PHOTOS:
-            mask = 0 if photo.startswith("mask") else 1 if photo == "incorrect_mask" else 2
+        for photo, mask, image in _photos(person, size, rng):
             name = hashlib.sha1(f"{seed}/{person['folder']}/{photo}".encode()).hexdigest() + ".jpg"
-            Image.fromarray(_mask_photo(person, mask, PHOTOS.index(photo), size, rng)).save(tmp / "eval" / "images" / name, quality=90)
+            image.save(tmp / "eval" / "images" / name, quality=90)
             answers.append([name, 6 * mask + 3 * person["gender"] + person["age_band"]])
     answers = [answers[i] for i in rng.permutation(len(answers))]
     _csv(tmp / "train" / "labels.csv", ["path", "label", "mask", "gender", "age_band"], rows)
@@ -185,6 +183,13 @@ def _person(number: int, rng: np.random.Generator) -> dict:
             "skin": rng.uniform(90, 200, 3), "face": rng.normal(0, 45, (4, 4, 3)),
             # the cues: the same for all of a person's photos, noisy across people
             "hair": 60 + 90 * gender + rng.normal(0, 35), "lines": 70 * age_band + rng.normal(0, 30)}
+
+
+def _photos(person: dict, size: int, rng: np.random.Generator):
+    """(photo name, mask, image) of each of a person's PHOTOS."""
+    for variant, photo in enumerate(PHOTOS):
+        mask = 0 if photo.startswith("mask") else 1 if photo == "incorrect_mask" else 2
+        yield photo, mask, Image.fromarray(_mask_photo(person, mask, variant, size, rng))
 
 
 def _mask_photo(person: dict, mask: int, variant: int, size: int, rng: np.random.Generator) -> np.ndarray:
