@@ -5,18 +5,20 @@ import argparse
 import os
 import sys
 import traceback
+from dataclasses import replace
 
 from dist_train.config import load_config
 from dist_train.distributed import fail, is_main_process_env
-from dist_train.errors import DistTrainError
+from dist_train.errors import ConfigError, DistTrainError
 from dist_train.faults import PREEMPTED_EXIT_CODE, Preempted, die_with_launcher, report_failure, requeue_slurm_job
 
 OVERRIDES_HELP = "dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64 output_dir=/tmp/run1 seed=7"
 
 
-def _parser(description: str) -> argparse.ArgumentParser:
+def _parser(description: str, config_help: str = "YAML or JSON config (default: built-in defaults = the digits run)"
+            ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("-c", "--config", help="YAML or JSON config (default: built-in defaults = the digits run)")
+    parser.add_argument("-c", "--config", help=config_help)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     return parser
 
@@ -36,7 +38,12 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.debug:
             from dist_train.debug import run_debug
 
-            run_debug(config, args.config)
+            run_debug(one_fold(config), args.config)
+            return 0
+        if config.cv.folds:
+            from dist_train.cv import cross_validate
+
+            cross_validate(config, resume=args.resume, overwrite=args.overwrite)
             return 0
         from dist_train.trainer import fit
 
@@ -57,10 +64,21 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def one_fold(config):
+    """train.py --debug of a cross-validation config: its first fold (cv.fold, when not set)."""
+    if not config.cv.folds or config.cv.fold is not None:
+        return config
+    print("debug: cv.folds is set: checking fold 0 (cv.fold=0)", flush=True)
+    return replace(config, cv=replace(config.cv, fold=0))
+
+
 def predict_main(argv: list[str] | None = None) -> int:
-    parser = _parser("Write a submission CSV from a checkpoint (sharded over all launched processes).")
+    parser = _parser("Write a submission CSV from a checkpoint (sharded over all launched processes).",
+                     "YAML or JSON config (default: the checkpoint's own config.yaml); it may change data and inference "
+                     "keys, not those that shape the model")
     parser.add_argument("--checkpoint", required=True, nargs="+",
-                        help="checkpoint directory (e.g. runs/digits/checkpoints/best) or a .safetensors file; several: "
+                        help="checkpoint directory (e.g. runs/digits/checkpoints/best), a run directory (its best), a "
+                             "cross-validation run's directory (its folds' best) or a .safetensors file; several: "
                              "their predictions are averaged into one submission")
     parser.add_argument("--output", help="submission path (default: inference.output or <output_dir>/submission.csv)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
@@ -73,8 +91,16 @@ def predict_main(argv: list[str] | None = None) -> int:
         checkpoints = [c for c in args.checkpoint if c not in moved]
         if not checkpoints:
             parser.error("--checkpoint needs at least one checkpoint")
-        config = load_config(args.config, [*args.overrides, *moved])
-        from dist_train.inference import predict
+        from dist_train.inference import checkpoint_config_file, predict, resolve_weights
+
+        config_file = args.config
+        if config_file is None:
+            config_file = checkpoint_config_file(checkpoints[0])
+            if config_file is None:
+                resolve_weights(checkpoints[0])  # says so when there is nothing at all
+                raise ConfigError(f"--checkpoint {checkpoints[0]} has no config.yaml beside it (a bare weights file): name "
+                                  f"the config it was trained with, --config X.yaml")
+        config = load_config(config_file, [*args.overrides, *moved])
 
         predict(config, checkpoints, args.output, args.split)
     except DistTrainError as exc:

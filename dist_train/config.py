@@ -18,6 +18,22 @@ from dist_train.errors import ConfigError
 
 
 @dataclass
+class SplitConfig:
+    """One split's own table and images (data.train / data.val / data.test as a mapping); a key left out takes the
+    data section's value, e.g. `test: {table: eval/info.csv, image_root: eval/images, image_column: ImageID,
+    id_column: ImageID}`."""
+
+    table: str | None = None
+    """The CSV table (folder source: the directory), relative to data.root."""
+    image_root: str | None = None
+    """Directory this table's image paths are relative to, relative to data.root (default: data.image_root)."""
+    image_column: str | None = None
+    """The column holding the image paths (default: data.image_column)."""
+    id_column: str | None = None
+    """The column of row ids (default: data.id_column; see there)."""
+
+
+@dataclass
 class DataConfig:
     """Where the images and labels come from and how they are batched."""
 
@@ -26,17 +42,25 @@ class DataConfig:
     paths and labels; folder: `train/<class>/*` style directories."""
     root: str = "data/digits"
     """Base directory; relative `train`/`val`/`test`/`image_root` paths resolve against it."""
-    train: str = "train.csv"
-    """csv: the training table; folder: the directory of class sub-folders."""
-    val: str | None = "val.csv"
-    """Validation table/directory; None holds out `val_fraction` of `train` (stratified, seeded)."""
-    test: str | None = "info.csv"
-    """Inference table (ids + image paths, no labels) or a flat directory of images."""
+    train: str | SplitConfig = "train.csv"
+    """csv: the training table; folder: the directory of class sub-folders. Or a mapping with this split's own
+    table, image_root, image_column and id_column (SplitConfig)."""
+    val: str | SplitConfig | None = "val.csv"
+    """Validation table/directory (or a mapping, as `train`); None holds out `val_fraction` of `train` (stratified,
+    seeded; grouped by `group_column` when set)."""
+    test: str | SplitConfig | None = "info.csv"
+    """Inference table (ids + image paths, no labels) or a flat directory of images (or a mapping, as `train`)."""
     image_root: str | None = None
-    """Directory the CSV image paths are relative to (default: `root`)."""
+    """Directory the CSV image paths are relative to, relative to `root` (default: `root`)."""
     image_column: str = "image"
     label_column: str = "label"
     id_column: str = "id"
+    """test: the ids the submission echoes (required, unique); train/val: a row's id when the table has the
+    column, else its image path relative to the image root."""
+    group_column: str | None = None
+    """Rows that must stay on one side of the validation split (e.g. the photos of one person): a column of the
+    training table, or `parent_dir` (the image's folder) when the table has no such column. The hold-out and the
+    cv folds are then grouped (and stratified by label where the task has classes). None: rows split freely."""
     classes: list[str] | None = None
     """Class names in output order; None: the sorted labels found in `train`."""
     val_fraction: float = 0.1
@@ -344,6 +368,24 @@ class InferenceConfig:
 
 
 @dataclass
+class CVConfig:
+    """K-fold cross-validation over the training table: each fold a run in <output_dir>/fold-<k>, then the
+    out-of-fold predictions (oof.csv) and every metric per fold and over all of them (cv_summary.json)."""
+
+    folds: int = 0
+    """K folds (grouped by data.group_column, stratified by label where the task has classes); 0: off."""
+    fold: int | None = None
+    """Train only this fold (0 .. folds - 1), e.g. one task of a SLURM job array; None: every fold in turn."""
+    seed: int | None = None
+    """Seed of the assignment of rows to folds; None: the run's seed."""
+
+
+def fold_output_dir(output_dir: str | Path, fold: int) -> Path:
+    """Where fold `fold` of a cross-validation run in `output_dir` runs: a normal run directory."""
+    return Path(output_dir) / f"fold-{fold}"
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -361,6 +403,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,6 +581,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [arg for arg in args if dataclasses.is_dataclass(arg)]
+        if isinstance(value, dict) and sections:  # a mapping is that section: its own errors (did you mean) count
+            return _build(sections[0], value, f"{key}.")
         errors = []
         for arg in args:
             if arg is type(None):
@@ -546,7 +592,10 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {kind}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        names = ["a mapping" if dataclasses.is_dataclass(a) else getattr(a, "__name__", str(a)) for a in args]
+        raise ConfigError(f"{key}: expected {' or '.join(names).replace('NoneType', 'null')}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         if isinstance(value, bool):  # YAML 1.1 reads no/off/false and yes/on/true as booleans: mean the word
             words = ("yes", "on", "true") if value else ("no", "off", "false")
@@ -663,6 +712,57 @@ def validate(config: Config) -> None:
     for key, path in (("model.file", config.model.file), ("loss.file", config.loss.file), ("data.file", config.data.file)):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{key}: file not found: {path}")
+    validate_splits(config)
+
+
+def validate_splits(config: Config) -> None:
+    """The per-split mappings, the grouped split and cross-validation (cv)."""
+    data, cv = config.data, config.cv
+    for name in ("train", "val", "test"):
+        split = getattr(data, name)
+        if isinstance(split, SplitConfig) and not split.table:
+            raise ConfigError(f"data.{name}: a mapping needs `table` (the CSV, or the folder source's directory)")
+    checks = [
+        (cv.folds == 0 or cv.folds >= 2, f"cv.folds must be 0 (off) or at least 2, not {cv.folds}"),
+        (cv.fold is None or cv.folds > 0, f"cv.fold={cv.fold} needs cv.folds (the number of folds)"),
+        (cv.fold is None or 0 <= cv.fold < cv.folds, f"cv.fold must be in 0 .. {cv.folds - 1} (cv.folds={cv.folds}), not {cv.fold}"),
+        (cv.folds == 0 or data.val is None, f"cv.folds={cv.folds} validates each fold on the training rows it holds out: "
+                                            f"set data.val: null (it is {_split_name(data.val)})"),
+        (cv.folds == 0 or data.file is None, "cv.folds splits the built-in training table; data.file's datasets "
+                                             "cannot be split into folds"),
+        (data.group_column is None or data.source != "folder", "data.group_column needs tables (data.source=csv): a folder "
+                                                               "source's image folders are its classes"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _split_name(split: str | SplitConfig | None) -> str:
+    return repr(split.table if isinstance(split, SplitConfig) else split)
+
+
+MODEL_SHAPING = ("model.", "task.", "data.channels", "data.image_size")
+"""Config keys (prefixes) whose value the trained weights depend on; model.pretrained and model.freeze do not."""
+
+
+def model_shaping_differences(saved: dict[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, config's value) for each key that shapes the model (MODEL_SHAPING) and differs between a
+    checkpoint's config (its config.yaml, read) and `config`; keys the saved config lacks (older versions) are skipped."""
+    ours, theirs = _flat(to_dict(config)), _flat(saved)
+    return [(key, theirs[key], value) for key, value in ours.items()
+            if key.startswith(MODEL_SHAPING) and key not in ("model.pretrained", "model.freeze")
+            and key in theirs and theirs[key] != value]
+
+
+def _flat(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def to_dict(config: Config) -> dict[str, Any]:

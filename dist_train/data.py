@@ -9,6 +9,8 @@ import os
 import shutil
 import signal
 import sys
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from dist_train.config import DataConfig
+from dist_train.config import CVConfig, DataConfig, SplitConfig
 from dist_train.decode import BAD_TARGET, JPEG_SUFFIXES, DeviceDecoder, center_crop_box, collate_encoded, random_resized_crop_box
 from dist_train.errors import ConfigError, DataError, SampleError
 from dist_train.faults import die_with_parent
@@ -33,7 +35,8 @@ class Records:
     """One split as plain lists: image paths, targets (-1 when unlabelled) and row ids.
 
     A target is a class index, or a tuple (several heads, several values) or a float (tasks.py encodes
-    them from `labels`, the raw label columns). `groups`: each row's query (ranking).
+    them from `labels`, the raw label columns). `groups`: each row's query (ranking). `split_groups`: each row's
+    data.group_column value (rows of a group stay on one side of a hold-out or a cv fold).
     """
 
     paths: list[Path]
@@ -41,12 +44,13 @@ class Records:
     ids: list[str]
     labels: dict[str, list[str]] | None = None
     groups: list[str] | None = None
+    split_groups: list[str] | None = None
 
     def take(self, idx) -> "Records":
-        pick = lambda values: [values[i] for i in idx]  # noqa: E731
+        pick = lambda values: [values[i] for i in idx] if values is not None else None  # noqa: E731
         return Records(pick(self.paths), pick(self.targets) if self.targets else [], pick(self.ids),
                        {k: pick(v) for k, v in self.labels.items()} if self.labels is not None else None,
-                       pick(self.groups) if self.groups is not None else None)
+                       pick(self.groups), pick(self.split_groups))
 
 
 def as_target(value):
@@ -149,6 +153,30 @@ def resolve(cfg: DataConfig, path: str) -> Path:
     return p if p.is_absolute() else Path(cfg.root) / p
 
 
+@dataclass(frozen=True)
+class SplitSource:
+    """Where one split's rows and images are: data.<split>, its own keys first, then the data section's."""
+
+    name: str
+    """train, val or test."""
+    table: Path
+    image_root: Path
+    image_column: str
+    id_column: str
+    id_named: bool
+    """The split names its id column itself (so the table must have it)."""
+
+
+def split_source(cfg: DataConfig, name: str) -> SplitSource:
+    """data.<name> (a table path, or a mapping of its own table, image root, image and id columns) resolved: relative
+    paths against data.root, keys left out from the data section."""
+    value = getattr(cfg, name)
+    own = value if isinstance(value, SplitConfig) else SplitConfig(table=value)
+    image_root = own.image_root or cfg.image_root
+    return SplitSource(name, resolve(cfg, own.table), resolve(cfg, image_root) if image_root else Path(cfg.root),
+                       own.image_column or cfg.image_column, own.id_column or cfg.id_column, own.id_column is not None)
+
+
 def read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:
     if not path.is_file():
         raise DataError(f"CSV file not found: {path}")
@@ -190,30 +218,57 @@ def sorted_labels(labels: list[str]) -> list[str]:
     return sorted(unique)
 
 
-def _csv_split(cfg: DataConfig, table: str, labelled: bool, columns: list[str] | None = None, query: str | None = None):
-    path = resolve(cfg, table)
+def _csv_split(cfg: DataConfig, source: SplitSource, labelled: bool, columns: list[str] | None = None,
+               query: str | None = None):
+    """(image paths, label columns, ids, groups) of one table. The test split's ids are its id column (the submission
+    echoes them: unique); a labelled row's id is its id column when the table has one, else its image path relative to
+    the image root. Groups: data.group_column of a labelled table (None without it)."""
+    path = source.table
     columns = columns or [cfg.label_column]
-    required = [cfg.image_column] + (columns if labelled else [cfg.id_column]) + ([query] if query else [])
+    named_id = [source.id_column] if not labelled or source.id_named else []
+    required = [source.image_column] + (columns if labelled else []) + named_id + ([query] if query else [])
     rows = read_csv(path, required)
     if not rows:
         raise DataError(f"{path}: no rows")
-    image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.root)
-    paths = [image_root / row[cfg.image_column] for row in rows]
+    paths = [source.image_root / row[source.image_column] for row in rows]
     _check_images_exist(paths, str(path))
     labels = {c: [row[c] for row in rows] for c in columns} if labelled else {}
     if query:
         labels[query] = [row[query] for row in rows]
-    if cfg.id_column in rows[0]:
-        ids = [row[cfg.id_column] for row in rows]
+    if source.id_column in rows[0]:
+        ids = [row[source.id_column] for row in rows]
     else:
-        ids = [Path(row[cfg.image_column]).stem for row in rows]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{path}: column {cfg.id_column!r} has duplicate ids")
-    return paths, labels, ids
+        ids = [row[source.image_column] for row in rows]
+    if not labelled:
+        _check_unique(ids, f"{path}: column {source.id_column!r}")
+    groups = _groups(cfg, rows, source, path) if labelled and cfg.group_column else None
+    return paths, labels, ids, groups
 
 
-def _folder_split(cfg: DataConfig, directory: str, labelled: bool) -> tuple[list[Path], list[str], list[str]]:
-    root = resolve(cfg, directory)
+def _check_unique(ids: list[str], where: str) -> None:
+    seen: dict[str, int] = {}
+    for row, value in enumerate(ids, 1):
+        if value in seen:
+            raise DataError(f"{where} has duplicate ids: {value!r} on rows {seen[value]} and {row}; the submission needs "
+                            f"one row per id")
+        seen[value] = row
+
+
+def _groups(cfg: DataConfig, rows: list[dict[str, str]], source: SplitSource, path: Path) -> list[str]:
+    """Each row's data.group_column value: the column's, or (`parent_dir`) the folder of its image path."""
+    column = cfg.group_column
+    if column in rows[0]:
+        return [row[column] for row in rows]
+    if column == "parent_dir":
+        return [str(Path(row[source.image_column]).parent) for row in rows]
+    close = difflib.get_close_matches(column, list(rows[0]), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise DataError(f"{path}: data.group_column {column!r} is not a column{hint}; columns found: {', '.join(rows[0])} "
+                    f"(or set data.group_column: parent_dir to group the images by their folder)")
+
+
+def _folder_split(cfg: DataConfig, source: SplitSource, labelled: bool) -> tuple[list[Path], list[str], list[str]]:
+    root = source.table
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     paths, labels = [], []
@@ -234,30 +289,50 @@ def _folder_split(cfg: DataConfig, directory: str, labelled: bool) -> tuple[list
     return paths, columns if labelled else {}, ids
 
 
-def _split(cfg: DataConfig, where: str, labelled: bool, columns: list[str] | None = None, query: str | None = None) -> Records:
+def _split(cfg: DataConfig, name: str, labelled: bool, columns: list[str] | None = None, query: str | None = None) -> Records:
+    source = split_source(cfg, name)
+    groups = None
     if cfg.source == "folder":
-        paths, labels, ids = _folder_split(cfg, where, labelled)
+        paths, labels, ids = _folder_split(cfg, source, labelled)
     else:
-        paths, labels, ids = _csv_split(cfg, where, labelled, columns, query)
-    return Records(paths, [], ids, labels if labelled else None, labels.pop(query) if query else None)
+        paths, labels, ids, groups = _csv_split(cfg, source, labelled, columns, query)
+    return Records(paths, [], ids, labels if labelled else None, labels.pop(query) if query else None, groups)
+
+
+def load_training(cfg: DataConfig, label, columns: list[str] | None = None, query: str | None = None):
+    """The whole training table with its targets, and what its labels define (see load_splits)."""
+    if cfg.source == "digits":
+        materialize_digits(Path(cfg.root))
+    train = _split(cfg, "train", True, columns, query)
+    train.targets, defined = label(train.labels, str(split_source(cfg, "train").table), None)
+    return train, defined
 
 
 def load_splits(cfg: DataConfig, seed: int, label, columns: list[str] | None = None, query: str | None = None,
-                stratify: bool = True):
+                stratify: bool = True, cv: CVConfig | None = None):
     """The training and validation splits, and what their labels define (e.g. the class names).
 
     `label(labels, where, defined)` turns a split's raw label columns into its targets and returns
     (targets, defined); it sees the whole training table first (defined=None: it decides, e.g. the classes),
-    then the validation table. `query` becomes `Records.groups`. Without data.val a seeded hold-out of the
-    training table, stratified by its first label column.
+    then the validation table. `query` becomes `Records.groups`. With cv.folds: fold cv.fold of the training
+    table is the validation split (assign_folds). Without data.val: a seeded hold-out of the training table,
+    stratified by its first label column; with data.group_column, the first of round(1 / val_fraction) grouped
+    folds (assign_folds).
     """
-    if cfg.source == "digits":
-        materialize_digits(Path(cfg.root))
-    train = _split(cfg, cfg.train, True, columns, query)
-    train.targets, defined = label(train.labels, str(resolve(cfg, cfg.train)), None)
+    train, defined = load_training(cfg, label, columns, query)
+    where = str(split_source(cfg, "train").table)
+    if cv is not None and cv.folds > 0:
+        if cv.fold is None:
+            raise ConfigError(f"cv.folds={cv.folds}: train.py trains every fold in turn (dist_train.cv); one run trains one "
+                              f"fold: set cv.fold")
+        folds = assign_folds(train, cv.folds, seed if cv.seed is None else cv.seed, stratify, where)
+        return train.take(np.flatnonzero(folds != cv.fold)), train.take(np.flatnonzero(folds == cv.fold)), defined
     if cfg.val is not None:
-        val = _split(cfg, cfg.val, True, columns, query)
-        val.targets, _ = label(val.labels, str(resolve(cfg, cfg.val)), defined)
+        val = _split(cfg, "val", True, columns, query)
+        val.targets, _ = label(val.labels, str(split_source(cfg, "val").table), defined)
+    elif train.split_groups is not None:
+        folds = assign_folds(train, max(2, round(1 / cfg.val_fraction)), seed, stratify, where)
+        train, val = train.take(np.flatnonzero(folds != 0)), train.take(np.flatnonzero(folds == 0))
     else:
         first = next(iter(train.labels.values()))
         train, val = _holdout(train, cfg.val_fraction, seed, first if stratify else None)
@@ -269,7 +344,7 @@ def load_test_records(cfg: DataConfig) -> Records:
         raise ConfigError("data.test is not set: nothing to predict")
     if cfg.source == "digits":
         materialize_digits(Path(cfg.root))
-    records = _split(cfg, cfg.test, labelled=False)
+    records = _split(cfg, "test", labelled=False)
     records.targets = [-1] * len(records.paths)
     return records
 
@@ -278,8 +353,39 @@ def _holdout(records: Records, fraction: float, seed: int, stratify: list[str] |
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(records.paths))
+    if stratify is not None and min(Counter(stratify).values()) < 2:
+        stratify = None  # a class with a single row cannot be on both sides: stratified where possible means not here
     train_idx, val_idx = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
     return records.take(sorted(train_idx)), records.take(sorted(val_idx))
+
+
+def assign_folds(records: Records, folds: int, seed: int, stratify: bool, where: str) -> np.ndarray:
+    """Each row's fold, 0 .. folds - 1, seeded: grouped by `records.split_groups` (no group in two folds) and, when
+    `stratify`, stratified by the label columns together, as far as the groups allow (scikit-learn's
+    StratifiedGroupKFold, GroupKFold, StratifiedKFold or KFold, shuffled)."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    count = len(records.paths)
+    strata = ["\x1f".join(values) for values in zip(*records.labels.values())] if stratify else None
+    groups = records.split_groups
+    units = len(set(groups)) if groups is not None else count
+    if units < folds:
+        what = "groups (data.group_column)" if groups is not None else "rows"
+        raise DataError(f"{where}: {units} {what} for {folds} folds (or a hold-out of 1/{folds}, data.val_fraction); "
+                        f"every fold needs at least one")
+    if groups is not None:
+        splitter = (StratifiedGroupKFold if stratify else GroupKFold)(folds, shuffle=True, random_state=seed)
+    else:
+        splitter = (StratifiedKFold if stratify else KFold)(folds, shuffle=True, random_state=seed)
+    assigned = np.full(count, -1)
+    with warnings.catch_warnings():  # a class rarer than the folds: stratified as far as it goes, said in the docs
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        try:
+            for fold, (_, held) in enumerate(splitter.split(np.zeros(count), strata, groups)):
+                assigned[held] = fold
+        except ValueError as exc:
+            raise DataError(f"{where}: cannot split into {folds} folds: {exc}") from None
+    return assigned
 
 
 def materialize_digits(root: Path) -> None:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from dist_train.config import Config, DataConfig, monitorable
 from dist_train.custom import class_names
-from dist_train.data import Records, encode_classes, load_splits, sorted_labels
+from dist_train.data import Records, assign_folds, encode_classes, load_splits, load_training, sorted_labels, split_source
 from dist_train.errors import ConfigError, DataError
 from dist_train.losses import build_loss, build_regression_loss
 from dist_train.metrics import classification_metrics, ranking_metrics, regression_metrics
@@ -45,8 +46,34 @@ def fit_labels(config: Config, columns: dict[str, list[str]]) -> list[str] | dic
 
 def load_task(config: Config) -> tuple[Records, Records, list[str] | dict, "Task"]:
     """The training and validation splits with their targets, what the labels define (fit_labels) and the task."""
-    kind = config.task.kind
-    query = config.task.query_column if kind == "ranking" else None
+    label, built = _labeller(config)
+    train, val, defined = load_splits(config.data, config.seed, label, label_columns(config), _query(config),
+                                      stratify=_stratified(config), cv=config.cv)
+    return train, val, defined, built()
+
+
+def load_folds(config: Config) -> tuple[Records, list[str] | dict, "Task", np.ndarray]:
+    """Cross-validation (cv.folds): the whole training table with its targets, what its labels define, the task, and
+    each row's fold -- the assignment every fold's run makes (data.assign_folds)."""
+    label, built = _labeller(config)
+    train, defined = load_training(config.data, label, label_columns(config), _query(config))
+    seed = config.seed if config.cv.seed is None else config.cv.seed
+    folds = assign_folds(train, config.cv.folds, seed, _stratified(config), str(split_source(config.data, "train").table))
+    return train, defined, built(), folds
+
+
+def _query(config: Config) -> str | None:
+    return config.task.query_column if config.task.kind == "ranking" else None
+
+
+def _stratified(config: Config) -> bool:
+    """Splits keep the label proportions where the task has classes."""
+    return config.task.kind in ("classification", "multihead")
+
+
+def _labeller(config: Config):
+    """label(columns, where, defined) for data.load_splits -- the first call (the training table) decides what the labels
+    define and builds the task -- and a function returning that task."""
     task = None
 
     def label(columns, where, defined):
@@ -60,9 +87,7 @@ def load_task(config: Config) -> tuple[Records, Records, list[str] | dict, "Task
             task = build_task(config, defined)
         return task.encode(columns, where), defined
 
-    train, val, defined = load_splits(config.data, config.seed, label, label_columns(config), query,
-                                      stratify=kind in ("classification", "multihead"))
-    return train, val, defined, task
+    return label, lambda: task
 
 
 def load_records(cfg: DataConfig, seed: int) -> tuple[Records, Records, list[str]]:
@@ -136,6 +161,10 @@ class Task:
         """The submission's label column."""
         raise NotImplementedError
 
+    def target_labels(self, targets: torch.Tensor) -> list[str]:
+        """Targets written as predictions() writes its answers (class name, combined class id, value)."""
+        return self.predictions(targets.float())
+
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         """(N, len(class_names)) probabilities of the predicted classes (inference.probabilities)."""
         raise ConfigError(f"inference.probabilities: task.kind={self.kind} predicts no classes")
@@ -167,6 +196,9 @@ class Classification(Task):
 
     def predictions(self, outputs):
         return [self.class_names[i] for i in outputs.argmax(1).tolist()]
+
+    def target_labels(self, targets):
+        return [self.class_names[i] for i in targets.tolist()]
 
     def probabilities(self, outputs):
         return outputs.float().softmax(1)
@@ -245,6 +277,9 @@ class MultiHead(Task):
 
     def predictions(self, outputs):
         return [str(c) for c in self.combined_log_probabilities(outputs).argmax(1).tolist()]
+
+    def target_labels(self, targets):
+        return [str(c) for c in self.combine(targets).tolist()]
 
     def probabilities(self, outputs):
         return self.combined_log_probabilities(outputs).exp()
