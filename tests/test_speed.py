@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
@@ -35,8 +35,13 @@ class HostSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def host_syncs_of_an_epoch(steps: int, log_every: int, fused: bool) -> list[str]:
-    """train_one_epoch on one process with the default guard (train.nonfinite=skip): the host syncs it made."""
+def host_syncs_of_an_epoch(steps: int, log_every: int, fused: bool, cuda: bool = False) -> list[str]:
+    """train_one_epoch on one process with the default guard (train.nonfinite=skip): the host syncs it made.
+
+    Those of tensor methods (HostSyncs); with `cuda`, on the GPU, also every wait that torch's own detector
+    (`torch.cuda.set_sync_debug_mode`) reports, as "cuda: <its message>"; it sees syncs inside kernels'
+    launch code that no Python call shows.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from torch.utils.data import DataLoader, TensorDataset
@@ -47,19 +52,29 @@ def host_syncs_of_an_epoch(steps: int, log_every: int, fused: bool) -> list[str]
     from dist_train.optim import Schedule, build_optimizer
 
     try:
-        accelerator = Accelerator(cpu=True)
+        accelerator = Accelerator(cpu=not cuda)
         n = steps * 4
         data = TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 3, (n,)), torch.arange(n))
         model = build_model(ModelConfig(width=4), 3, 3, 8)
         torch_optimizer = build_optimizer(OptimConfig(fused=fused), model)
-        model, optimizer, loader = accelerator.prepare(model, torch_optimizer, DataLoader(data, batch_size=4))
+        # pinned batches: a copy from pageable memory would make the host wait (as the real loaders pin)
+        loader = DataLoader(data, batch_size=4, pin_memory=cuda)
+        model, optimizer, loader = accelerator.prepare(model, torch_optimizer, loader)
         schedule = Schedule(SchedulerConfig(), torch_optimizer, steps, steps, "max")
         guard = FiniteGuard(accelerator, torch_optimizer, "skip", 3, kept=lambda: "")
-        with HostSyncs() as syncs:
-            train_one_epoch(accelerator, model, loader, CrossEntropy(), optimizer, schedule, batch_size=4, dataset_len=n,
-                            grad_accum_steps=1, max_grad_norm=1.0, log_every_n_steps=log_every, global_step=0,
-                            log=lambda values, step: None, epoch=1, num_batches=steps, guard=guard)
-        return syncs.calls
+        with warnings.catch_warnings(record=True) as caught, HostSyncs() as syncs:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_one_epoch(accelerator, model, loader, CrossEntropy(), optimizer, schedule, batch_size=4, dataset_len=n,
+                                grad_accum_steps=1, max_grad_norm=1.0, log_every_n_steps=log_every, global_step=0,
+                                log=lambda values, step: None, epoch=1, num_batches=steps, guard=guard)
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+        detected = [f"cuda: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+        return syncs.calls + detected
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -155,24 +170,6 @@ def test_device_decode_names_a_corrupt_jpeg_or_skips_it(jpegs, tmp_path):
 def test_model_input_lays_out_channels_last():
     images, _ = ModelInput(DataConfig(), torch.device("cpu"), False, torch.float32, True)(torch.randn(2, 3, 8, 8), torch.zeros(2))
     assert images.is_contiguous(memory_format=torch.channels_last)
-
-
-@pytest.fixture(scope="module")
-def jpeg_digits(digits_root, tmp_path_factory) -> Path:
-    """The digits as 24x24 JPEGs (CSV tables with the same ids)."""
-    root = tmp_path_factory.mktemp("jpeg_digits")
-    (root / "images").mkdir()
-    for name in ("train.csv", "val.csv", "info.csv"):
-        rows = list(csv.DictReader(open(digits_root / name, newline="")))
-        for row in rows:
-            target = Path(row["image"]).with_suffix(".jpg").name
-            Image.open(digits_root / row["image"]).convert("RGB").resize((24, 24)).save(root / "images" / target, quality=95)
-            row["image"] = f"images/{target}"
-        with open(root / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return root
 
 
 def test_two_processes_train_and_predict_with_device_decoding(jpeg_digits, tmp_path):
