@@ -20,9 +20,8 @@ from conftest import ROOT, config_path, read_jsonl, run_cli, run_env, tiny_overr
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEEPSPEED_HINT = (
-    "deepspeed is not installed (the GPU machines have none and no network): bring its wheels along, e.g. on a "
-    "machine with network `pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 "
-    "-d wheels deepspeed==0.19.8 transformers` (see README, GPU check); `make gpu-check` unpacks wheels/ for the run"
+    "not installed (the GPU machines have no deepspeed and no network): `bash bench/gpu_wheels.sh` on a machine with "
+    "network writes the wheels to wheels/; carry that directory along and `make gpu-check` unpacks them (README, GPU check)"
 )
 
 
