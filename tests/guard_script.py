@@ -6,6 +6,7 @@ Each rank runs train_one_epoch (with the default guard) for a short and a long e
 collectives called from Python during each, and writes what it saw to OUT_DIR/rank<R>.json.
 DIST_TRAIN_FAULT (e.g. nanloss@step:3#1) makes one rank's loss NaN.
 """
+import gc
 import hashlib
 import json
 import sys
@@ -65,6 +66,13 @@ def main() -> None:
                 finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()),
                 weights_sha256=hashlib.sha256(weights).hexdigest())
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(seen))
+    # The DDP model (its reducer holds the process group) goes before the group: when the reducer drops the
+    # group's last reference, torch 2.11 destroys it holding the GIL and joins gloo's thread, which may be
+    # freeing the last collective's tensors and wait for the GIL: a deadlock at exit (1 run in 3 on 2 cores).
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # the accelerator's own references to the model and optimizer
+    del model, optimizer, loader, guard
+    gc.collect()
     accelerator.end_training()
 
 
