@@ -54,6 +54,13 @@ def test_one_gpu_fp16_with_the_grad_scaler(digits_root, tmp_path):
     assert metrics[-1]["val_accuracy"] > 0.5 and all(m["train_loss"] == m["train_loss"] for m in metrics)  # finite
 
 
+def test_deterministic_runs_are_bitwise_equal_on_a_gpu(digits_root, tmp_path):
+    """train.deterministic promises bit-for-bit reruns on one machine; on CUDA that needs cuBLAS's workspace
+    setting and kernels that have a deterministic variant (BatchNorm, pooling backward)."""
+    runs = [train(digits_root, tmp_path / name, 1, **{"train.deterministic": "true", "train.epochs": 1})[0] for name in "ab"]
+    assert runs[0]["final_weights_sha256_per_rank"] == runs[1]["final_weights_sha256_per_rank"]
+
+
 def test_decode_auto_picks_nvjpeg_on_a_gpu_and_trains_and_predicts(jpeg_digits, tmp_path):
     """The default data.decode=auto on a GPU with JPEG files: nvJPEG + roi_align in training and prediction."""
     from dist_train.config import DataConfig
