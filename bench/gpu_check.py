@@ -91,12 +91,18 @@ if info["cuda_available"]:
         p = torch.cuda.get_device_properties(i)
         info["gpus"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                              "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count})
-    info["bf16"] = torch.cuda.is_bf16_supported()
-    info["cudnn"] = torch.backends.cudnn.version()
-    info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None
-import torchvision
-info["torchvision_ops"] = hasattr(torch.ops.torchvision, "roi_align")
-print("PROBE " + json.dumps(info))
+details = {  # each read on its own: a detail this torch does not have must not hide the rest
+    "bf16": lambda: torch.cuda.is_bf16_supported(),
+    "cudnn": lambda: torch.backends.cudnn.version(),
+    "nccl": lambda: ".".join(map(str, torch.cuda.nccl.version())),
+}
+for key, read in details.items():
+    try:
+        info[key] = read() if info["cuda_available"] else None
+    except Exception as exc:
+        info[key] = f"{type(exc).__name__}: {exc}"
+import torchvision.ops  # (torchvision's compiled ops must load: roi_align and nvJPEG live there)
+print("PROBE " + json.dumps(info, default=str))
 """
 
 
@@ -232,7 +238,8 @@ class Check:
         info["nvidia_smi"] = nvidia_smi()
         info["cpu_count"] = os.cpu_count()
         info["host"] = socket.gethostname()
-        info["env"] = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL", "CUDA_VISIBLE"))}
+        info["env"] = {k: v for k, v in os.environ.items()
+                       if k.startswith(("NCCL_", "TORCH_", "PYTORCH_", "CUDA_", "OMP_NUM_THREADS", "PYTHONPATH"))}
         info["missing"] = sorted(name for name, version in info["packages"].items() if version is None)
         self.environment = info
         if self.rehearse:
@@ -256,7 +263,8 @@ class Check:
         def body(step: Step, timeout: float):
             xml = self.work / f"{step.name}.xml"
             xml.unlink(missing_ok=True)
-            cmd = self.python("-m", "pytest", *files, "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={xml}",
+            # -v: a test's name is in the log as it starts, so a time box that cuts pytest shows where it was
+            cmd = self.python("-m", "pytest", *files, "-v", "-rA", "-p", "no:cacheprovider", f"--junitxml={xml}",
                               f"--basetemp={self.work / (step.name + '-tmp')}", *extra)  # apart from the other pytest
             if self.environment["packages"].get("pytest-timeout"):  # one hung test fails, the rest still run
                 cmd.append(f"--timeout={int(min(120, timeout - 10))}")
@@ -341,16 +349,22 @@ class Check:
             return {**result, "summary": "not started: out of time"}
         begun = time.monotonic()
         start = log.stat().st_size if log.is_file() else 0
-        code = self.run(step, [*self.accelerate_launch(2), "train.py", *common, "train.epochs=2",
-                               "train.mixed_precision=bf16", "train.distributed_timeout_s=40", "--overwrite"],
-                        timeout, log, env)
+        try:  # a hang of the first backend still leaves time for the second
+            code = self.run(step, [*self.accelerate_launch(2), "train.py", *common, "train.epochs=2",
+                                   "train.mixed_precision=bf16", "train.distributed_timeout_s=40", "--overwrite"],
+                            timeout, log, env)
+        except TimeBoxed as exc:
+            return {**result, "summary": f"train.py {exc}", "output": log.read_text(errors="replace")[start:]}
         result["output"] = log.read_text(errors="replace")[start:]
         if code != 0:
             return {**result, "summary": f"train.py exit {code}"}
         info = json.loads((out / "run_info.json").read_text())
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        code = self.run(step, [*self.accelerate_launch(2), "predict.py", *common, "--checkpoint",
-                               str(out / "checkpoints" / "best")], timeout - (time.monotonic() - begun), log, env)
+        try:
+            code = self.run(step, [*self.accelerate_launch(2), "predict.py", *common, "--checkpoint",
+                                   str(out / "checkpoints" / "best")], timeout - (time.monotonic() - begun), log, env)
+        except TimeBoxed:
+            code = "none: killed at the time box"
         score = score_submission(out / "submission.csv", data) if code == 0 else None
         result.update(distributed_type=info["distributed_type"], num_processes=info["num_processes"], devices=info["devices"],
                       rank_batches=metrics[-1]["rank_batches"], val_accuracy=metrics[-1]["val_accuracy"],
@@ -402,10 +416,17 @@ class Check:
                               "--runner-timeout", str(int(runner_timeout)), "--time-limit", str(int(timeout - 5)),
                               "--processes", "1", *(f"--{k.replace('_', '-')}={v}" for k, v in s.items()),
                               *(["--compile"] if compile else []))
-            code = self.run(step, cmd, timeout, self.work / "logs" / f"{step.name}.log")
+            try:
+                code, cut = self.run(step, cmd, timeout, self.work / "logs" / f"{step.name}.log"), None
+            except TimeBoxed as exc:  # the runs done so far are in the JSON: keep them
+                code, cut = None, str(exc)
             if not result.is_file():
-                return "failed", f"throughput.py exit {code}, no results"
+                return ("timeout", cut) if cut else ("failed", f"throughput.py exit {code}, no results")
             figures = json.loads(result.read_text())
+            if "rows" not in figures:  # cut before its summary: the runs themselves (1 repeat each)
+                figures["rows"] = [{"runner": r["runner"], "processes": r["processes"], "images_per_sec": r["images_per_sec"],
+                                    "step_ms": r["step_seconds"] * 1000, "data_wait": r["data_seconds"] / r["seconds"]}
+                                   for r in figures.get("runs", [])]
             step.details = figures
             done = ", ".join(f"{r['runner']} {r['images_per_sec']:.0f} img/s" for r in figures.get("rows", [])) or "no figures"
             failed = figures.get("failed", [])
@@ -414,7 +435,9 @@ class Check:
             if failed:
                 step.log_tail = "\n\n".join(f"{f['runner']}: {f['error']}\n{f.get('log_tail', '')}" for f in failed)[-TAIL_CHARS * 2:]
                 return "failed", f"{done}; failed: " + ", ".join(f"{f['runner']} ({f['error']})" for f in failed)
-            if code != 0 or "rows" not in figures:
+            if cut:
+                return "timeout", f"{cut}; {done}"
+            if code != 0:
                 return "failed", f"throughput.py exit {code}; {done}"
             return "passed", done
         return body

@@ -53,7 +53,7 @@ def markdown(report: dict, with_logs: bool = True) -> str:
             + ", ".join(f"{k} {v}" for k, v in pk.items() if v),
             f"- not installed: {', '.join(env.get('missing', [])) or 'nothing'}"
             + (f"; unpacked from wheels/: {', '.join(env['wheels_unpacked'])}" if env.get("wheels_unpacked") else ""),
-            f"- NCCL/CUDA environment: {env.get('env') or 'none set'}",
+            f"- environment variables (NCCL_, TORCH_, PYTORCH_, CUDA_, OMP_NUM_THREADS, PYTHONPATH): {env.get('env') or 'none set'}",
         ]
     lines += ["", "| step | status | s | what | result |", "|---|---|---:|---|---|"]
     for s in report["steps"]:

@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, run_env
@@ -63,3 +66,28 @@ def test_bad_arguments_are_one_line_and_exit_code_2(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), str(tmp_path / "w" / "out"),
                            "--work", str(tmp_path / "w")], env=run_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "must lie outside the work directory" in proc.stderr, proc.stderr
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_a_command_past_its_time_box_is_killed_with_everything_it_started(tmp_path):
+    """One hang cannot eat the rest: the whole process group goes (a launcher's ranks, their loader workers)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_check import Check, TimeBoxed
+
+    check = Check(tmp_path / "out", tmp_path / "work", 120, force_dry=True, rehearse=False, command="test")
+    grandchild = tmp_path / "grandchild.pid"
+    started = time.monotonic()
+    with pytest.raises(TimeBoxed, match="ran past its 2 s time box"):
+        check.run(check.steps["bench"], ["bash", "-c", f"sleep 300 & echo $! > {grandchild}; wait"], 2, tmp_path / "log")
+    assert time.monotonic() - started < 15
+    pid = int(grandchild.read_text())
+    deadline = time.monotonic() + 5
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid)
