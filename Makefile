@@ -1,12 +1,14 @@
-# make install: .venv with the pinned, tested versions; make test: the suite; make demo: the digits run.
+# make install: .venv with the pinned, tested versions; make test: the suite; make demo: the digits run;
+# make gpu-check OUT=DIR: the GPU check with the machine's own Python (bench/gpu_check.py), report in DIR.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LAUNCH := $(BIN)/accelerate launch --config_file accelerate_config.yaml --num_processes 2
 RUN_DIR := runs/digits
+OUT ?= runs/gpu-check
 
-.PHONY: install test test-fast demo clean slurm-deps
+.PHONY: install test test-fast demo gpu-check clean slurm-deps
 
 install: $(STAMP)
 
@@ -28,6 +30,11 @@ demo: install
 	@echo "submission:       $(RUN_DIR)/submission.csv"
 	@echo "TensorBoard logs: $(RUN_DIR)/tensorboard   ($(BIN)/tensorboard --logdir $(RUN_DIR)/tensorboard)"
 	@echo "metrics:          $(RUN_DIR)/metrics.jsonl"
+
+# No venv and no install: a lent GPU machine has its own Python and no network. DRY=1 forces the dry mode;
+# WORK=DIR moves the logs, runs and benchmark JPEGs (default runs/gpu-check-work).
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh $(OUT) $(if $(WORK),--work $(WORK)) $(if $(DRY),--dry)
 
 # Debian's Slurm + munge, for tests/test_slurm.py (a 2-node cluster emulated on this machine; needs root).
 slurm-deps:

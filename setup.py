@@ -10,6 +10,8 @@ setup(
     entry_points={"console_scripts": ["dist-train = dist_train.scaffold:main"]},
     python_requires=">=3.10",
     install_requires=[
+        # the lower bounds are the GPU machines' versions (torch 2.11, torchvision 0.26, Python 3.12), where the
+        # suite passes too (README, "Tested versions"); constraints.txt pins the newest tested
         "torch>=2.11",
         "torchvision>=0.26",
         "accelerate>=1.10,<2",

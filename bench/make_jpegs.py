@@ -73,8 +73,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--size", type=parse_size, default=(500, 375), help="WIDTHxHEIGHT (default 500x375)")
     parser.add_argument("--quality", type=int, default=90)
+    parser.add_argument("--workers", type=int, help="processes writing images (default: one per core)")
     args = parser.parse_args()
-    make(args.out, args.count, args.classes, args.size, quality=args.quality)
+    make(args.out, args.count, args.classes, args.size, quality=args.quality, workers=args.workers)
     total = sum(p.stat().st_size for p in (args.out / "train").rglob("*.jpg"))
     print(f"{args.count} JPEGs, {total / args.count / 1024:.0f} KB on average, in {args.out}")
 

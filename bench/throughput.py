@@ -8,12 +8,15 @@ dist_train and, in the same run on the same data and model, of what a user would
 
     python bench/throughput.py --device cpu --quick     # ~1 minute: small CNN, 32 px, 1 and 2 processes
     python bench/throughput.py --device cuda            # ResNet-50, 224 px, bf16, one GPU, 20k JPEGs
+    python bench/throughput.py --device cuda --compile  # the same with torch.compile (train.compile for dist_train)
 
 Each runner is launched with torch.distributed.run (N processes, gloo on CPU, NCCL on GPU) and trains
 two epochs of exactly --steps optimizer steps over the same file list; the second epoch is timed
 (loader workers already started), as wall time including the wait for its first batches. "data wait" is
 the share of that time the training process spent blocked on the loader. The last line printed is
 `ratio_vs_plain=<dist_train step time / plain loop step time>` (the largest over the process counts).
+`--json FILE` also writes every run and the summary there, rewritten after each runner (bench/gpu_check.py
+reads it); `--runner-timeout` and `--time-limit` bound a time-boxed run.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import argparse
 import csv
 import json
 import os
+import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,8 +45,8 @@ PRESETS = {
     "cuda": dict(count=20000, classes=100, size=(500, 375), model="resnet50", image_size=224, batch_size=256,
                  workers=16, steps=60, processes=[1], mixed_precision="bf16", decode="auto"),
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-"""Dense bf16 tensor-core peaks, for MFU."""
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+"""Dense bf16 tensor-core peaks, for MFU; the first name contained in the device's name wins (PCIe before SXM)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +76,10 @@ def _model(args, device: torch.device):
 
     model = build_model(ModelConfig(name=args.model), args.classes, 3, args.image_size).to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
 def _sync(device: torch.device) -> None:
@@ -103,6 +112,8 @@ def _trainer(args, model, device, world):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    if args.compile:  # after the DDP wrap, as Accelerate does for dist_train
+        model = torch.compile(model)
     bf16 = args.mixed_precision == "bf16"
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
@@ -184,7 +195,7 @@ def run_dist_train(args) -> dict:
         "data.train_crop=random_resized_crop", "data.train_augment=[{name: RandomHorizontalFlip}]",
         f"model.name={args.model}", "train.epochs=2", f"train.mixed_precision={args.mixed_precision}",
         "train.log_every_n_steps=1000", "scheduler.name=constant", "tracking.images=false", "checkpoint.keep_last=1",
-        *args.set,
+        f"train.compile={str(args.compile).lower()}", *args.set,
     ])
     summary = fit(config, overwrite=True)
     second = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1]
@@ -211,8 +222,21 @@ def worker(args) -> None:
 # the orchestrator
 
 
-def launch(args, runner: str, processes: int, train_csv: str, work: Path) -> dict | None:
-    """One job of `runner`; `dist_train+KEY=VALUE+...` is dist_train with those overrides (after --set)."""
+_running: subprocess.Popen | None = None
+"""The runner job now running (its own process group), ended with us when we are terminated."""
+
+
+def _end_running(signum, frame) -> None:
+    if _running is not None and _running.poll() is None:
+        os.killpg(_running.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
+def launch(args, runner: str, processes: int, train_csv: str, work: Path, timeout: float | None = None) -> dict:
+    """One job of `runner`; `dist_train+KEY=VALUE+...` is dist_train with those overrides (after --set).
+
+    Returns its figures, or {"error": ...} when it failed or ran past `timeout` seconds."""
+    global _running
     base, *overrides = runner.split("+")
     name = base if not overrides else f"{base}-{abs(hash(runner)) % 10**8}"
     result = work / f"{name}-{processes}.json"
@@ -222,14 +246,26 @@ def launch(args, runner: str, processes: int, train_csv: str, work: Path) -> dic
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k in ("device", "data", "model", "image_size", "batch_size", "workers", "steps", "classes",
                      "mixed_precision", "decode", "val_csv")]
-    cmd += [f"--set={value}" for value in [*args.set, *overrides]]
+    cmd += [f"--set={value}" for value in [*args.set, *overrides]] + (["--compile"] if args.compile else [])
     log = work / f"{name}-{processes}.log"
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode != 0 or not result.is_file():
-        print(f"  {runner} with {processes} process(es) failed (exit {proc.returncode}); see {log}:", file=sys.stderr)
-        print("    " + "\n    ".join(log.read_text().splitlines()[-15:]), file=sys.stderr)
-        return None
+        # its own process group: a timeout ends the launcher, its ranks and their loader workers together
+        _running = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            code = _running.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(_running.pid, signal.SIGKILL)
+            code = _running.wait()
+            error = f"ran past its {timeout:.0f} s time box; killed"
+        else:
+            error = None if code == 0 and result.is_file() else f"failed (exit {code})"
+        finally:
+            _running = None
+    if error:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        print(f"  {runner} with {processes} process(es) {error}; see {log}:", file=sys.stderr)
+        print("    " + "\n    ".join(tail), file=sys.stderr)
+        return {"error": error, "log_tail": "\n".join(tail)}
     value = json.loads(result.read_text())
     value["step_seconds"] = value["seconds"] / value["steps"]
     value["images_per_sec"] = value["steps"] * args.batch_size * processes / value["seconds"]
@@ -249,6 +285,8 @@ def flops_per_image(args) -> float:
 def orchestrate(args) -> None:
     from make_jpegs import make
 
+    started = time.monotonic()
+    signal.signal(signal.SIGTERM, _end_running)
     preset = PRESETS[args.device]
     for key, value in preset.items():
         if getattr(args, key, None) is None:
@@ -256,10 +294,9 @@ def orchestrate(args) -> None:
     if args.quick:
         args.repeats = 1
     data = Path(args.data or ROOT / "bench" / "data" / f"{args.device}-{args.count}-{args.size[0]}x{args.size[1]}")
-    started = time.time()
     make(data, args.count, args.classes, args.size)
     args.data = str(data)
-    print(f"data: {args.count} JPEGs around {args.size[0]}x{args.size[1]} in {data} ({time.time() - started:.0f} s)")
+    print(f"data: {args.count} JPEGs around {args.size[0]}x{args.size[1]} in {data} ({time.monotonic() - started:.0f} s)")
     rows = list(csv.DictReader(open(data / "train.csv", newline="")))
     work = Path(tempfile.mkdtemp(prefix="dist_train_bench_"))
     args.val_csv = "val_bench.csv"
@@ -277,8 +314,16 @@ def orchestrate(args) -> None:
             raise SystemExit(f"unknown runner(s) {', '.join(unknown)}: choose from {', '.join(RUNNERS)} "
                              f"(dist_train+KEY=VALUE for a variant)")
         runners = [r for r in args.runners if r.split("+")[0] in runners]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     table: dict[tuple[str, int], list[dict]] = {}
-    failed: list[str] = []
+    failed: list[dict] = []
+
+    def save_json(summary: dict | None = None) -> None:
+        if args.json:
+            runs = [{"runner": r, "processes": p, **v} for (r, p), values in table.items() for v in values]
+            _write_json(Path(args.json), {"device": device, "versions": _versions(), "settings": _settings(args, runners),
+                                          "runs": runs, "failed": failed, **(summary or {})})
+
     for processes in args.processes:
         train_csv = f"train_bench_{processes}.csv"
         needed = args.steps * args.batch_size * processes
@@ -290,14 +335,24 @@ def orchestrate(args) -> None:
             for runner in (runners if repeat % 2 == 0 else runners[::-1]):  # and neither always runs first
                 if runner in ("synthetic", "timm") and repeat > 0:
                     continue
-                result = launch(args, runner, processes, train_csv, work)
-                if result is not None:
+                timeout = args.runner_timeout
+                if args.time_limit is not None:
+                    left = args.time_limit - (time.monotonic() - started)
+                    timeout = left if timeout is None else min(timeout, left)
+                if timeout is not None and timeout < 10:
+                    result = {"error": "not started: out of time (--time-limit)"}
+                else:
+                    result = launch(args, runner, processes, train_csv, work, timeout)
+                if "error" not in result:
                     table.setdefault((runner, processes), []).append({**result, "repeat": repeat})
                 else:
-                    failed.append(f"{runner} ({processes} process(es), repeat {repeat + 1})")
-    report(args, table, runners)
+                    failed.append({"runner": runner, "processes": processes, "repeat": repeat + 1, **result})
+                save_json()
+    save_json(report(args, table, runners, device))
     if failed:
-        raise SystemExit(f"failed runs, left out of the figures above: {'; '.join(failed)}")
+        raise SystemExit("failed runs, left out of the figures above: "
+                         + "; ".join(f"{f['runner']} ({f['processes']} process(es), repeat {f['repeat']}): {f['error']}"
+                                     for f in failed))
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -307,14 +362,36 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def report(args, table: dict, runners: list[str]) -> None:
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)  # a reader (or a kill) never meets half a file
+
+
+def _versions() -> dict:
+    import accelerate
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "accelerate": accelerate.__version__, "cuda": torch.version.cuda}
+
+
+def _settings(args, runners: list[str]) -> dict:
+    keys = ("count", "classes", "size", "model", "image_size", "batch_size", "workers", "steps", "processes",
+            "mixed_precision", "decode", "repeats", "compile", "set")
+    return {**{k: getattr(args, k) for k in keys}, "runners": runners}
+
+
+def report(args, table: dict, runners: list[str], device: str) -> dict:
+    """Prints the table, ratios and MFU; returns them for --json."""
     def median(runner, processes, key):
         values = [r[key] for r in table.get((runner, processes), [])]
         return statistics.median(values) if values else None
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    summary: dict = {"rows": [], "ratios": [], "mfu": {}}
     print(f"\n{args.model}, {args.image_size} px, batch {args.batch_size} per process, {args.steps} steps timed, "
-          f"{args.mixed_precision} precision, on {device}; median of {args.repeats} (plain, dist_train)")
+          f"{args.mixed_precision} precision{', torch.compile' if args.compile else ''}, on {device}; "
+          f"median of {args.repeats} (plain, dist_train)")
     width = max([12, *(len(r) + 2 for r in runners)])
     print(f"{'runner':<{width}}{'procs':>6}{'img/s':>10}{'step ms':>10}{'data wait':>11}")
     for processes in args.processes:
@@ -324,8 +401,11 @@ def report(args, table: dict, runners: list[str]) -> None:
                 continue
             wait = median(runner, processes, "data_seconds") / median(runner, processes, "seconds")
             runs = " ".join(f"{r['step_seconds'] * 1000:.1f}" for r in table[(runner, processes)])
-            print(f"{runner:<{width}}{processes:>6}{median(runner, processes, 'images_per_sec'):>10.0f}{step * 1000:>10.1f}"
+            rate = median(runner, processes, "images_per_sec")
+            print(f"{runner:<{width}}{processes:>6}{rate:>10.0f}{step * 1000:>10.1f}"
                   f"{wait:>10.0%}   step ms of each run: {runs}")
+            summary["rows"].append({"runner": runner, "processes": processes, "images_per_sec": rate,
+                                    "step_ms": step * 1000, "data_wait": wait})
     ratios = {}
     for processes in args.processes:
         ours, plain, synthetic = (median(r, processes, "step_seconds") for r in ("dist_train", "plain", "synthetic"))
@@ -340,10 +420,13 @@ def report(args, table: dict, runners: list[str]) -> None:
             if synthetic:
                 line += f"; data-fed / synthetic-fed images/s (dist_train) = {synthetic / ours:.3f}"
             print(line)
-        for variant in (r for r in runners if r.startswith("dist_train+")):
+        for variant in ["dist_train", *(r for r in runners if r.startswith("dist_train+"))]:
             step = median(variant, processes, "step_seconds")
             if step and plain:
-                print(f"{processes} process(es): {variant} / plain loop step time = {step / plain:.3f}")
+                if variant != "dist_train":
+                    print(f"{processes} process(es): {variant} / plain loop step time = {step / plain:.3f}")
+                summary["ratios"].append({"runner": variant, "processes": processes, "step_time_vs_plain": step / plain,
+                                          "images_per_sec_vs_synthetic": synthetic / step if synthetic else None})
     if len(args.processes) > 1:
         first, last = args.processes[0], args.processes[-1]
         for runner in ("plain", "dist_train"):
@@ -351,15 +434,18 @@ def report(args, table: dict, runners: list[str]) -> None:
             if a and b:
                 print(f"{runner}: {last} processes / {first} = x{b / a:.2f} images/s")
     if args.device == "cuda":
-        flops = flops_per_image(args)
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+        flops, peak = flops_per_image(args), peak_tflops(device)
+        summary.update(flops_per_image=flops, peak_tflops=peak)
         for runner in runners:
             rate = median(runner, args.processes[0], "images_per_sec")
             if rate and peak:
-                print(f"{runner}: MFU {rate * flops / (peak * 1e12 * args.processes[0]):.1%} "
+                summary["mfu"][runner] = rate * flops / (peak * 1e12 * args.processes[0])
+                print(f"{runner}: MFU {summary['mfu'][runner]:.1%} "
                       f"({flops / 1e9:.1f} GFLOP per training image, {peak:.0f} TFLOP/s peak)")
     if ratios:
+        summary["ratio_vs_plain"] = max(ratios.values())
         print(f"ratio_vs_plain={max(ratios.values()):.3f}")
+    return summary
 
 
 def main() -> None:
@@ -381,6 +467,12 @@ def main() -> None:
     parser.add_argument("--decode", choices=["auto", "workers", "device"], help="dist_train's data.decode")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a dist_train config override for its runner (repeatable), e.g. --set train.nonfinite=ignore")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every runner's model (dist_train: train.compile=true); the first epoch compiles")
+    parser.add_argument("--json", help="also write every run and the summary to this JSON file (rewritten after each runner)")
+    parser.add_argument("--runner-timeout", type=float, help="seconds one runner may take; then it is killed and reported")
+    parser.add_argument("--time-limit", type=float,
+                        help="seconds for the whole benchmark: later runners get what is left, or are not started")
     parser.add_argument("--runners", type=lambda t: t.split(","),
                         help="only these runners, in this order, e.g. plain,dist_train; dist_train+KEY=VALUE[+KEY=VALUE] "
                              "adds a dist_train variant, e.g. plain,dist_train,dist_train+train.nonfinite=ignore")

@@ -22,7 +22,7 @@ from dist_train.data import ModelInput, Records, build_dataset, build_loader, de
 from dist_train.distributed import main_print, unwrap
 from dist_train.elastic import Resumption, Saved
 from dist_train.ema import ModelEMA
-from dist_train.errors import ConfigError, DistributedSetupError
+from dist_train.errors import ConfigError, DistributedSetupError, is_out_of_memory
 from dist_train.guard import FiniteGuard
 from dist_train.layout import Layout
 from dist_train.losses import build_loss
@@ -287,8 +287,8 @@ def largest_batch_that_fits(accelerator: Accelerator, model: nn.Module, start: i
                 out = model(torch.zeros(size, *sample_shape, device=accelerator.device))
             out.float().sum().backward()
             break
-        except torch.OutOfMemoryError:
-            if size == 1:
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if size == 1 or not is_out_of_memory(exc):
                 raise
             size //= 2
         finally:

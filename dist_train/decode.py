@@ -78,7 +78,9 @@ class EncodedBatch:
         return len(self.data)
 
     def pin_memory(self) -> "EncodedBatch":
-        return EncodedBatch([d.pin_memory() for d in self.data], self.boxes, self.flips, self.paths)
+        # boxes and flips too: a non_blocking copy from pageable memory first waits for the stream's queued
+        # work, which would stall the host once per step behind the previous step's kernels
+        return EncodedBatch([d.pin_memory() for d in self.data], self.boxes.pin_memory(), self.flips.pin_memory(), self.paths)
 
 
 def collate_encoded(samples: list) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:

@@ -17,6 +17,9 @@ from dist_train.faults import say_stopping
 from dist_train.layout import Layout
 
 COLLECTIVE_TIMEOUT_MARGIN_S = 60
+BACKEND_ENV = "DIST_TRAIN_BACKEND"
+"""The process-group backend instead of Accelerate's choice (nccl on GPUs, gloo on CPUs): a diagnostic
+switch, e.g. gloo for two processes sharing one GPU. It changes how ranks talk, not what they compute."""
 LAUNCH_HINT = (
     "on a machine without GPU start several processes with "
     "`accelerate launch --config_file accelerate_config.yaml --num_processes N train.py ...` "
@@ -59,6 +62,14 @@ def build_accelerator(
         # Accelerate 1.15 finds no backend for DeepSpeed without a GPU and then reports a single
         # process on every rank (unsharded data); `cpu=True` would drop DeepSpeed. Naming gloo fixes both.
         process_group["backend"] = "gloo"
+    backend = os.environ.get(BACKEND_ENV)
+    if backend:
+        if backend not in ("nccl", "gloo"):
+            raise ConfigError(f"{BACKEND_ENV}={backend!r}: choose nccl or gloo (or leave it unset)")
+        if backend == "nccl" and not on_gpu:
+            raise ConfigError(f"{BACKEND_ENV}=nccl needs a GPU; without one the processes join over gloo")
+        # gloo over CUDA tensors: several processes on one GPU, which NCCL refuses ("Duplicate GPU detected")
+        process_group["backend"] = backend
     accelerator = Accelerator(
         # Without `cpu=True` Accelerate 1.x on a GPU-less machine reports DistributedType.NO and
         # num_processes == 1 even when the launcher started several processes: every rank would
@@ -147,8 +158,15 @@ def launcher_requested_processes(pid: int | None = None) -> int | None:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    args = [a.decode(errors="replace") for a in argv if a]
-    if "launch" not in args or not any("accelerate" in a for a in args[:3]):
+    return requested_processes([a.decode(errors="replace") for a in argv if a])
+
+
+def requested_processes(args: list[str]) -> int | None:
+    """`--num_processes N` of an accelerate launch command line (`accelerate launch ...` or
+    `python -m accelerate.commands.launch ...`); None for any other command."""
+    by_script = "launch" in args and any("accelerate" in a for a in args[:3])
+    by_module = "accelerate.commands.launch" in args[:3]
+    if not (by_script or by_module):
         return None
     for i, arg in enumerate(args):
         for flag in ("--num_processes", "--num-processes"):

@@ -1,4 +1,5 @@
 """The user-facing errors: each is printed as one line naming the thing at fault, never a traceback."""
+import torch
 
 
 class DistTrainError(Exception):
@@ -57,3 +58,12 @@ class DistributedSetupError(DistTrainError):
 
 class ExportError(DistTrainError):
     """An export that cannot be written, or whose file disagrees with the PyTorch model it came from."""
+
+
+OUT_OF_MEMORY_MESSAGES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or what cuDNN and cuBLAS raise when they cannot allocate (a plain RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in OUT_OF_MEMORY_MESSAGES))

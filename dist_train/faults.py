@@ -186,26 +186,26 @@ def say_stopping():
     return store
 
 
-def _silent_peers(store, world: int, wait_s: float = 3.0) -> list[str]:
+def _silent_peers(store, world: int, wait_s: float = 2.0) -> list[str]:
     """The other ranks that stopped without a word: no failure report of theirs in the store after `wait_s` (their
-    peers, failing together with this one, report within it). Each as "rank R (machine M on host H)"."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            silent = [r for r in range(world) if r != rank() and not store.check([_store_key("stopping", r)])]
+    peers, failing together with this one, report within it). Each as "rank R (machine M on host H)". What each
+    rank's place is gets read first: the store's host (the head machine's launcher) may go down meanwhile."""
+    peers = [r for r in range(world) if r != rank()]
+    where = {}
+    for r in peers:
+        try:  # check first: get() would wait for a key that never comes
+            if store.check([_store_key("where", r)]):
+                where[r] = store.get(_store_key("where", r)).decode()
         except Exception:
             return []
-        if not silent or time.monotonic() > deadline:
+    deadline, silent = time.monotonic() + wait_s, peers
+    while silent and time.monotonic() < deadline:
+        try:
+            silent = [r for r in silent if not store.check([_store_key("stopping", r)])]
+        except Exception:  # the store went down with its launcher: judge by what was seen
             break
-        time.sleep(0.2)
-    named = []
-    for r in silent:
-        where = _store_key("where", r)
-        try:  # check first: get() would wait for a key that never comes
-            named.append(f"rank {r} ({store.get(where).decode()})" if store.check([where]) else f"rank {r}")
-        except Exception:
-            named.append(f"rank {r}")
-    return named
+        time.sleep(0.1)
+    return [f"rank {r} ({where[r]})" if r in where else f"rank {r}" for r in silent]
 
 
 def _await(store, keys: list[str], deadline: float) -> None:
@@ -248,6 +248,8 @@ def report_failure(exc: BaseException) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # the launcher stopping the job must not cut the report short
+        signal.signal(sig, signal.SIG_IGN)
     sys.stdout.flush()
     if _stopping.is_set():  # the watchdog is reporting a hang; this error is its consequence
         time.sleep(60)

@@ -3,6 +3,7 @@ checkpoint to resume (on another number of processes too), the parts (build.py),
 job's faults handled: preemption, hangs, out-of-memory, a requeued SLURM job."""
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import time
@@ -16,8 +17,8 @@ from dist_train.config import Config, resolve
 from dist_train.distributed import build_accelerator, is_main_process_env, main_print, same_on_all_ranks
 from dist_train.elastic import Saved
 from dist_train.engine import Run
-from dist_train.errors import ConfigError, ResourceError
-from dist_train.faults import Preempted, SignalFlag, Watchdog
+from dist_train.errors import ConfigError, ResourceError, is_out_of_memory
+from dist_train.faults import Preempted, SignalFlag, Watchdog, is_peer_failure
 from dist_train.layout import Layout
 from dist_train.runlock import RunLock
 
@@ -33,6 +34,8 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
     """
     config = resolve(config)  # (a Config built in Python: validated, monitor/mode filled in)
     output_dir = Path(config.output_dir)
+    if config.train.deterministic:  # cuBLAS reads it at its first call; without it deterministic CUDA matmuls refuse
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = build_accelerator(
         seed=config.seed,
         mixed_precision=config.train.mixed_precision,
@@ -49,6 +52,7 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
     watchdog = Watchdog(config.train.distributed_timeout_s, accelerator.num_processes)
     signals = SignalFlag()
     lock = RunLock(output_dir)
+    parts = run = None
     try:
         take_lock(accelerator, lock)  # before anything in the directory is touched
         resume = resume_argument(output_dir, resume, overwrite)
@@ -65,9 +69,11 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
         accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
         return summary
     except BaseException as exc:
-        if not isinstance(exc, Preempted):  # preempted: the requeue still has to outlive the launcher's SIGTERM
+        # preempted: the requeue still has to outlive the launcher's SIGTERM; a lost peer: this rank must live to name
+        # it while the launcher stops the job (faults.report_failure); anything else ends at a SIGTERM again
+        if not isinstance(exc, Preempted) and not is_peer_failure(exc):
             signals.restore()
-        if not isinstance(exc, torch.OutOfMemoryError):
+        if not is_out_of_memory(exc):
             raise
         layout = Layout(accelerator.num_processes, config.data.batch_size, config.train.grad_accum_steps)
         raise ResourceError(
@@ -78,6 +84,11 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
     finally:
         lock.release()
         watchdog.beat()
+        # The DDP model (its reducer holds the process group) goes before the group: on torch 2.11 a reducer that
+        # drops gloo's last reference destroys it holding the GIL while gloo's thread waits for it (a hang at exit).
+        parts = run = None
+        accelerator.free_memory()
+        gc.collect()
         accelerator.end_training()
         watchdog.stop()
 

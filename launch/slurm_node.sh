@@ -13,6 +13,8 @@ ROOT=${DIST_TRAIN_ROOT:-$(dirname "$(dirname "$(readlink -f "$0")")")}
 JOIN_TIMEOUT_S=${JOIN_TIMEOUT_S:-600}
 echo "dist_train: node $(hostname) is machine $NODE_RANK of $NUM_MACHINES, $PROCS_PER_NODE process(es)"
 LOG=$(mktemp)
+# The launcher's error output goes through `tee` (kept for the join-timeout message below), which ignores SIGTERM:
+# when SLURM ends the step (a machine lost, --kill-on-bad-exit), the training processes still report why they stop.
 # SLURM delivers its signals to this task's whole process group: the launcher must not die of USR1 (an
 # ignored signal stays ignored in the child; the training processes install their own handler).
 trap '' USR1
@@ -21,7 +23,7 @@ ${ACCELERATE:-accelerate} launch --config_file "$ROOT/accelerate_config.yaml" \
     --num_machines "$NUM_MACHINES" --machine_rank "$NODE_RANK" \
     --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \
     --num_processes $((NUM_MACHINES * PROCS_PER_NODE)) --rdzv_conf "timeout=$JOIN_TIMEOUT_S" \
-    "$ROOT/train.py" "$@" 2> >(tee "$LOG" >&2) &
+    "$ROOT/train.py" "$@" 2> >(trap '' TERM; tee "$LOG" >&2) &
 LAUNCHER=$!
 # SLURM's warning (USR1, or TERM) goes to the training processes themselves -- the launcher's children --
 # which save at the next step boundary; the launcher would die of USR1, and on TERM gives them only 30 s.

@@ -1,6 +1,7 @@
 """Shared fixtures: the digits written once per session, and helpers that start real (multi-)process runs."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,11 +41,19 @@ def tiny_overrides(digits_root: Path, output_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def command(script: str, args: list[str], processes: int = 1) -> list[str]:
-    """`python script ...` for one process, `accelerate launch --num_processes N script ...` for more."""
-    if processes == 1:
+def accelerate_launch() -> list[str]:
+    """`accelerate launch`: the script beside this Python, else the module (a system Python, like the GPU
+    machines', may keep its scripts in another directory)."""
+    script = BIN / "accelerate"
+    return [str(script), "launch"] if script.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def command(script: str, args: list[str], processes: int = 1, launch: bool = False) -> list[str]:
+    """`python script ...` for one process, `accelerate launch --num_processes N script ...` for more (or for
+    one, with `launch`: DeepSpeed needs the launcher's environment)."""
+    if processes == 1 and not launch:
         return [sys.executable, str(ROOT / script), *args]
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+    return [*accelerate_launch(), "--config_file", str(ROOT / "accelerate_config.yaml"),
             "--num_processes", str(processes), str(ROOT / script), *args]
 
 
@@ -52,9 +62,9 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+            env: dict[str, str] | None = None, launch: bool = False) -> subprocess.CompletedProcess:
     """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT)."""
-    cmd = command(script, args, processes)
+    cmd = command(script, args, processes, launch)
     proc = subprocess.run(cmd, cwd=ROOT, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
@@ -67,3 +77,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def config_path(name: str) -> str:
     return str(ROOT / "configs" / name)
+
+
+@pytest.fixture(scope="session")
+def jpeg_digits(digits_root, tmp_path_factory) -> Path:
+    """The digits as 24x24 JPEGs (CSV tables with the same ids)."""
+    root = tmp_path_factory.mktemp("jpeg_digits")
+    (root / "images").mkdir()
+    for name in ("train.csv", "val.csv", "info.csv"):
+        rows = list(csv.DictReader(open(digits_root / name, newline="")))
+        for row in rows:
+            target = Path(row["image"]).with_suffix(".jpg").name
+            Image.open(digits_root / row["image"]).convert("RGB").resize((24, 24)).save(root / "images" / target, quality=95)
+            row["image"] = f"images/{target}"
+        with open(root / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return root

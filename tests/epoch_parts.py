@@ -42,14 +42,14 @@ def tiny_model(accelerator: Accelerator, fused: bool = True) -> Trained:
 
 
 def tiny_run(accelerator: Accelerator, trained: Trained, steps: int, *, max_grad_norm: float | None = None,
-             log_every: int = 1000, first_step: int = 0, total_steps: int | None = None) -> Run:
+             log_every: int = 1000, first_step: int = 0, total_steps: int | None = None, pin_memory: bool = False) -> Run:
     """A Run whose epoch is `steps` optimizer steps of batch 4 per process (random 3x8x8 images, 3 classes), logging
     every `log_every` steps, with no step checks (checkpoint.check_every_n_steps beyond the epoch)."""
     config = config_from_dict({}, {"train.max_grad_norm": max_grad_norm, "train.log_every_n_steps": log_every,
                                    "checkpoint.check_every_n_steps": 10**9, "data.num_workers": 0})
     n = steps * BATCH * accelerator.num_processes
     data = IndexedDataset(TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 3, (n,)), torch.arange(n)), "train")
-    loader = accelerator.prepare(DataLoader(data, batch_size=BATCH))
+    loader = accelerator.prepare(DataLoader(data, batch_size=BATCH, pin_memory=pin_memory))
     layout = Layout(accelerator.num_processes, BATCH, 1, n)
     schedule = Schedule(SchedulerConfig(), trained.torch_optimizer, layout.steps_per_epoch, total_steps or steps, "max")
     parts = Parts(config=config, layout=layout, model=trained.model, optimizer=trained.optimizer,

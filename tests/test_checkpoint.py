@@ -87,6 +87,7 @@ def test_an_error_reraised_by_a_loader_worker_prints_its_own_message():
     assert reraised.message() == "train sample 3: cannot read image a.png" and reraised.rank_local
 
 
+@pytest.mark.slow  # two 2-process runs (and no part of make gpu-check's fast CPU tests: 2 ranks on one GPU)
 def test_a_checkpoint_from_before_the_reshape_resumes_bitwise(digits_root, tmp_path):
     """tests/fixtures/README.md: step 5 of a 2-process run with EMA, saved by the code before build/engine/Checkpointer.
     Resumed today it must end where today's uninterrupted run ends."""

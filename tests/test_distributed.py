@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
 from dist_train.config import ModelConfig
 from dist_train.models import build_model, read_weights
 from dist_train.checkpoint import state_digest
+from dist_train.distributed import BACKEND_ENV
 
 TRAIN = 1257  # digits training split
 VAL = 270
@@ -151,6 +153,23 @@ def test_plain_num_processes_on_cpu_is_refused_not_run_unsharded(digits_root, tm
     assert proc.returncode != 0
     assert "error: `accelerate launch --num_processes 2` started 1 process" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_plain_num_processes_through_the_launch_module_is_refused_too(digits_root, tmp_path):
+    """`python -m accelerate.commands.launch` is how a Python without the `accelerate` script launches."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", str(ROOT / "train.py"),
+           "--config", config_path("digits.yaml"), *tiny_overrides(digits_root, tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "error: `accelerate launch --num_processes 2` started 1 process" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_backend_switch_that_cannot_work_is_one_line(digits_root, tmp_path):
+    proc = run_cli("train.py", tiny_overrides(digits_root, tmp_path), env={BACKEND_ENV: "mpi"}, check=False)
+    assert proc.returncode == 2 and f"error: {BACKEND_ENV}='mpi': choose nccl or gloo" in proc.stderr, proc.stderr[-2000:]
+    if not torch.cuda.is_available():
+        proc = run_cli("train.py", tiny_overrides(digits_root, tmp_path), env={BACKEND_ENV: "nccl"}, check=False)
+        assert proc.returncode == 2 and f"error: {BACKEND_ENV}=nccl needs a GPU" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -266,6 +266,17 @@ def test_a_rank_that_raises_stops_the_job_at_once_naming_it_once(digits_root, tm
     assert "rank 0: stopping: lost contact with another rank" in proc.stderr
 
 
+def test_a_rank_killed_without_a_word_is_named_by_its_peer(digits_root, tmp_path):
+    """SIGKILL of rank 1 (no error of its own to print): rank 0 names it, and the launcher's SIGTERM does not cut
+    that report short."""
+    started = time.time()
+    proc = run_cli("train.py", args(digits_root, tmp_path), processes=2, check=False, timeout=120,
+                   env={FAULT_ENV: "kill@step:5#1"})
+    assert proc.returncode != 0 and time.time() - started < 60
+    assert re.search(r"rank 0: stopping: lost contact with rank 1 \(machine 0 on host [^)]+\), which stopped without a "
+                     r"word: killed, or its machine was lost", proc.stderr), proc.stderr[-3000:]
+
+
 def test_a_hung_rank_is_named_and_the_job_ends_within_the_timeout(digits_root, tmp_path):
     started = time.time()
     proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.distributed_timeout_s": 6}), processes=2,

@@ -165,6 +165,7 @@ def test_a_lost_machine_ends_the_job_naming_it_and_the_requeued_job_resumes_exac
     ckpt.verify(saved)
 
     cluster.run("scontrol", "requeue", job, check=True)
+    cluster.wait(job, {"PENDING", "CONFIGURING", "RUNNING"}, timeout=60)  # (the requeue takes a moment to show)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)  # skip the requeue delay
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)
     log = (tmp_path / "run.log").read_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
@@ -37,20 +37,35 @@ class HostSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def host_syncs_of_an_epoch(steps: int, log_every: int, fused: bool) -> list[str]:
-    """One epoch of Run.train_epoch on one process with the default guard (train.nonfinite=skip): the host syncs
-    it made."""
+def host_syncs_of_an_epoch(steps: int, log_every: int, fused: bool, cuda: bool = False) -> list[str]:
+    """One epoch of Run.train_epoch on one process with the default guard (train.nonfinite=skip): the host syncs it
+    made.
+
+    Those of tensor methods (HostSyncs); with `cuda`, on the GPU, also every wait that torch's own detector
+    (`torch.cuda.set_sync_debug_mode`) reports, as "cuda: <its message>"; it sees syncs inside kernels'
+    launch code that no Python call shows.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     from epoch_parts import tiny_model, tiny_run
 
     try:
-        accelerator = Accelerator(cpu=True)
-        run = tiny_run(accelerator, tiny_model(accelerator, fused), steps, max_grad_norm=1.0, log_every=log_every)
-        with HostSyncs() as syncs:
-            run.train_epoch(0)
-        return syncs.calls
+        accelerator = Accelerator(cpu=not cuda)
+        # pinned batches on the GPU: a copy from pageable memory would make the host wait (as the real loaders pin)
+        run = tiny_run(accelerator, tiny_model(accelerator, fused), steps, max_grad_norm=1.0, log_every=log_every,
+                       pin_memory=cuda)
+        with warnings.catch_warnings(record=True) as caught, HostSyncs() as syncs:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run.train_epoch(0)
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+        detected = [f"cuda: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+        return syncs.calls + detected
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -146,24 +161,6 @@ def test_device_decode_names_a_corrupt_jpeg_or_skips_it(jpegs, tmp_path):
 def test_model_input_lays_out_channels_last():
     images, _ = ModelInput(DataConfig(), torch.device("cpu"), False, torch.float32, True)(torch.randn(2, 3, 8, 8), torch.zeros(2))
     assert images.is_contiguous(memory_format=torch.channels_last)
-
-
-@pytest.fixture(scope="module")
-def jpeg_digits(digits_root, tmp_path_factory) -> Path:
-    """The digits as 24x24 JPEGs (CSV tables with the same ids)."""
-    root = tmp_path_factory.mktemp("jpeg_digits")
-    (root / "images").mkdir()
-    for name in ("train.csv", "val.csv", "info.csv"):
-        rows = list(csv.DictReader(open(digits_root / name, newline="")))
-        for row in rows:
-            target = Path(row["image"]).with_suffix(".jpg").name
-            Image.open(digits_root / row["image"]).convert("RGB").resize((24, 24)).save(root / "images" / target, quality=95)
-            row["image"] = f"images/{target}"
-        with open(root / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return root
 
 
 def test_two_processes_train_and_predict_with_device_decoding(jpeg_digits, tmp_path):
