@@ -28,6 +28,7 @@ from dist_train.distributed import any_rank, same_on_all_ranks, unwrap
 from dist_train.ema import ModelEMA
 from dist_train.errors import CheckpointError
 from dist_train.faults import is_peer_failure
+from dist_train.files import write_text_atomic
 from dist_train.models import pickled_globals
 
 WEIGHTS_FILE = "model.safetensors"
@@ -427,12 +428,6 @@ def state_digest(value) -> str:
 
     walk(value)
     return digest.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:

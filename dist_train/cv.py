@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
 from dist_train.api import forget_process_group
-from dist_train.checkpoint import complete_checkpoints, write_text_atomic
+from dist_train.checkpoint import complete_checkpoints
+from dist_train.files import atomic_path, write_text_atomic
 from dist_train.config import Config, fold_output_dir, resolve, to_dict
 from dist_train.data import as_target, split_source
 from dist_train.distributed import is_main_process_env
@@ -113,10 +114,9 @@ def predict_held_out(config: Config) -> None:
     run_dir = Path(config.output_dir)
     prediction = predict_split(config, run_dir / "checkpoints" / "best", split="val")
     if prediction.accelerator.is_main_process:
-        tmp = run_dir / f".{FOLD_PREDICTIONS}.tmp"
         metadata = {"fold": str(config.cv.fold), "rows": str(len(prediction.row_ids)), "ids_sha256": _digest(prediction.row_ids)}
-        save_file({"outputs": prediction.outputs.float().contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, run_dir / FOLD_PREDICTIONS)
+        with atomic_path(run_dir / FOLD_PREDICTIONS) as tmp:
+            save_file({"outputs": prediction.outputs.float().contiguous()}, str(tmp), metadata=metadata)
         _say(f"cv: fold {config.cv.fold}: predicted its {len(prediction.row_ids)} held-out rows")
     prediction.accelerator.wait_for_everyone()
 
@@ -180,12 +180,10 @@ def write_oof(path: Path, task: Task, ids: list[str], folds: np.ndarray, targets
         probabilities = task.probabilities(outputs)
         columns.update({f"prob_{name}": [f"{p:.6g}" for p in probabilities[:, c].tolist()]
                         for c, name in enumerate(task.class_names)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(zip(*columns.values()))
-    os.replace(tmp, path)
 
 
 def summary_table(summary: dict, headline: list[str], table: Path) -> str:

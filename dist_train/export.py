@@ -9,7 +9,6 @@ tolerance, or a different predicted class, is an error and leaves no file behind
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from dist_train.config import Config, load_config, preprocessing
 from dist_train.custom import user_datasets
 from dist_train.data import build_dataset
 from dist_train.errors import CheckpointError, ConfigError, ExportError
+from dist_train.files import atomic_path
 from dist_train.inference import resolve_weights
 from dist_train.models import build_model, read_weights
 from dist_train.tasks import Task, build_task, load_task
@@ -66,13 +66,9 @@ def export(checkpoint: str | Path, output: str | Path | None = None, overrides: 
         log(f"checked {path}: {describe(check)}")
         return check
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         write_onnx(torch_model, batch[:2], tmp)
         check = compare(tmp, torch_model, batch, task, tolerance)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     info = {
         "format": "onnx",
         "file": path.name,

@@ -14,7 +14,7 @@ import torchvision
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from dist_train.checkpoint import write_text_atomic
+from dist_train.files import write_text_atomic
 from dist_train.config import Config, preprocessing, preprocessing_summary, to_dict
 from dist_train.distributed import main_print
 from dist_train.tracking import Tracking, flat_hparams

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
+
+from dist_train.files import atomic_path
 
 
 def write_submission(path: Path, ids: list[str], labels: list[str], id_column: str = "id", label_column: str = "label",
@@ -16,18 +16,8 @@ def write_submission(path: Path, ids: list[str], labels: list[str], id_column: s
     if len(set(ids)) != len(ids):
         raise ValueError("submission: duplicate ids")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary of its own (not a fixed name): two predictions into one file each leave it whole
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow([id_column, label_column, *extra])
-            writer.writerows(zip(ids, labels, *extra.values()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow([id_column, label_column, *extra])
+        writer.writerows(zip(ids, labels, *extra.values()))
     return path

@@ -110,3 +110,32 @@ def test_a_checkpoint_from_before_the_reshape_resumes_bitwise(digits_root, tmp_p
     for line in lines[1]:  # epoch 1's loss covers the steps before the resume too (the carried totals), summed in another order
         line["train_loss"] = pytest.approx(line["train_loss"], rel=1e-12)
     assert lines[0] == lines[1]
+
+
+def _write_many(path: str, text: str, times: int) -> None:
+    from dist_train.files import write_text_atomic
+    for _ in range(times):
+        write_text_atomic(Path(path), text)
+
+
+def test_two_processes_writing_one_file_at_once_each_replace_it_whole(tmp_path):
+    """As two tasks of a job array write the CV run's config.yaml: neither fails (a fixed temporary name made one
+    find its temporary renamed away by the other), the file is one of the two texts whole, and no temporary is left."""
+    import multiprocessing
+    texts = ["a" * 100_000, "b" * 50_000]
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_many, args=(str(tmp_path / "config.yaml"), text, 300)) for text in texts]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert (tmp_path / "config.yaml").read_text() in texts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    assert oct((tmp_path / "config.yaml").stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
