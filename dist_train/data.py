@@ -330,6 +330,7 @@ def load_splits(cfg: DataConfig, seed: int, label, columns: list[str] | None = N
     if cfg.val is not None:
         val = _split(cfg, "val", True, columns, query)
         val.targets, _ = label(val.labels, str(split_source(cfg, "val").table), defined)
+        check_groups_apart(train, val, cfg)
     elif train.split_groups is not None:
         folds = assign_folds(train, max(2, round(1 / cfg.val_fraction)), seed, stratify, where)
         train, val = train.take(np.flatnonzero(folds != 0)), train.take(np.flatnonzero(folds == 0))
@@ -337,6 +338,20 @@ def load_splits(cfg: DataConfig, seed: int, label, columns: list[str] | None = N
         first = next(iter(train.labels.values()))
         train, val = _holdout(train, cfg.val_fraction, seed, first if stratify else None)
     return train, val, defined
+
+
+def check_groups_apart(train: Records, val: Records, cfg: DataConfig) -> None:
+    """A validation table of its own, with data.group_column: no group may be on both sides (the validation score
+    would count, e.g., photos of people the model trained on: the 6-point optimism grouping is there to remove)."""
+    if train.split_groups is None or val.split_groups is None:
+        return
+    shared = sorted(set(train.split_groups) & set(val.split_groups))
+    if shared:
+        examples = ", ".join(repr(g) for g in shared[:3]) + (", ..." if len(shared) > 3 else "")
+        raise DataError(f"data.group_column {cfg.group_column!r}: {len(shared)} of the {len(set(val.split_groups))} groups of "
+                        f"{split_source(cfg, 'val').table} are in {split_source(cfg, 'train').table} too ({examples}): the "
+                        f"validation score would count rows of groups the model trained on; take them out of one table, "
+                        f"or leave data.val unset for a grouped hold-out (or cv.folds)")
 
 
 def load_test_records(cfg: DataConfig) -> Records:

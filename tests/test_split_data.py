@@ -159,3 +159,26 @@ def test_keys_that_shape_the_model_are_compared_with_the_checkpoints(masks):
         ("task.kind", "classification", "regression")
     del saved["model"]["width"]  # a checkpoint of an older version, without the key: not compared
     assert model_shaping_differences(saved, config(masks, "model.width=16")) == []
+
+
+def test_a_validation_table_of_its_own_may_not_share_a_group_with_training(masks, tmp_path):
+    """data.val given with data.group_column: a person in both tables is refused, named; apart, it loads as given."""
+    table = rows(masks / "train" / "labels.csv")
+    people = sorted({person(r["path"]) for r in table})
+    for name, keep in (("train", people[:30]), ("val", people[28:])):  # people 28 and 29 on both sides
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(r for r in table if person(r["path"]) in keep)
+    split = lambda name: f"{{table: {tmp_path / name}.csv, image_root: train, image_column: path}}"  # noqa: E731
+    overlapping = config(masks, "cv.folds=0", f"data.train={split('train')}", f"data.val={split('val')}")
+    with pytest.raises(DataError, match=rf"data.group_column 'parent_dir': 2 of the 12 groups of {tmp_path / 'val.csv'} are "
+                                        rf"in {tmp_path / 'train.csv'} too \('images/{people[28]}', 'images/{people[29]}'\)"):
+        load_task(overlapping)
+    with open(tmp_path / "val.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(r for r in table if person(r["path"]) in people[30:])
+    train, val, _, _ = load_task(config(masks, "cv.folds=0", f"data.train={split('train')}", f"data.val={split('val')}"))
+    assert_grouped(train, val)
+    assert len(train.ids) == 30 * 7 and len(val.ids) == 10 * 7
