@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 from functools import cache
+from typing import Callable
 
 import torch
 
@@ -115,6 +116,7 @@ class Watchdog:
         self.count = 0
         self.last = time.monotonic()
         self._stop = threading.Event()
+        self.before_exit: list[Callable[[], None]] = []  # run by the watchdog before it ends a hung job (e.g. unlock)
         if world > 1:
             threading.Thread(target=self._watch, name="dist_train-watchdog", daemon=True).start()
 
@@ -143,6 +145,7 @@ class Watchdog:
                 continue
             behind = sorted(r for r, c in counts.items() if c == min(counts.values()))
             _stopping.set()
+            self._run_before_exit()  # the main thread is stuck: its `finally` will not run
             sys.stdout.flush()
             _tell(store, _store_key("stopping", rank()))  # this rank says why it stops: it is not a lost one
             if rank() not in behind:
@@ -163,6 +166,14 @@ class Watchdog:
             waiting = [key + "reported/" + str(r) for r in range(self.world) if r not in behind]
             _await(store, waiting, deadline=time.monotonic() + 2 * poll + 2)
             os._exit(HUNG_EXIT_CODE)
+
+
+    def _run_before_exit(self) -> None:
+        for action in self.before_exit:
+            try:
+                action()
+            except Exception as exc:  # the report of the hang comes first
+                sys.stderr.write(f"rank {rank()}: while stopping: {type(exc).__name__}: {exc}\n")
 
 
 def _tell(store, key: str, value: str = "1") -> None:

@@ -52,6 +52,7 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
     watchdog = Watchdog(config.train.distributed_timeout_s, accelerator.num_processes)
     signals = SignalFlag()
     lock = RunLock(output_dir)
+    watchdog.before_exit.append(lock.release)  # a hung job ends from the watchdog's thread: the lock goes with it
     parts = run = None
     try:
         take_lock(accelerator, lock)  # before anything in the directory is touched

@@ -288,6 +288,16 @@ def test_a_hung_rank_is_named_and_the_job_ends_within_the_timeout(digits_root, t
     assert 'dist_train/faults.py", line' in proc.stderr  # where it hung
     assert "rank 0: stopping: waited" in proc.stderr and "for rank(s) 1" in proc.stderr
     assert proc.stderr.count("it is hung") == 1
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_hung_main_process_releases_the_run_lock(digits_root, tmp_path):
+    """Rank 0 holds the run directory's lock; hung, its main thread never reaches `finally`: the watchdog releases
+    the lock before it ends the process, so that the requeued or next run starts at once (not refused, not 60 s)."""
+    proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.distributed_timeout_s": 6}), processes=2,
+                   check=False, timeout=180, env={FAULT_ENV: "hang@step:3#0"})
+    assert proc.returncode != 0 and "error: rank 0 made no progress for" in proc.stderr
+    assert not (tmp_path / ".lock").exists(), proc.stderr[-2000:]
 
 
 def finite_checkpoints(checkpoints: Path) -> list[str]:
