@@ -216,3 +216,34 @@ def test_throughput_benchmark_runs_every_runner_and_ends_with_the_ratio(tmp_path
     assert len(rows["plain"][rows["plain"].index("run:") + 1:]) == 2  # two repeats of plain and dist_train
     assert "dist_train / plain loop step time =" in proc.stdout and "(per repeat: median" in proc.stdout
     assert lines[-1].startswith("ratio_vs_plain=") and float(lines[-1].split("=")[1]) > 0
+
+
+def test_compare_trees_says_equal_for_one_tree_and_names_what_a_change_moved(tmp_path):
+    """bench/compare_trees.py, the check that a refactoring keeps training bit for bit: a tree against itself is
+    equal in everything (exit 0); against a copy whose digits config has another weight decay, it says DIFF."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_env
+
+    copy = tmp_path / "changed"
+    copy.mkdir()
+    for name in ("train.py", "accelerate_config.yaml", "dist_train", "configs"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, copy / name)
+    config = copy / "configs" / "digits.yaml"
+    text = config.read_text()
+    assert "  weight_decay: 1.0e-4\n" in text
+    config.write_text(text.replace("  weight_decay: 1.0e-4\n", "  weight_decay: 0.3\n"))  # the change under test
+    command = [sys.executable, str(ROOT / "bench" / "compare_trees.py")]
+    same = subprocess.run([*command, str(ROOT), str(ROOT), "plateau_es"], cwd=ROOT, env=run_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert same.returncode == 0, same.stdout + same.stderr[-3000:]
+    assert same.stdout.splitlines()[0] == "plateau_es: weights = optimizer = metrics = trainer_state ="
+    moved = subprocess.run([*command, str(copy), str(ROOT), "plateau_es"], cwd=ROOT, env=run_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert moved.returncode == 1 and moved.stdout.startswith("plateau_es: weights DIFF"), moved.stdout + moved.stderr[-3000:]
+    assert "    weights: [" in moved.stdout
