@@ -6,10 +6,11 @@ import json
 import subprocess
 import sys
 
-import onnx
-import onnxruntime
 import pytest
 import torch
+
+onnx = pytest.importorskip("onnx", reason="the export extra (pip install -e '.[export]') is not installed")
+onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra (pip install -e '.[export]') is not installed")
 
 from conftest import ROOT, config_path, run_cli, run_env, tiny_overrides
 from dist_train.cli import export_main
