@@ -8,6 +8,7 @@ tolerance, or a different predicted class, is an error and leaves no file behind
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from dataclasses import replace
@@ -41,6 +42,10 @@ def export(checkpoint: str | Path, output: str | Path | None = None, overrides: 
     named by `output`) instead of writing one. `model` / `dataset` (as dist_train.Trainer's): your own network to
     load the weights into and your own validation dataset.
     """
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"export needs {' and '.join(missing)}, not installed here: pip install -e '.[export]' "
+                          f"(the versions in constraints.txt)")
     directory = Path(checkpoint)
     if not (directory / "config.yaml").is_file():
         raise CheckpointError(f"--checkpoint {checkpoint}: not a checkpoint directory (no config.yaml)")

@@ -16,6 +16,7 @@ from conftest import ROOT, config_path, run_cli, run_env, tiny_overrides
 from dist_train.cli import export_main
 from dist_train.config import load_config
 from dist_train.data import build_dataset
+from dist_train.errors import ExportError
 from dist_train.export import export
 from dist_train.models import build_model, read_weights
 from dist_train.tasks import load_task
@@ -124,3 +125,11 @@ def test_timm_attention_exports_through_its_unfused_path(tmp_path):
     assert attention and all(m.fused_attn for m in attention)  # as they were
     check = compare(tmp_path / "eva.onnx", model, images, build_task(load_config(None), [str(i) for i in range(10)]), 1e-4)
     assert check["max_abs_logit_difference"] <= 1e-4 and check["argmax_agreement"] == 3
+
+
+def test_without_the_export_extra_the_error_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    with pytest.raises(ExportError, match=r"^export needs onnxruntime, not installed here: pip install -e '\.\[export\]'"):
+        export(tmp_path / "no-checkpoint")

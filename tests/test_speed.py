@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-from conftest import run_cli, tiny_overrides
+from conftest import ROOT, run_cli, tiny_overrides
 from dist_train.config import DEFAULT_PREPROCESSING, DataConfig
 from dist_train.data import BAD_TARGET, EncodedImageDataset, ImageDataset, ModelInput, Records, build_transform
 from dist_train.decode import DeviceDecoder, collate_encoded, random_resized_crop_box
@@ -84,7 +84,8 @@ def test_training_steps_make_no_host_sync():
 def test_under_ddp_the_guard_adds_no_collective_and_a_nan_on_one_rank_is_skipped_by_both(tmp_path):
     """The verdict travels in DDP's gradient all-reduce: no collective of its own per step; the NaN loss
     (with a finite gradient) of rank 1 at step 3 is still skipped by both ranks, which end identical."""
-    run_cli("tests/guard_script.py", [str(tmp_path)], processes=2, env={"DIST_TRAIN_FAULT": "nanloss@step:3#1"})
+    run_cli("tests/guard_script.py", [str(tmp_path)], processes=2,
+            env={"DIST_TRAIN_FAULT": "nanloss@step:3#1", "PYTHONPATH": str(ROOT)})  # (dist_train uninstalled: GPU machines)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for seen in ranks:
         assert seen["via_gradients"] and seen["steps"] == 45 and seen["finite"]
