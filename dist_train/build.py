@@ -287,7 +287,7 @@ def largest_batch_that_fits(accelerator: Accelerator, model: nn.Module, start: i
                 out = model(torch.zeros(size, *sample_shape, device=accelerator.device))
             out.float().sum().backward()
             break
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one; so are cuDNN/cuBLAS allocation failures
             if size == 1 or not is_out_of_memory(exc):
                 raise
             size //= 2

@@ -32,6 +32,11 @@ OPSET = 17
 INPUT, OUTPUT = "images", "logits"
 
 
+def missing_packages() -> list[str]:
+    """What the export needs (the `export` extra) and this Python lacks."""
+    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+
+
 def export(checkpoint: str | Path, output: str | Path | None = None, overrides: list[str] = (), images: int = 32,
            tolerance: float = 1e-4, check_only: bool = False, *, model: nn.Module | None = None, dataset=None,
            log=print) -> dict:
@@ -42,7 +47,7 @@ def export(checkpoint: str | Path, output: str | Path | None = None, overrides: 
     named by `output`) instead of writing one. `model` / `dataset` (as dist_train.Trainer's): your own network to
     load the weights into and your own validation dataset.
     """
-    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    missing = missing_packages()
     if missing:
         raise ExportError(f"export needs {' and '.join(missing)}, not installed here: pip install -e '.[export]' "
                           f"(the versions in constraints.txt)")

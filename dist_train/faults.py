@@ -167,7 +167,6 @@ class Watchdog:
             _await(store, waiting, deadline=time.monotonic() + 2 * poll + 2)
             os._exit(HUNG_EXIT_CODE)
 
-
     def _run_before_exit(self) -> None:
         for action in self.before_exit:
             try:

@@ -9,7 +9,7 @@ from typing import Iterator
 
 
 @contextmanager
-def atomic_path(path: Path, fsync: bool = True) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write; on a clean exit it replaces `path` whole, on an error it is removed.
     The temporary's name is its own (mkstemp), not a fixed one: two writers (two tasks of a job array, two
     predictions) each replace the file whole, the last one wins, and neither finds its temporary taken."""
@@ -19,9 +19,8 @@ def atomic_path(path: Path, fsync: bool = True) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        if fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600: as a plain write would
         os.replace(tmp, path)
     finally:

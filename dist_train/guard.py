@@ -36,10 +36,10 @@ class FiniteGuard:
         self.accelerator, self.torch_optimizer, self.policy, self.max_bad, self.kept = accelerator, torch_optimizer, policy, max_bad, kept
         # fp16's GradScaler skips an overflowing step itself (and lowers its scale): only the loss is judged here,
         # all-reduced, and optimizer.step() always runs so that the scaler sees every step
-        self.scaler = accelerator.scaler is not None
-        self.via_gradients = via_gradients and accelerator.num_processes > 1 and policy != "ignore" and not self.scaler
+        self.scaled = accelerator.scaler is not None
+        self.via_gradients = via_gradients and accelerator.num_processes > 1 and policy != "ignore" and not self.scaled
         self.sync_free = (policy == "skip" and bool(torch_optimizer.defaults.get("fused"))
-                          and accelerator.distributed_type != DistributedType.DEEPSPEED and accelerator.scaler is None)
+                          and accelerator.distributed_type != DistributedType.DEEPSPEED and not self.scaled)
         self.load_state_dict({"skipped_steps": 0, "bad_steps_in_a_row": 0})
 
     def step(self, optimizer, step_loss: torch.Tensor, grad_norm, step: int) -> torch.Tensor | None:
@@ -60,7 +60,7 @@ class FiniteGuard:
                 optimizer.step()
             finally:
                 del self.torch_optimizer.found_inf, self.torch_optimizer.grad_scale
-        elif not self.poll(step) or self.scaler:
+        elif not self.poll(step) or self.scaled:
             optimizer.step()
         return bad
 
@@ -72,7 +72,7 @@ class FiniteGuard:
                 grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=step_loss.device)
             return ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
         bad = ~torch.isfinite(step_loss)
-        if grad_norm is not None and not self.scaler:  # a scaled gradient overflows now and then: the scaler's business
+        if grad_norm is not None and not self.scaled:  # a scaled gradient overflows now and then: the scaler's business
             bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
         if self.accelerator.num_processes > 1:  # the one collective of the guard, where gradients cannot carry it
             flag = bad.to(torch.float32).reshape(1)

@@ -53,7 +53,6 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
     signals = SignalFlag()
     lock = RunLock(output_dir)
     watchdog.before_exit.append(lock.release)  # a hung job ends from the watchdog's thread: the lock goes with it
-    parts = run = None
     try:
         take_lock(accelerator, lock)  # before anything in the directory is touched
         resume = resume_argument(output_dir, resume, overwrite)

@@ -58,7 +58,9 @@ def command(script: str, args: list[str], processes: int = 1, launch: bool = Fal
 
 
 def run_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    # this checkout first on the path: scripts under tests/ import dist_train where it is not installed (GPU machines)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
 def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300, check: bool = True,

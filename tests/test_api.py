@@ -10,7 +10,7 @@ import pytest
 import yaml
 from torch import nn
 
-from conftest import ROOT, config_path, read_jsonl, run_cli, tiny_overrides
+from conftest import config_path, read_jsonl, run_cli, tiny_overrides
 from dist_train import Trainer
 from dist_train.checkpoint import state_digest
 from dist_train.cli import predict_main, train_main
@@ -73,8 +73,7 @@ def test_trainer_script_on_two_processes_is_the_cli_run(digits_root, tmp_path):
     built-in parts, each on 2 processes: the same shards, the same weights on every rank, the same submission."""
     cli, api = tmp_path / "cli", tmp_path / "api"
     run_cli("train.py", ["--config", config_path("digits.yaml"), *tiny_overrides(digits_root, cli)], processes=2)
-    proc = run_cli("tests/trainer_script.py", [config_path("digits.yaml"), *tiny_overrides(digits_root, api)], processes=2,
-                   env={"PYTHONPATH": str(ROOT)})
+    proc = run_cli("tests/trainer_script.py", [config_path("digits.yaml"), *tiny_overrides(digits_root, api)], processes=2)
     assert "rank 0: trained 40 steps" in proc.stdout and "rank 1: trained 40 steps" in proc.stdout
 
     cli_info, api_info = (json.loads((d / "run_info.json").read_text()) for d in (cli, api))

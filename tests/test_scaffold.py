@@ -16,7 +16,7 @@ TRAIN = 1257  # the digits' training split, the project's example data
 
 def run(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
     """A command run where the user stands (the project's parent), with this checkout's dist_train."""
-    return subprocess.run(args, cwd=cwd, env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def new(cwd, name: str = "my_project") -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, run_cli, run_env, tiny_overrides
 from dist_train.config import DEFAULT_PREPROCESSING, DataConfig
 from dist_train.data import BAD_TARGET, EncodedImageDataset, ImageDataset, ModelInput, Records, build_transform
 from dist_train.decode import DeviceDecoder, collate_encoded, random_resized_crop_box
@@ -84,8 +84,7 @@ def test_training_steps_make_no_host_sync():
 def test_under_ddp_the_guard_adds_no_collective_and_a_nan_on_one_rank_is_skipped_by_both(tmp_path):
     """The verdict travels in DDP's gradient all-reduce: no collective of its own per step; the NaN loss
     (with a finite gradient) of rank 1 at step 3 is still skipped by both ranks, which end identical."""
-    run_cli("tests/guard_script.py", [str(tmp_path)], processes=2,
-            env={"DIST_TRAIN_FAULT": "nanloss@step:3#1", "PYTHONPATH": str(ROOT)})  # (dist_train uninstalled: GPU machines)
+    run_cli("tests/guard_script.py", [str(tmp_path)], processes=2, env={"DIST_TRAIN_FAULT": "nanloss@step:3#1"})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for seen in ranks:
         assert seen["via_gradients"] and seen["steps"] == 45 and seen["finite"]
@@ -201,8 +200,6 @@ def test_throughput_benchmark_runs_every_runner_and_ends_with_the_ratio(tmp_path
     import subprocess
     import sys
 
-    from conftest import ROOT, run_env
-
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--device", "cpu", "--data", str(tmp_path / "jpegs"),
                            "--count", "96", "--size", "48x40", "--classes", "3", "--image-size", "16", "--batch-size", "8",
                            "--steps", "3", "--processes", "2", "--repeats", "2",
@@ -225,8 +222,6 @@ def test_compare_trees_says_equal_for_one_tree_and_names_what_a_change_moved(tmp
     import shutil
     import subprocess
     import sys
-
-    from conftest import ROOT, run_env
 
     copy = tmp_path / "changed"
     copy.mkdir()

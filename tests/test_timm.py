@@ -2,7 +2,6 @@
 pretrained_cfg, layer-wise LR decay, gradient checkpointing; 2-process runs, a bitwise resume and the ONNX export."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -16,7 +15,7 @@ from dist_train import synthetic
 from dist_train.config import ModelConfig, OptimConfig, SchedulerConfig, load_config
 from dist_train.debug import lr_preview
 from dist_train.errors import CheckpointError, ConfigError
-from dist_train.export import export
+from dist_train.export import export, missing_packages
 from dist_train.models import build_model
 from dist_train.optim import Schedule, build_optimizer
 from test_distributed import scalars
@@ -174,7 +173,7 @@ def run_args(digits_root, out, name):
 
 def needs_onnx() -> None:
     """The export half of a test (the training half ran): skipped where the export extra is absent (GPU machines)."""
-    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    missing = missing_packages()
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (the export extra): the export is not checked here")
 
