@@ -10,6 +10,7 @@ from dataclasses import replace
 from dist_train.config import load_config
 from dist_train.distributed import fail, is_main_process_env
 from dist_train.errors import ConfigError, DistTrainError
+from dist_train.data import prestart_worker_server
 from dist_train.faults import PREEMPTED_EXIT_CODE, Preempted, die_with_launcher, report_failure, requeue_slurm_job
 
 OVERRIDES_HELP = "dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64 output_dir=/tmp/run1 seed=7"
@@ -35,6 +36,7 @@ def train_main(argv: list[str] | None = None) -> int:
     config = None
     try:
         config = load_config(args.config, args.overrides)
+        prestart_worker_server(config.data)
         if args.debug:
             from dist_train.debug import run_debug
 
@@ -101,6 +103,7 @@ def predict_main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--checkpoint {checkpoints[0]} has no config.yaml beside it (a bare weights file): name "
                                   f"the config it was trained with, --config X.yaml")
         config = load_config(config_file, [*args.overrides, *moved])
+        prestart_worker_server(config.data)
 
         predict(config, checkpoints, args.output, args.split)
     except DistTrainError as exc:

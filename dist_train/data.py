@@ -4,8 +4,10 @@ from __future__ import annotations
 import atexit
 import csv
 import difflib
+import functools
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -509,10 +511,100 @@ def loader_worker_init(worker_id: int) -> None:
     """Loader workers share their rank's process group, so SLURM's SIGTERM/SIGUSR1 reach them too: they
     must live on until the rank, which acts on the signal at the next step boundary, is done with them.
     And they die with their rank at once (not at torch's next 5 s liveness check), so that a crashed rank
-    leaves no orphans holding the job's output open."""
+    leaves no orphans holding the job's output open. (worker_context's processes do this before torch's
+    own start-up too.)"""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     die_with_parent(signal.SIGKILL)
+
+
+class _ForkedWorker(multiprocessing.context.ForkProcess):
+    def run(self) -> None:
+        loader_worker_init(-1)  # first thing in the worker: a start-up that hangs (below) still dies with its rank
+        super().run()
+
+
+class _ForkServerWorker(multiprocessing.context.ForkServerProcess):
+    def run(self) -> None:
+        # The server gives each child its "a client is alive" pipe, so that it outlives them; a worker does not
+        # start processes of its own, so it lets go: the server then ends with its rank, and takes the workers.
+        from multiprocessing import forkserver
+
+        if forkserver._forkserver._forkserver_alive_fd is not None:
+            os.close(forkserver._forkserver._forkserver_alive_fd)
+            forkserver._forkserver._forkserver_alive_fd = None
+        loader_worker_init(-1)  # dies with the fork server, which ends when its rank does
+        super().run()
+
+
+class _ForkContext(multiprocessing.context.ForkContext):
+    Process = _ForkedWorker
+
+
+class _ForkServerContext(multiprocessing.context.ForkServerContext):
+    Process = _ForkServerWorker
+
+
+def worker_context(start: str, dataset=None) -> multiprocessing.context.BaseContext:
+    """How loader workers start (data.worker_start), each bound to its rank from its first instruction.
+
+    A worker forked from the rank itself (fork) copies a process with other threads (gloo's, the watchdog);
+    the first time a process runs a piece of C++ with a static or a thread-local (torch.set_num_threads and
+    torch.Generator at the worker's start-up, a collate or transform op's first call) it takes a glibc lock
+    (the exit-handler lock, the dynamic loader's) that one of those threads may have held at the fork, and
+    waits forever: seen once in CI, a worker stuck before its worker_init_fn, its rank hung and the orphan
+    held the job's output open. forkserver forks workers from a one-threaded server instead (started with
+    SLURM's warning signals blocked: it shares the rank's process group); fork keeps the hazard, but never
+    leaves an orphan. (Doing torch's start-up calls once in the rank first was tried: the wait moved to the
+    worker's next first-time call, a collate op's.) auto takes forkserver for dist_train's own datasets when the script
+    run may be imported; a dataset of your own (data.file, the Trainer's) keeps fork, since its module (loaded
+    from a file, or the script) may not import by name in a fresh process: data.worker_start=forkserver if it does.
+    """
+    if start == "auto":
+        ours = dataset is None or type(dataset).__module__.startswith("dist_train.")
+        start = "forkserver" if ours and main_is_guarded() else "fork"
+    if start == "fork":
+        return _ForkContext()
+    _start_fork_server()
+    return _ForkServerContext()
+
+
+@functools.cache
+def main_is_guarded() -> bool:
+    """Whether the fork server may import the script being run: it has an `if __name__ == "__main__":`
+    (or there is no script: an interactive session). Said once, on the main process, when not."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if path is None:
+        return True
+    try:
+        guarded = re.search(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", Path(path).read_text(), re.MULTILINE) is not None
+    except (OSError, UnicodeDecodeError):
+        guarded = False
+    if not guarded and os.environ.get("RANK", "0") == "0":
+        print(f"warning: {path} has no `if __name__ == \"__main__\":`; loader workers start by fork, which can "
+              f"hang on a rare lock (docs/faults.md); put the script's work under that guard, or set "
+              f"data.worker_start=fork to say so", file=sys.stderr, flush=True)
+    return guarded
+
+
+def prestart_worker_server(cfg: DataConfig) -> None:
+    """Start the fork server at once when the workers will use it, so that its imports (about 3 s on 2 CPU
+    cores) run beside the rank's own start-up instead of before its first batch."""
+    if cfg.num_workers > 0 and (cfg.worker_start == "forkserver" or (
+            cfg.worker_start == "auto" and cfg.file is None and main_is_guarded())):
+        _start_fork_server()
+
+
+@functools.cache
+def _start_fork_server() -> None:
+    from multiprocessing import forkserver
+
+    forkserver.set_forkserver_preload(["__main__", "dist_train.data"])  # workers start with torch imported
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})  # inherited by the server
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 DEVICE_AUGMENTATIONS = {"RandomHorizontalFlip"}
@@ -594,6 +686,7 @@ def build_loader(dataset: ImageDataset, cfg: DataConfig, train: bool, seed: int)
         # A loader-owned generator: creating an iterator never draws from the global RNG.
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=loader_worker_init,
+        multiprocessing_context=worker_context(cfg.worker_start, dataset) if workers > 0 else None,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         collate_fn=collate_encoded if isinstance(dataset, EncodedImageDataset) else None,
         drop_last=False,

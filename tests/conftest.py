@@ -67,7 +67,12 @@ def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300
             env: dict[str, str] | None = None, launch: bool = False) -> subprocess.CompletedProcess:
     """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT)."""
     cmd = command(script, args, processes, launch)
-    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # what the run said before, not the exception's byte dump
+        said = lambda out: (out or b"").decode(errors="replace") if isinstance(out, bytes) else (out or "")  # noqa: E731
+        raise AssertionError(f"{' '.join(cmd)} did not end within {timeout} s\n--- stdout\n{said(exc.stdout)[-4000:]}"
+                             f"\n--- stderr\n{said(exc.stderr)[-8000:]}") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc

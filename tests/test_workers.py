@@ -1,0 +1,64 @@
+"""How loader workers start (data.worker_start): what another thread of the rank holds at the start does not reach
+them, and nothing they leave behind outlives a killed rank."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from conftest import ROOT, run_env
+
+SCRIPT = str(ROOT / "tests" / "worker_script.py")
+
+
+def test_a_lock_held_by_another_thread_at_the_start_reaches_forked_workers_only():
+    """The hazard behind data.worker_start, made certain: under fork the workers inherit the lock held and wait
+    forever (as a worker did in CI on a glibc lock); the fork server's workers start from a process without it."""
+    runs = {start: subprocess.run([sys.executable, SCRIPT, start, "lock"], env=run_env(), capture_output=True,
+                                  text=True, timeout=120) for start in ("forkserver", "auto", "fork")}
+    # auto: fork, for a dataset of the script's own (one of dist_train's gets the fork server: the test below)
+    assert {start: run.stdout.strip() for start, run in runs.items()} == {"forkserver": "read", "auto": "hung", "fork": "hung"}, \
+        {start: run.stderr[-2000:] for start, run in runs.items()}
+
+
+@pytest.mark.parametrize("start", ["forkserver", "fork"])
+def test_workers_and_the_fork_server_end_with_a_killed_rank(start):
+    proc = subprocess.Popen([sys.executable, SCRIPT, start, "sleep"], env=run_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        left = psutil.Process(proc.pid).children(recursive=True)
+        assert len(left) >= 2  # the two workers (and under forkserver the server and its resource tracker)
+        proc.send_signal(signal.SIGKILL)  # no exit handler runs: the workers must go by themselves
+        proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs(left, timeout=15)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        proc.kill()
+
+
+def test_auto_starts_dist_train_datasets_from_the_fork_server_and_others_by_fork():
+    from dist_train.data import ImageDataset, Records, worker_context
+    from torch.utils.data import TensorDataset
+
+    ours = ImageDataset(Records([], [], []), None, 1)
+    # under pytest (`python -m pytest`: a guarded __main__) the fork server may import the script run
+    assert worker_context("auto", ours).get_start_method() == "forkserver"
+    assert worker_context("auto", TensorDataset()).get_start_method() == "fork"
+
+
+def test_a_script_without_a_main_guard_starts_workers_by_fork_and_says_why(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text("from dist_train.data import worker_context\n"
+                      "print(worker_context('auto').get_start_method())\nprint(worker_context('auto').get_start_method())\n")
+    run = subprocess.run([sys.executable, str(script)], env=run_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["fork", "fork"]
+    assert run.stderr.count("warning:") == 1 and "if __name__ == \"__main__\":" in run.stderr and "data.worker_start=fork" in run.stderr
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("from dist_train.data import worker_context\n\nif __name__ == '__main__':\n"
+                       "    print(worker_context('auto').get_start_method())\n")
+    run = subprocess.run([sys.executable, str(guarded)], env=run_env(), capture_output=True, text=True, timeout=120)
+    assert (run.stdout.strip(), run.stderr.count("warning:")) == ("forkserver", 0), run.stderr
