@@ -36,12 +36,12 @@ def train_main(argv: list[str] | None = None) -> int:
     config = None
     try:
         config = load_config(args.config, args.overrides)
-        prestart_worker_server(config.data)
         if args.debug:
             from dist_train.debug import run_debug
 
             run_debug(one_fold(config), args.config)
             return 0
+        prestart_worker_server(config.data)
         if config.cv.folds:
             from dist_train.cv import cross_validate
 

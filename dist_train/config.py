@@ -101,7 +101,6 @@ class DataConfig:
     """Only takes effect on CUDA."""
     persistent_workers: bool = True
     prefetch_factor: int = 4
-    """Batches each worker prepares ahead."""
     worker_start: Literal["auto", "forkserver", "fork"] = "auto"
     """How loader workers start. forkserver (Python 3.14's default): forked from a clean one-threaded process, so
     no worker inherits a glibc lock that another thread of the rank (gloo's, the watchdog) held at the fork and

@@ -13,6 +13,7 @@ import signal
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +49,41 @@ class Records:
     groups: list[str] | None = None
     split_groups: list[str] | None = None
 
+    def __reduce__(self):
+        """Pickled (to loader workers started by the fork server) with the paths as one string: see PathList. Made
+        one the first time, here: a loader pickles its dataset once per worker."""
+        self.paths = PathList.of(self.paths)
+        return Records, (self.paths, self.targets, self.ids, self.labels, self.groups, self.split_groups)
+
     def take(self, idx) -> "Records":
         pick = lambda values: [values[i] for i in idx] if values is not None else None  # noqa: E731
         return Records(pick(self.paths), pick(self.targets) if self.targets else [], pick(self.ids),
                        {k: pick(v) for k, v in self.labels.items()} if self.labels is not None else None,
                        pick(self.groups), pick(self.split_groups))
+
+
+class PathList(Sequence):
+    """Paths held as one string, a Path made on each access: how Records travel to fork-server workers. ImageNet's
+    1.28 M Path objects took 3.4 s to pickle (per worker, in the rank) and 8.4 s to unpickle; as one string, BENCHMARKS.md."""
+
+    def __init__(self, text: str):
+        self._text = text
+        self._items = text.split("\0") if text else []
+
+    @classmethod
+    def of(cls, paths) -> "PathList":
+        return paths if isinstance(paths, PathList) else cls("\0".join(map(str, paths)))  # NUL: in no path
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [Path(p) for p in self._items[index]]
+        return Path(self._items[index])
+
+    def __reduce__(self):
+        return PathList, (self._text,)
 
 
 def as_target(value):
@@ -513,14 +544,19 @@ def loader_worker_init(worker_id: int) -> None:
     And they die with their rank at once (not at torch's next 5 s liveness check), so that a crashed rank
     leaves no orphans holding the job's output open. (worker_context's processes do this before torch's
     own start-up too.)"""
+    bind_to_parent(os.getppid())
+
+
+def bind_to_parent(parent: int) -> None:
+    """loader_worker_init's binding, for a worker whose parent should be `parent`: one already gone ends it now."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    die_with_parent(signal.SIGKILL)
+    die_with_parent(signal.SIGKILL, parent)
 
 
 class _ForkedWorker(multiprocessing.context.ForkProcess):
     def run(self) -> None:
-        loader_worker_init(-1)  # first thing in the worker: a start-up that hangs (below) still dies with its rank
+        bind_to_parent(self._parent_pid)  # before torch's start-up, which may hang (worker_context)
         super().run()
 
 
@@ -528,12 +564,13 @@ class _ForkServerWorker(multiprocessing.context.ForkServerProcess):
     def run(self) -> None:
         # The server gives each child its "a client is alive" pipe, so that it outlives them; a worker does not
         # start processes of its own, so it lets go: the server then ends with its rank, and takes the workers.
+        # Bound first, while the pipe still keeps the server (this worker's parent) alive.
         from multiprocessing import forkserver
 
+        bind_to_parent(os.getppid())
         if forkserver._forkserver._forkserver_alive_fd is not None:
             os.close(forkserver._forkserver._forkserver_alive_fd)
             forkserver._forkserver._forkserver_alive_fd = None
-        loader_worker_init(-1)  # dies with the fork server, which ends when its rank does
         super().run()
 
 
@@ -561,7 +598,7 @@ def worker_context(start: str, dataset=None) -> multiprocessing.context.BaseCont
     from a file, or the script) may not import by name in a fresh process: data.worker_start=forkserver if it does.
     """
     if start == "auto":
-        ours = dataset is None or type(dataset).__module__.startswith("dist_train.")
+        ours = dataset is None or isinstance(dataset, ImageDataset)  # custom.IndexedDataset wraps a user's: fork
         start = "forkserver" if ours and main_is_guarded() else "fork"
     if start == "fork":
         return _ForkContext()
@@ -573,9 +610,10 @@ def worker_context(start: str, dataset=None) -> multiprocessing.context.BaseCont
 def main_is_guarded() -> bool:
     """Whether the fork server may import the script being run: it has an `if __name__ == "__main__":`
     (or there is no script: an interactive session). Said once, on the main process, when not."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    if path is None:
-        return True
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or getattr(getattr(main, "__spec__", None), "name", "").endswith("__main__"):
+        return True  # no script, or `python -m package`: multiprocessing never imports those again
     try:
         guarded = re.search(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", Path(path).read_text(), re.MULTILINE) is not None
     except (OSError, UnicodeDecodeError):
@@ -601,10 +639,16 @@ def _start_fork_server() -> None:
 
     forkserver.set_forkserver_preload(["__main__", "dist_train.data"])  # workers start with torch imported
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})  # inherited by the server
+    path = os.environ.get("PYTHONPATH")  # the server may not get our sys.path (CPython < 3.13.1): where we come from
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), path]))
     try:
         forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = path
 
 
 DEVICE_AUGMENTATIONS = {"RandomHorizontalFlip"}

@@ -84,11 +84,12 @@ def _find_prctl():
 _prctl = _find_prctl()
 
 
-def die_with_parent(sig: signal.Signals) -> None:
-    """Have Linux send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+def die_with_parent(sig: signal.Signals, parent: int | None = None) -> None:
+    """Have Linux send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere a no-op.
+    `parent`: the pid the parent should have (by default the current one); when it is not that, `sig` now."""
     if _prctl is None:
         return
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     _prctl(1, int(sig))  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), sig)

@@ -169,8 +169,8 @@ def test_model_loss_and_data_files_named_in_the_config(digits_root, tmp_path, ca
     loaded = load_config(config)  # relative to the config file's directory, not the working directory
     assert (loaded.model.file, loaded.loss.file, loaded.data.file) == tuple(str(project / f) for f in files)
 
-    run = tmp_path / "run"
-    assert train_main(["--config", config, *tiny_overrides(digits_root, run)]) == 0
+    run = tmp_path / "run"  # loader workers: a data.file dataset starts them by fork (its module has no importable name)
+    assert train_main(["--config", config, *tiny_overrides(digits_root, run, **{"data.num_workers": 2})]) == 0
     info = json.loads((run / "run_info.json").read_text())
     # model.freeze applies to the file's model: its last layer (16 -> 10) is frozen
     assert info["parameters"] == {"trainable": 64 * 16 + 16, "frozen": 16 * 10 + 10}

@@ -62,7 +62,9 @@ def test_its_config_trains_on_two_processes_with_the_printed_command(project):
     parent, stdout = project
     launch = next(line for line in stdout.splitlines() if "accelerate launch" in line).split()
     assert launch[:2] == ["accelerate", "launch"]
-    proc = run([str(BIN / "accelerate"), *launch[1:]], parent)  # `-m dist_train train`: no path to a checkout
+    # `-m dist_train train`: no path to a checkout; loader workers for the template's own dataset class (loaded from
+    # its file under a name of its own: forked, the fork server could not import it)
+    proc = run([str(BIN / "accelerate"), *launch[1:], "data.num_workers=2"], parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = parent / "runs" / "my_project"
     info = json.loads((out / "run_info.json").read_text())

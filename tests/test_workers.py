@@ -62,3 +62,21 @@ def test_a_script_without_a_main_guard_starts_workers_by_fork_and_says_why(tmp_p
                        "    print(worker_context('auto').get_start_method())\n")
     run = subprocess.run([sys.executable, str(guarded)], env=run_env(), capture_output=True, text=True, timeout=120)
     assert (run.stdout.strip(), run.stderr.count("warning:")) == ("forkserver", 0), run.stderr
+
+
+def test_records_travel_to_workers_as_one_string_and_read_back_as_paths(tmp_path):
+    """What a fork-server worker gets: the paths as one string (ImageNet's 1.28 M Path objects took 8.4 s to
+    unpickle), each read back as the Path it was."""
+    import pickle
+    from pathlib import Path
+
+    from dist_train.data import PathList, Records
+
+    paths = [tmp_path / f"class {i % 3}" / f"ünï {i}.jpg" for i in range(10)]
+    records = Records(list(paths), list(range(10)), [f"id{i}" for i in range(10)])
+    back = pickle.loads(pickle.dumps(records))
+    assert isinstance(back.paths, PathList) and len(back.paths) == 10
+    assert [back.paths[i] for i in range(10)] == paths and all(isinstance(p, Path) for p in back.paths)
+    assert back.paths[2:4] == paths[2:4] and back.take([7, 1]).paths == [paths[7], paths[1]]
+    assert (back.targets, back.ids) == (records.targets, records.ids)
+    assert pickle.loads(pickle.dumps(back)).paths[9] == paths[9]  # and again, from a worker's own copy
