@@ -74,7 +74,7 @@ class Holder:
 
 
 class RunLock:
-    """`<directory>/.lock`, created exclusively (one creator wins, on any file system that honours O_EXCL)."""
+    """`<directory>/.lock`, created exclusively and whole (one creator wins: a hard link, else O_EXCL)."""
 
     def __init__(self, directory: Path):
         self.directory, self.path = directory, directory / LOCK_FILE
@@ -89,19 +89,40 @@ class RunLock:
         for _ in range(5):
             me = Holder.this_process()
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me)
             except FileExistsError:
                 note = self._take_over() or note
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(me), f)
-                f.flush()
-                os.fsync(f.fileno())
             self.holder = me
             threading.Thread(target=self._heartbeat, name="dist_train-runlock", daemon=True).start()
             return note
         raise ConfigError(f"{self.directory}: could not take {LOCK_FILE} (other runs keep taking it); choose another "
                           f"output_dir, or wait")
+
+    def _create(self, me: Holder) -> None:
+        """The lock, whole or not at all: written under a name of its own, then hard-linked into place (link fails
+        when the lock exists, as O_EXCL does), so that a run arriving at the same moment never reads it half
+        written. Where the file system has no hard links, O_EXCL and then the record. Raises FileExistsError."""
+        record = json.dumps(asdict(me))
+        staged = self.path.with_name(f"{LOCK_FILE}.new-{socket.gethostname()}-{os.getpid()}")
+        with open(staged, "w") as f:
+            f.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(staged, self.path)
+            return
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some network or FUSE file systems)
+            pass
+        finally:
+            staged.unlink(missing_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(record)
+            f.flush()
+            os.fsync(f.fileno())
 
     def _take_over(self) -> str | None:
         """Move a lock whose holder is gone out of the way (None: it vanished meanwhile); refuse a live one."""
