@@ -51,6 +51,27 @@ def test_a_lock_is_exclusive_and_released_only_by_its_holder(tmp_path):
     assert not (tmp_path / "run" / LOCK_FILE).exists()
 
 
+def test_the_lock_appears_whole_and_leaves_nothing_staged(tmp_path, monkeypatch):
+    """A run arriving at the same moment must never read the lock half written (it would be refused as
+    'unreadable', not told whose run it is): the lock comes into being by a link of a file already complete."""
+    from dist_train import runlock
+
+    seen, link = [], os.link
+
+    def watched_link(source, target):
+        seen.append((json.loads(open(source).read()), os.path.exists(target)))
+        return link(source, target)
+
+    monkeypatch.setattr(runlock.os, "link", watched_link)
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None
+    assert seen == [(asdict(lock.holder), False)]
+    with pytest.raises(FileExistsError):  # a second creator loses, as with O_EXCL
+        RunLock(tmp_path)._create(Holder.this_process())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # no staged copy left by either
+    lock.release()
+
+
 def test_a_live_process_on_this_host_keeps_its_lock(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
