@@ -101,6 +101,7 @@ class DataConfig:
     """Only takes effect on CUDA."""
     persistent_workers: bool = True
     prefetch_factor: int = 4
+    """Batches each worker prepares ahead."""
     worker_start: Literal["auto", "forkserver", "fork"] = "auto"
     """How loader workers start. forkserver (Python 3.14's default): forked from a clean one-threaded process, so
     no worker inherits a glibc lock that another thread of the rank (gloo's, the watchdog) held at the fork and
@@ -108,7 +109,6 @@ class DataConfig:
     `if __name__ == "__main__":` (the server imports it). fork: workers are copies of the rank (any dataset;
     that rare hang possible). auto: forkserver for dist_train's own datasets, unless the script has no such guard
     (then fork, with a warning); fork for a dataset of your own (forkserver if its module imports by name)."""
-    """Batches each worker prepares ahead."""
     balanced_sampler: bool = False
     """Draw training samples with probability inversely proportional to their class frequency."""
     bad_samples: Literal["error", "skip"] = "error"
