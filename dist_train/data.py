@@ -635,13 +635,18 @@ def prestart_worker_server(cfg: DataConfig) -> None:
 
 @functools.cache
 def _start_fork_server() -> None:
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
     forkserver.set_forkserver_preload(["__main__", "dist_train.data"])  # workers start with torch imported
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})  # inherited by the server
+    warnings = {signal.SIGTERM, signal.SIGUSR1}  # SLURM's, and torchrun's to the rank's group: blocked in the server
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, warnings)
     path = os.environ.get("PYTHONPATH")  # the server may not get our sys.path (CPython < 3.13.1): where we come from
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), path]))
     try:
+        # The server starts its resource tracker first, and that start unblocks SIGTERM on its way out: a server
+        # started after it died of the launcher's SIGTERM and took the workers with it. So the tracker first.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, warnings)
         forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -2,6 +2,7 @@
 them, and nothing they leave behind outlives a killed rank."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -37,6 +38,27 @@ def test_workers_and_the_fork_server_end_with_a_killed_rank(start):
         assert not alive, [p.cmdline() for p in alive]
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("start", ["forkserver", "fork"])
+def test_slurms_warning_signals_to_the_rank_process_group_spare_its_workers_and_server(start):
+    """SLURM's SIGTERM (and a launcher's: torchrun signals each rank's process group) or SIGUSR1 reach every
+    process of the rank's group: the rank acts on them at its next step and so needs its loader until then --
+    neither its workers nor (forkserver) their server may die of them. (CPython's resource tracker start
+    unblocks SIGTERM: a fork server started after it died, and took its workers with it.)"""
+    proc = subprocess.Popen([sys.executable, SCRIPT, start, "signal"], env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        group = psutil.Process(proc.pid).children(recursive=True)
+        assert len(group) >= (4 if start == "forkserver" else 2)  # two workers (the server and its tracker)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            os.killpg(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert (stdout.strip(), proc.returncode) == ("read 3 more", 0), stderr[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_auto_starts_dist_train_datasets_from_the_fork_server_and_others_by_fork():

@@ -2,10 +2,14 @@
 
     python tests/worker_script.py START lock   # another thread holds a lock the dataset takes, across the fork
     python tests/worker_script.py START sleep  # one batch read, then it waits to be killed
+    python tests/worker_script.py START signal # one batch read, then SIGTERM and SIGUSR1 to its process group
 
 START is data.worker_start. `lock` prints "read" when the first batch arrives, "hung" when none does within 10 s.
-`sleep` prints "ready" once its (persistent) workers have delivered a batch.
+`sleep` prints "ready" once its (persistent) workers have delivered a batch. `signal` prints "ready" too, waits
+for both signals (as a rank notes them, to act at its next step) and then reads on: "read N more" (N: the epoch's
+other batch and a whole second one, 3) -- a loader whose workers or server the signals killed raises instead.
 """
+import signal
 import sys
 import threading
 import time
@@ -42,11 +46,23 @@ def main(start: str, mode: str) -> None:
             print("read", flush=True)
         except RuntimeError:  # "DataLoader timed out after 10 seconds"
             print("hung", flush=True)
-    else:
+    elif mode == "sleep":
         iterator = iter(loader)
         next(iterator)
         print("ready", flush=True)
         time.sleep(600)
+    else:
+        received = set()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: received.add(signum))
+        iterator = iter(loader)
+        next(iterator)
+        print("ready", flush=True)
+        deadline = time.time() + 60
+        while len(received) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)  # what the signals kill is gone by now
+        print(f"read {sum(1 for _ in iterator) + sum(1 for _ in loader)} more", flush=True)
 
 
 if __name__ == "__main__":
