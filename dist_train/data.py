@@ -597,13 +597,19 @@ def worker_context(start: str, dataset=None) -> multiprocessing.context.BaseCont
     run may be imported; a dataset of your own (data.file, the Trainer's) keeps fork, since its module (loaded
     from a file, or the script) may not import by name in a fresh process: data.worker_start=forkserver if it does.
     """
-    if start == "auto":
-        ours = dataset is None or isinstance(dataset, ImageDataset)  # custom.IndexedDataset wraps a user's: fork
-        start = "forkserver" if ours and main_is_guarded() else "fork"
-    if start == "fork":
+    # custom.IndexedDataset (data.file) wraps a user's dataset: not one of ours
+    if resolve_worker_start(start, ours=dataset is None or isinstance(dataset, ImageDataset)) == "fork":
         return _ForkContext()
     _start_fork_server()
     return _ForkServerContext()
+
+
+def resolve_worker_start(start: str, ours: bool) -> str:
+    """data.worker_start with auto decided: the fork server for one of dist_train's datasets (`ours`) when the
+    script run may be imported, else fork. worker_context and prestart_worker_server both ask here."""
+    if start != "auto":
+        return start
+    return "forkserver" if ours and main_is_guarded() else "fork"
 
 
 @functools.cache
@@ -628,8 +634,7 @@ def main_is_guarded() -> bool:
 def prestart_worker_server(cfg: DataConfig) -> None:
     """Start the fork server at once when the workers will use it, so that its imports (about 3 s on 2 CPU
     cores) run beside the rank's own start-up instead of before its first batch."""
-    if cfg.num_workers > 0 and (cfg.worker_start == "forkserver" or (
-            cfg.worker_start == "auto" and cfg.file is None and main_is_guarded())):
+    if cfg.num_workers > 0 and resolve_worker_start(cfg.worker_start, ours=cfg.file is None) == "forkserver":
         _start_fork_server()
 
 

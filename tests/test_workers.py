@@ -62,13 +62,16 @@ def test_slurms_warning_signals_to_the_rank_process_group_spare_its_workers_and_
 
 
 def test_auto_starts_dist_train_datasets_from_the_fork_server_and_others_by_fork():
-    from dist_train.data import ImageDataset, Records, worker_context
+    from dist_train.data import ImageDataset, Records, resolve_worker_start, worker_context
     from torch.utils.data import TensorDataset
 
     ours = ImageDataset(Records([], [], []), None, 1)
     # under pytest (`python -m pytest`: a guarded __main__) the fork server may import the script run
     assert worker_context("auto", ours).get_start_method() == "forkserver"
     assert worker_context("auto", TensorDataset()).get_start_method() == "fork"
+    # what the CLI's early server start asks: the same rule, a data.file dataset being a user's own
+    assert [resolve_worker_start(start, mine) for start in ("auto", "fork", "forkserver") for mine in (True, False)] == \
+        ["forkserver", "fork", "fork", "fork", "forkserver", "forkserver"]
 
 
 def test_a_script_without_a_main_guard_starts_workers_by_fork_and_says_why(tmp_path):
