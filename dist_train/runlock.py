@@ -104,11 +104,15 @@ class RunLock:
         when the lock exists, as O_EXCL does), so that a run arriving at the same moment never reads it half
         written. Where the file system has no hard links, O_EXCL and then the record. Raises FileExistsError."""
         record = json.dumps(asdict(me))
+
+        def write(path: Path, flags: int) -> None:
+            with os.fdopen(os.open(path, os.O_CREAT | os.O_WRONLY | flags, 0o644), "w") as f:
+                f.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+
         staged = self.path.with_name(f"{LOCK_FILE}.new-{socket.gethostname()}-{os.getpid()}")
-        with open(staged, "w") as f:
-            f.write(record)
-            f.flush()
-            os.fsync(f.fileno())
+        write(staged, os.O_TRUNC)
         try:
             os.link(staged, self.path)
             return
@@ -118,11 +122,7 @@ class RunLock:
             pass
         finally:
             staged.unlink(missing_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(record)
-            f.flush()
-            os.fsync(f.fileno())
+        write(self.path, os.O_EXCL)
 
     def _take_over(self) -> str | None:
         """Move a lock whose holder is gone out of the way (None: it vanished meanwhile); refuse a live one."""

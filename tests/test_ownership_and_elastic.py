@@ -72,6 +72,25 @@ def test_the_lock_appears_whole_and_leaves_nothing_staged(tmp_path, monkeypatch)
     lock.release()
 
 
+def test_without_hard_links_the_lock_is_created_exclusively_all_the_same(tmp_path, monkeypatch):
+    """Some network and FUSE file systems refuse hard links: the lock is then created with O_EXCL, holds the
+    whole record, and a second creator still loses."""
+    from dist_train import runlock
+
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(runlock.os, "link", no_links)
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None
+    assert json.loads((tmp_path / LOCK_FILE).read_text()) == asdict(lock.holder)
+    with pytest.raises(FileExistsError):
+        RunLock(tmp_path)._create(Holder.this_process())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
 def test_a_live_process_on_this_host_keeps_its_lock(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
