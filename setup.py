@@ -7,7 +7,7 @@ setup(
     description="Distributed training of PyTorch image classifiers on Accelerate: CPU, one GPU, many GPUs, SLURM.",
     packages=find_packages(include=["dist_train", "dist_train.*"]),
     package_data={"dist_train": ["templates/project/*"]},
-    entry_points={"console_scripts": ["dist-train = dist_train.scaffold:main"]},
+    entry_points={"console_scripts": ["dist-train = dist_train.commands.scaffold:main"]},
     python_requires=">=3.10",
     install_requires=[
         # the lower bounds are the GPU machines' versions (torch 2.11, torchvision 0.26, Python 3.12), where the

@@ -72,7 +72,7 @@ def _setup(device_kind: str):
 
 def _model(args, device: torch.device):
     from dist_train.config import ModelConfig
-    from dist_train.models import build_model
+    from dist_train.models.networks import build_model
 
     model = build_model(ModelConfig(name=args.model), args.classes, 3, args.image_size).to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
@@ -184,7 +184,7 @@ def run_timm(args) -> dict:
 
 def run_dist_train(args) -> dict:
     from dist_train.config import load_config
-    from dist_train.trainer import fit
+    from dist_train.loop.trainer import fit
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(args.work) / "dist_train_run"

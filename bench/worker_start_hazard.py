@@ -20,8 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_train import data  # noqa: E402
 from dist_train.config import load_config  # noqa: E402
+from dist_train.data.datasets import build_dataset  # noqa: E402
+from dist_train.data.loaders import build_loader  # noqa: E402
+from dist_train.data.splits import materialize_digits  # noqa: E402
+from dist_train.data.tables import Records  # noqa: E402
 
 LIBRARY = b"libBrokenLocale.so.1"  # glibc's smallest: loaded and unloaded for real each time
 
@@ -42,16 +45,16 @@ def main() -> None:
     parser.add_argument("--loaders", type=int, default=100)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp()) / "digits"
-    data.materialize_digits(root)
+    materialize_digits(root)
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"), [
         f"data.root={root}", "data.image_size=8", "data.num_workers=2", "data.persistent_workers=false",
         "data.train_augment=[{name: RandomAffine, degrees: 10, translate: [0.1, 0.1]}]", f"data.worker_start={args.start}"]).data
     rows = list(csv.DictReader(open(root / "train.csv")))[:256]
-    records = data.Records([root / r["image"] for r in rows], [int(r["label"]) for r in rows], [r["id"] for r in rows])
+    records = Records([root / r["image"] for r in rows], [int(r["label"]) for r in rows], [r["id"] for r in rows])
     threading.Thread(target=churn_loader_lock, daemon=True).start()
     hung, started = 0, time.perf_counter()
     for i in range(args.loaders):
-        loader = data.build_loader(data.build_dataset(records, cfg, "train", i), cfg, train=True, seed=i)
+        loader = build_loader(build_dataset(records, cfg, "train", i), cfg, train=True, seed=i)
         loader.timeout = 5
         iterator = iter(loader)
         try:

@@ -8,16 +8,16 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from dist_train.build import Parts
 from dist_train.config import ModelConfig, OptimConfig, SchedulerConfig, config_from_dict
 from dist_train.custom import IndexedDataset
-from dist_train.data import ModelInput
-from dist_train.engine import Run
-from dist_train.guard import FiniteGuard
-from dist_train.layout import Layout
-from dist_train.losses import CrossEntropy
-from dist_train.models import build_model
-from dist_train.optim import Schedule, build_optimizer
+from dist_train.data.datasets import ModelInput
+from dist_train.job.layout import Layout
+from dist_train.loop.build import Parts
+from dist_train.loop.engine import Run
+from dist_train.loop.guard import FiniteGuard
+from dist_train.models.losses import CrossEntropy
+from dist_train.models.networks import build_model
+from dist_train.models.optim import Schedule, build_optimizer
 
 BATCH = 4
 

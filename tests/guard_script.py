@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-
-from dist_train.distributed import unwrap
 from epoch_parts import tiny_model, tiny_run
+
+from dist_train.job.distributed import unwrap
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "barrier", "all_gather_object")
 calls = []

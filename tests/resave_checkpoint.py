@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dist_train import checkpoint as ckpt
-from dist_train.build import build_parts
 from dist_train.config import load_config
-from dist_train.distributed import build_accelerator, unwrap
-from dist_train.engine import Run
+from dist_train.job.distributed import build_accelerator, unwrap
+from dist_train.loop.build import build_parts
+from dist_train.loop.engine import Run
+from dist_train.rundir import checkpoint as ckpt
 
 
 def same(a, b) -> bool:

@@ -8,15 +8,15 @@ import re
 
 import pytest
 import yaml
-from torch import nn
-
 from conftest import config_path, read_jsonl, run_cli, tiny_overrides
+from torch import nn
+from user_parts import DigitsCSV, TinyNet
+
 from dist_train import Trainer
-from dist_train.checkpoint import state_digest
-from dist_train.cli import predict_main, train_main
+from dist_train.commands.cli import predict_main, train_main
 from dist_train.config import Config, load_config
 from dist_train.errors import ConfigError
-from user_parts import DigitsCSV, TinyNet
+from dist_train.rundir.checkpoint import state_digest
 
 TRAIN, VAL, TEST = 1257, 270, 270  # the digits' splits
 DIGITS = [str(d) for d in range(10)]

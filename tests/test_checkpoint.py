@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import config_path, read_jsonl, run_cli, run_env
-from dist_train import checkpoint as ckpt
+
 from dist_train.errors import CheckpointError, SampleError
-from dist_train.models import read_weights
+from dist_train.models.networks import read_weights
+from dist_train.rundir import checkpoint as ckpt
 
 OLD_CHECKPOINT = Path(__file__).parent / "fixtures" / "checkpoint-before-reshape"
 
@@ -124,7 +124,7 @@ def test_a_checkpoint_from_before_the_reshape_loads_exactly_and_resumes_as_today
 
 
 def _write_many(path: str, text: str, times: int) -> None:
-    from dist_train.files import write_text_atomic
+    from dist_train.rundir.files import write_text_atomic
     for _ in range(times):
         write_text_atomic(Path(path), text)
 

@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, config_path, run_cli, tiny_overrides
 from PIL import Image
 
-from conftest import ROOT, config_path, run_cli, tiny_overrides
-from dist_train.cli import predict_main, train_main
+from dist_train.commands.cli import predict_main, train_main
 
 
 def error_of(main, argv, capsys) -> str:

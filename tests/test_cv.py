@@ -10,13 +10,13 @@ import subprocess
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score
-
 import slurm
 from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, run_env
-from dist_train import synthetic
-from dist_train.cli import predict_main
-from dist_train.faults import FAULT_ENV
+from sklearn.metrics import accuracy_score, f1_score
+
+from dist_train.commands.cli import predict_main
+from dist_train.data import synthetic
+from dist_train.job.faults import FAULT_ENV
 
 CLASSES = [str(c) for c in range(18)]
 

@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 
 from dist_train.config import DataConfig, load_config
-from dist_train.data import (ClassBalancedSampler, ImageDataset, build_transform, load_test_records, materialize_digits,
-                             read_csv, sorted_labels)
+from dist_train.data.datasets import ImageDataset, build_transform
+from dist_train.data.loaders import ClassBalancedSampler
+from dist_train.data.splits import load_test_records, materialize_digits
+from dist_train.data.tables import read_csv, sorted_labels
 from dist_train.errors import ConfigError, DataError
-from dist_train.tasks import load_records
+from dist_train.models.tasks import load_records
 
 
 def rows(path):

@@ -7,9 +7,9 @@ import os
 import struct
 
 import pytest
-
 from conftest import config_path, read_jsonl, run_cli, tiny_overrides
-from dist_train.report import progress
+
+from dist_train.rundir.report import progress
 
 
 def debug_args(digits_root, out, **extra):

@@ -13,12 +13,13 @@ else:
     pytest.importorskip("deepspeed")
 
 from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
-from dist_train.config import DeepSpeedConfig
-from dist_train.distributed import deepspeed_plugin
-from dist_train.errors import ConfigError
-from dist_train.export import export
-from dist_train.faults import FAULT_ENV
 from test_equivalence import EXACT, WEIGHT_TOL, max_weight_diff, train
+
+from dist_train.commands.export import export
+from dist_train.config import DeepSpeedConfig
+from dist_train.errors import ConfigError
+from dist_train.job.distributed import deepspeed_plugin
+from dist_train.job.faults import FAULT_ENV
 
 
 def ds_train(digits_root, out, stage, processes=2, **overrides):
@@ -103,7 +104,7 @@ def test_deepspeed_json_config_is_the_base_and_must_agree(digits_root, tmp_path)
 
 
 def test_combinations_that_cannot_work_are_refused(digits_root, tmp_path, capsys):
-    from dist_train.cli import train_main
+    from dist_train.commands.cli import train_main
 
     with pytest.raises(SystemExit):
         train_main(["deepspeed.enabled=true", f"output_dir={tmp_path}"])

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
 from dist_train.config import ModelConfig
-from dist_train.models import build_model, read_weights
-from dist_train.checkpoint import state_digest
-from dist_train.distributed import BACKEND_ENV
+from dist_train.job.distributed import BACKEND_ENV
+from dist_train.models.networks import build_model, read_weights
+from dist_train.rundir.checkpoint import state_digest
 
 TRAIN = 1257  # digits training split
 VAL = 270

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_train.ema import ModelEMA
+from dist_train.models.ema import ModelEMA
 
 
 def _model(weight: float) -> nn.Module:

@@ -12,10 +12,10 @@ import csv
 import json
 
 import pytest
-
 from conftest import config_path, read_jsonl, run_cli, tiny_overrides
-from dist_train.models import read_weights
 from test_distributed import scalars
+
+from dist_train.models.networks import read_weights
 
 WEIGHT_TOL = 2e-6
 EXACT = {"model.name": "mlp", "model.width": 24, "optim.name": "sgd", "optim.lr": 0.05, "optim.momentum": 0.9,
@@ -163,7 +163,7 @@ def test_sync_batchnorm_matches_the_big_batch_statistics(digits_root, subset_256
 def test_parity_tool_reports_layouts_lrs_and_weight_difference(digits_root):
     overrides = [o for o in tiny_overrides(digits_root, "/unused", **{**EXACT, "data.batch_size": 16})
                  if not o.startswith("output_dir=")]  # parity chooses its own run directories
-    proc = run_cli_module("dist_train.parity", ["--config", config_path("digits.yaml"), *overrides, "--steps", "3"])
+    proc = run_cli_module("dist_train.commands.parity", ["--config", config_path("digits.yaml"), *overrides, "--steps", "3"])
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("max_weight_diff=")
     assert float(lines[-1].split("=")[1]) <= WEIGHT_TOL

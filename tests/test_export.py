@@ -13,13 +13,14 @@ onnx = pytest.importorskip("onnx", reason="the export extra (pip install -e '.[e
 onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra (pip install -e '.[export]') is not installed")
 
 from conftest import ROOT, config_path, run_cli, run_env, tiny_overrides
-from dist_train.cli import export_main
+
+from dist_train.commands.cli import export_main
+from dist_train.commands.export import export
 from dist_train.config import load_config
-from dist_train.data import build_dataset
+from dist_train.data.datasets import build_dataset
 from dist_train.errors import ExportError
-from dist_train.export import export
-from dist_train.models import build_model, read_weights
-from dist_train.tasks import load_task
+from dist_train.models.networks import build_model, read_weights
+from dist_train.models.tasks import load_task
 
 
 def short_run(digits_root, out, **extra):
@@ -114,8 +115,8 @@ def test_timm_attention_exports_through_its_unfused_path(tmp_path):
     traces timm's attention layers through their plain path, and puts the fused one back."""
     import timm
 
-    from dist_train.export import compare, write_onnx
-    from dist_train.tasks import build_task
+    from dist_train.commands.export import compare, write_onnx
+    from dist_train.models.tasks import build_task
 
     model = timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, embed_dim=32, num_heads=2, num_classes=10)
     model.eval()

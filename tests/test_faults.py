@@ -1,7 +1,7 @@
 """Faults on real 2-process gloo runs: SIGKILL and exact resume, kills inside a save, corruption, unsafe
 pickles, preemption signals, a failing or hung rank, NaN losses, unreadable images, out of memory, a full disk.
 
-Faults are injected with DIST_TRAIN_FAULT (see dist_train/faults.py): `kill` is a real SIGKILL of the
+Faults are injected with DIST_TRAIN_FAULT (see dist_train/job/faults.py): `kill` is a real SIGKILL of the
 process at that point, `fsize` a real kernel file-size limit, `hang` a real sleep; signals are sent from
 outside with os.kill. Every run is bounded by a timeout.
 """
@@ -19,12 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import ROOT, command, config_path, read_jsonl, run_cli, run_env, tiny_overrides
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, command, config_path, read_jsonl, run_cli, run_env, tiny_overrides
-from dist_train import checkpoint as ckpt
-from dist_train.faults import FAULT_ENV, PREEMPTED_EXIT_CODE
+from dist_train.job.faults import FAULT_ENV, PREEMPTED_EXIT_CODE
+from dist_train.rundir import checkpoint as ckpt
 
 # 2 processes x batch 16 x accumulation 2 = global 64: 40 micro-batches per rank and 20 optimizer steps
 # per epoch; dropout, augmentation and 2 loader workers, so every RNG and the loader position matter.
@@ -285,7 +285,7 @@ def test_a_hung_rank_is_named_and_the_job_ends_within_the_timeout(digits_root, t
     assert proc.returncode != 0
     assert elapsed < 6 + 45, elapsed  # the timeout, plus start-up and the watchdog's polling
     assert "error: rank 1 made no progress for" in proc.stderr and "it is hung" in proc.stderr
-    assert 'dist_train/faults.py", line' in proc.stderr  # where it hung
+    assert 'dist_train/job/faults.py", line' in proc.stderr  # where it hung
     assert "rank 0: stopping: waited" in proc.stderr and "for rank(s) 1" in proc.stderr
     assert proc.stderr.count("it is hung") == 1
     assert not (tmp_path / ".lock").exists()

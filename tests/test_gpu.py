@@ -14,7 +14,6 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import ROOT, config_path, read_jsonl, run_cli, run_env, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,7 +63,8 @@ def test_deterministic_runs_are_bitwise_equal_on_a_gpu(digits_root, tmp_path):
 def test_decode_auto_picks_nvjpeg_on_a_gpu_and_trains_and_predicts(jpeg_digits, tmp_path):
     """The default data.decode=auto on a GPU with JPEG files: nvJPEG + roi_align in training and prediction."""
     from dist_train.config import DataConfig
-    from dist_train.data import decodes_on_device, load_test_records
+    from dist_train.data.datasets import decodes_on_device
+    from dist_train.data.splits import load_test_records
 
     overrides = tiny_overrides(jpeg_digits, tmp_path, **{
         "data.source": "csv", "data.image_size": 16, "data.num_workers": 2, "data.train_crop": "random_resized_crop",
@@ -119,8 +119,9 @@ def test_nvjpeg_decode_matches_the_cpu_decode(tmp_path):
     from test_speed import photo
 
     from dist_train.config import DataConfig
-    from dist_train.data import EncodedImageDataset, Records
-    from dist_train.decode import DeviceDecoder, collate_encoded
+    from dist_train.data.datasets import EncodedImageDataset
+    from dist_train.data.decode import DeviceDecoder, collate_encoded
+    from dist_train.data.tables import Records
 
     paths = []
     for i in range(8):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_env
 
 STEPS = ["environment", "cpu-tests", "gpu-tests", "train-predict", "two-processes", "bench-data", "bench", "bench-compile"]

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from dist_train.config import LossConfig
 from dist_train.errors import ConfigError
-from dist_train.losses import CrossEntropy, FocalLoss, SoftF1Loss, build_loss, build_regression_loss
+from dist_train.models.losses import CrossEntropy, FocalLoss, SoftF1Loss, build_loss, build_regression_loss
 
 torch.manual_seed(0)
 LOGITS = torch.randn(16, 5, dtype=torch.float32)

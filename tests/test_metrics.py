@@ -17,7 +17,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from dist_train.metrics import (
+from dist_train.models.metrics import (
     classification_metrics,
     ranking_metrics,
     regression_metrics,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dist_train.mixing import mix_batch
+from dist_train.data.mixing import mix_batch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from dist_train.config import ModelConfig
 from dist_train.errors import CheckpointError, ConfigError
-from dist_train.models import build_model, load_pretrained, parameter_counts, read_weights
+from dist_train.models.networks import build_model, load_pretrained, parameter_counts, read_weights
 
 
 def test_torchvision_model_by_name_gets_new_head():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_train.config import OptimConfig, SchedulerConfig
-from dist_train.optim import Schedule, build_optimizer, param_groups
+from dist_train.models.optim import Schedule, build_optimizer, param_groups
 
 
 def model():

@@ -16,15 +16,15 @@ import time
 from dataclasses import asdict, replace
 
 import pytest
-
 from conftest import command, config_path, read_jsonl, run_cli, run_env, tiny_overrides
-from dist_train import elastic
-from dist_train.errors import ConfigError
-from dist_train.faults import FAULT_ENV, PREEMPTED_EXIT_CODE
-from dist_train.layout import Layout
-from dist_train.runlock import LOCK_FILE, STALE_AFTER_S, Holder, RunLock
 from test_distributed import scalars
 from test_equivalence import EXACT, WEIGHT_TOL, max_weight_diff
+
+from dist_train.errors import ConfigError
+from dist_train.job.faults import FAULT_ENV, PREEMPTED_EXIT_CODE
+from dist_train.job.layout import Layout
+from dist_train.loop import elastic
+from dist_train.rundir.runlock import LOCK_FILE, STALE_AFTER_S, Holder, RunLock
 
 EPOCHS = 3
 
@@ -54,7 +54,7 @@ def test_a_lock_is_exclusive_and_released_only_by_its_holder(tmp_path):
 def test_the_lock_appears_whole_and_leaves_nothing_staged(tmp_path, monkeypatch):
     """A run arriving at the same moment must never read the lock half written (it would be refused as
     'unreadable', not told whose run it is): the lock comes into being by a link of a file already complete."""
-    from dist_train import runlock
+    from dist_train.rundir import runlock
 
     seen, link = [], os.link
 
@@ -75,7 +75,7 @@ def test_the_lock_appears_whole_and_leaves_nothing_staged(tmp_path, monkeypatch)
 def test_without_hard_links_the_lock_is_created_exclusively_all_the_same(tmp_path, monkeypatch):
     """Some network and FUSE file systems refuse hard links: the lock is then created with O_EXCL, holds the
     whole record, and a second creator still loses."""
-    from dist_train import runlock
+    from dist_train.rundir import runlock
 
     def no_links(source, target):
         raise PermissionError(1, "Operation not permitted")
@@ -327,7 +327,7 @@ def test_the_lock_is_released_after_an_error_and_after_preemption(digits_root, t
 def _write_many(path: str, tag: str, times: int) -> None:
     from pathlib import Path
 
-    from dist_train.submission import write_submission
+    from dist_train.rundir.submission import write_submission
 
     ids = [f"id{i}" for i in range(20000)]
     for _ in range(times):

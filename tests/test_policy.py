@@ -2,7 +2,7 @@
 import pytest
 
 from dist_train.config import CheckpointConfig, TrainConfig
-from dist_train.policy import EvalRules, StepDecision, StepRules, is_improvement
+from dist_train.loop.policy import EvalRules, StepDecision, StepRules, is_improvement
 
 # batches_per_epoch, max_steps, every_n_steps; step, batches_done, preempted, timed -> save, preempt, end_epoch
 STEP_CASES = [

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import BIN, ROOT, read_jsonl, run_env
+
 from dist_train.config import load_config
 
 TRAIN = 1257  # the digits' training split, the project's example data

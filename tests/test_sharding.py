@@ -3,7 +3,7 @@ import pytest
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from dist_train.layout import Layout
+from dist_train.job.layout import Layout
 
 
 @pytest.mark.parametrize("n,b,world", [(13, 2, 2), (5, 4, 3), (1257, 32, 2), (9, 2, 3), (64, 8, 2), (3, 4, 2)])

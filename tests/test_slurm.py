@@ -16,10 +16,10 @@ import time
 
 import psutil
 import pytest
-
 import slurm
 from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, run_env, tiny_overrides
-from dist_train import checkpoint as ckpt
+
+from dist_train.rundir import checkpoint as ckpt
 
 reason = slurm.available()
 if reason and os.environ.get("CI") == "true":

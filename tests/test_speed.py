@@ -9,13 +9,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_cli, run_env, tiny_overrides
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-from conftest import ROOT, run_cli, run_env, tiny_overrides
 from dist_train.config import DEFAULT_PREPROCESSING, DataConfig
-from dist_train.data import BAD_TARGET, EncodedImageDataset, ImageDataset, ModelInput, Records, build_transform
-from dist_train.decode import DeviceDecoder, collate_encoded, random_resized_crop_box
+from dist_train.data.datasets import EncodedImageDataset, ImageDataset, ModelInput, build_transform
+from dist_train.data.decode import BAD_TARGET, DeviceDecoder, collate_encoded, random_resized_crop_box
+from dist_train.data.tables import Records
 from dist_train.errors import SampleError
 
 HOST_SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
@@ -47,7 +48,6 @@ def host_syncs_of_an_epoch(steps: int, log_every: int, fused: bool, cuda: bool =
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-
     from epoch_parts import tiny_model, tiny_run
 
     try:

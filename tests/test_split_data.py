@@ -6,14 +6,14 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import config_path
 from sklearn.model_selection import StratifiedGroupKFold
 
-from conftest import config_path
-from dist_train import synthetic
 from dist_train.config import load_config, model_shaping_differences, to_dict
-from dist_train.data import load_test_records
+from dist_train.data import synthetic
+from dist_train.data.splits import load_test_records
 from dist_train.errors import ConfigError, DataError
-from dist_train.tasks import load_folds, load_task
+from dist_train.models.tasks import load_folds, load_task
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import config_path, read_jsonl, run_cli, tiny_overrides
 from safetensors.torch import load_file
 from sklearn.metrics import mean_absolute_error, mean_squared_error, ndcg_score
 
-from conftest import config_path, read_jsonl, run_cli, tiny_overrides
-from dist_train import synthetic
+from dist_train.commands.inference import FlipAverage
 from dist_train.config import load_config
+from dist_train.data import synthetic
 from dist_train.errors import ConfigError
-from dist_train.inference import FlipAverage
-from dist_train.losses import CrossEntropy, FocalLoss
-from dist_train.metrics import classification_metrics
-from dist_train.tasks import build_task
+from dist_train.models.losses import CrossEntropy, FocalLoss
+from dist_train.models.metrics import classification_metrics
+from dist_train.models.tasks import build_task
 
 HEADS = ["task.kind=multihead",
          "task.heads=[{name: mask, column: mask, classes: [wear, incorrect, not_wear]}, "
@@ -262,8 +262,8 @@ def test_roc_auc_and_top_k_equal_sklearn_and_are_the_same_in_1_and_2_processes(d
 def test_targets_of_every_task_collate_for_both_decode_paths():
     from torch.utils.data import default_collate
 
-    from dist_train.data import as_target
-    from dist_train.decode import collate_encoded
+    from dist_train.data.datasets import as_target
+    from dist_train.data.decode import collate_encoded
 
     sample = {"data": torch.zeros(3, dtype=torch.uint8), "box": (0.0, 0.0, 1.0, 1.0), "flip": False, "path": "x.jpg"}
     for value, shape, dtype in [(3, (2,), torch.long), ((1, 0, 2), (2, 3), torch.long), ((0.5, 2.0), (2, 2), torch.float32),

@@ -8,18 +8,18 @@ import math
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
-
 from conftest import config_path, read_jsonl, run_cli, tiny_overrides
-from dist_train import synthetic
-from dist_train.config import ModelConfig, OptimConfig, SchedulerConfig, load_config
-from dist_train.debug import lr_preview
-from dist_train.errors import CheckpointError, ConfigError
-from dist_train.export import export, missing_packages
-from dist_train.models import build_model
-from dist_train.optim import Schedule, build_optimizer
+from safetensors.torch import save_file
 from test_distributed import scalars
 from test_tasks import HEADS, assert_each_rank, common, rows
+
+from dist_train.commands.debug import lr_preview
+from dist_train.commands.export import export, missing_packages
+from dist_train.config import ModelConfig, OptimConfig, SchedulerConfig, load_config
+from dist_train.data import synthetic
+from dist_train.errors import CheckpointError, ConfigError
+from dist_train.models.networks import build_model
+from dist_train.models.optim import Schedule, build_optimizer
 
 MODELS = {"test_efficientnet": 16, "test_convnext": 32, "test_vit": 32}
 """timm's tiny test models and a digits image size each accepts (ConvNeXt downsamples 32x; the ViT takes any size)."""

@@ -9,7 +9,6 @@ import sys
 
 import psutil
 import pytest
-
 from conftest import ROOT, run_env
 
 SCRIPT = str(ROOT / "tests" / "worker_script.py")
@@ -62,8 +61,11 @@ def test_slurms_warning_signals_to_the_rank_process_group_spare_its_workers_and_
 
 
 def test_auto_starts_dist_train_datasets_from_the_fork_server_and_others_by_fork():
-    from dist_train.data import ImageDataset, Records, resolve_worker_start, worker_context
     from torch.utils.data import TensorDataset
+
+    from dist_train.data.datasets import ImageDataset
+    from dist_train.data.tables import Records
+    from dist_train.data.workers import resolve_worker_start, worker_context
 
     ours = ImageDataset(Records([], [], []), None, 1)
     # under pytest (`python -m pytest`: a guarded __main__) the fork server may import the script run
@@ -95,7 +97,7 @@ def test_records_travel_to_workers_as_one_string_and_read_back_as_paths(tmp_path
     import pickle
     from pathlib import Path
 
-    from dist_train.data import PathList, Records
+    from dist_train.data.tables import PathList, Records
 
     paths = [tmp_path / f"class {i % 3}" / f"ünï {i}.jpg" for i in range(10)]
     records = Records(list(paths), list(range(10)), [f"id{i}" for i in range(10)])

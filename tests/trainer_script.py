@@ -14,13 +14,14 @@ from pathlib import Path
 import yaml
 from accelerate.utils import set_seed
 from torch import nn
+from user_parts import Recorded
 
 from dist_train import Trainer
 from dist_train.config import load_config
-from dist_train.data import build_dataset, load_test_records
-from dist_train.models import SmallCNN
-from dist_train.tasks import load_records
-from user_parts import Recorded
+from dist_train.data.datasets import build_dataset
+from dist_train.data.splits import load_test_records
+from dist_train.models.networks import SmallCNN
+from dist_train.models.tasks import load_records
 
 config_file, overrides = sys.argv[1], dict(arg.split("=", 1) for arg in sys.argv[2:])
 values = {key: yaml.safe_load(value) for key, value in overrides.items()}

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dist_train.config import DataConfig
-from dist_train.data import build_loader
+from dist_train.data.loaders import build_loader
 
 LOCK = threading.Lock()  # a stand-in for a glibc lock another thread of a rank may hold when workers fork
 

@@ -1,0 +1,13 @@
+"""What users run: the command lines, the Python API and the tools around a run.
+
+    cli.py        train.py / predict.py: parse, run, one-line errors and exit codes
+    inference.py  sharded prediction gathered into one submission, in the input's order
+    cv.py         k-fold cross-validation: folds, out-of-fold predictions, the fold ensemble
+    debug.py      train.py --debug: one process, a summary and short checks
+    export.py     ONNX export checked by onnxruntime
+    parity.py     `python -m dist_train.commands.parity`: 2 processes train as 1 does
+    api.py        dist_train.Trainer: the loop from Python, with a model, loss or datasets of one's own
+    scaffold.py   the dist-train command (`new DIR`, `train`, `predict`, `export`)
+
+May import: every package.
+"""

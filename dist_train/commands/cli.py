@@ -1,0 +1,153 @@
+"""Command lines of train.py and predict.py: parse, run, and turn bad input into one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from dataclasses import replace
+
+from dist_train.config import load_config
+from dist_train.data.workers import prestart_worker_server
+from dist_train.errors import ConfigError, DistTrainError
+from dist_train.job.distributed import fail, is_main_process_env
+from dist_train.job.faults import PREEMPTED_EXIT_CODE, Preempted, die_with_launcher, report_failure, requeue_slurm_job
+
+OVERRIDES_HELP = "dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64 output_dir=/tmp/run1 seed=7"
+
+
+def _parser(description: str, config_help: str = "YAML or JSON config (default: built-in defaults = the digits run)"
+            ) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("-c", "--config", help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    return parser
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = _parser("Train a classifier (accelerate launch train.py ... for several processes).")
+    parser.add_argument("--resume", metavar="auto|DIR", help="continue from <output_dir>/checkpoints/last (auto) or a checkpoint directory")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh even if output_dir already holds a run")
+    parser.add_argument("--debug", action="store_true",
+                        help="one process: a summary, an overfit-one-batch check and a few batches of train/val/predict "
+                             "into <output_dir>/debug, anomaly detection on, full tracebacks")
+    args = parser.parse_intermixed_args(argv)
+    die_with_launcher()
+    config = None
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.debug:
+            from dist_train.commands.debug import run_debug
+
+            run_debug(one_fold(config), args.config)
+            return 0
+        prestart_worker_server(config.data)
+        if config.cv.folds:
+            from dist_train.commands.cv import cross_validate
+
+            cross_validate(config, resume=args.resume, overwrite=args.overwrite)
+            return 0
+        from dist_train.loop.trainer import fit
+
+        fit(config, resume=args.resume, overwrite=args.overwrite)
+    except DistTrainError as exc:
+        if args.debug:
+            traceback.print_exc()
+        fail(exc)
+    except Preempted as exc:
+        if is_main_process_env():
+            print(f"preempted: {exc}", file=sys.stderr, flush=True)
+            if config.checkpoint.requeue_on_preemption:
+                requeue_slurm_job()
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except Exception as exc:  # a bug or a crash on this rank: named once, and the job stops now, not at a timeout
+        report_failure(exc)
+        raise
+    return 0
+
+
+def one_fold(config):
+    """train.py --debug of a cross-validation config: its first fold (cv.fold, when not set)."""
+    if not config.cv.folds or config.cv.fold is not None:
+        return config
+    print("debug: cv.folds is set: checking fold 0 (cv.fold=0)", flush=True)
+    return replace(config, cv=replace(config.cv, fold=0))
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    parser = _parser("Write a submission CSV from a checkpoint (sharded over all launched processes).",
+                     "YAML or JSON config (default: the checkpoint's own config.yaml); it may change data and inference "
+                     "keys, not those that shape the model")
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="checkpoint directory (e.g. runs/digits/checkpoints/best), a run directory (its best), a "
+                             "cross-validation run's directory (its folds' best) or a .safetensors file; several: "
+                             "their predictions are averaged into one submission")
+    parser.add_argument("--output", help="submission path (default: inference.output or <output_dir>/submission.csv)")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="val: predict the labelled validation split and write its metrics beside the CSV")
+    args = parser.parse_intermixed_args(argv)
+    die_with_launcher()
+    try:
+        # `--checkpoint a b key=value`: the checkpoint list ends where the overrides start
+        moved = [c for c in args.checkpoint if "=" in c and not os.path.exists(c)]
+        checkpoints = [c for c in args.checkpoint if c not in moved]
+        if not checkpoints:
+            parser.error("--checkpoint needs at least one checkpoint")
+        from dist_train.commands.inference import checkpoint_config_file, predict, resolve_weights
+
+        config_file = args.config
+        if config_file is None:
+            config_file = checkpoint_config_file(checkpoints[0])
+            if config_file is None:
+                resolve_weights(checkpoints[0])  # says so when there is nothing at all
+                raise ConfigError(f"--checkpoint {checkpoints[0]} has no config.yaml beside it (a bare weights file): name "
+                                  f"the config it was trained with, --config X.yaml")
+        config = load_config(config_file, [*args.overrides, *moved])
+        prestart_worker_server(config.data)
+
+        predict(config, checkpoints, args.output, args.split)
+    except DistTrainError as exc:
+        fail(exc)
+    except Exception as exc:
+        report_failure(exc)
+        raise
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dist-train export",
+        description="Export a checkpoint's model (EMA weights when it has them, as inference.weights says) with its "
+                    "preprocessing in a JSON beside it, then check the file with onnxruntime against PyTorch.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/x/checkpoints/best)")
+    parser.add_argument("--format", choices=["onnx"], default="onnx")
+    parser.add_argument("--output", help="the file to write (default: <run>/export/<checkpoint step>.onnx); its .json beside it")
+    parser.add_argument("--images", type=int, default=32, help="validation images the check runs (default 32)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest |logit difference| accepted between onnxruntime and PyTorch (default 1e-4)")
+    parser.add_argument("--check-only", action="store_true", help="check an existing export (--output, or the default) again, write nothing")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="changes to the checkpoint's config, e.g. data.root=/data/digits (where the data is now)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        from dist_train.commands.export import export
+
+        export(args.checkpoint, args.output, args.overrides, args.images, args.tolerance, args.check_only)
+    except DistTrainError as exc:
+        fail(exc)
+    return 0
+
+
+def exit_process(code: int) -> None:
+    """End a launched worker without interpreter finalization: finalizing with gloo's threads still around
+    can abort the process after a successful run ("terminate called without an active exception",
+    pytorch/pytorch#190489). Output is flushed first; the process group is already destroyed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    exit_process(train_main())

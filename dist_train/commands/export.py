@@ -1,0 +1,210 @@
+"""dist-train export: a checkpoint's model as ONNX, its preprocessing in a JSON beside it, checked by onnxruntime.
+
+The model is rebuilt from the checkpoint's own config.yaml with the weights `inference.weights` picks (the EMA
+when the run kept one); DeepSpeed ZeRO-3 checkpoints hold their consolidated weights in model.safetensors too.
+The graph has a dynamic batch axis. Before the file is put in place, onnxruntime runs it on validation images
+prepared exactly as validation prepares them, against the PyTorch model: a max |logit difference| beyond the
+tolerance, or a different predicted class, is an error and leaves no file behind.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dist_train.commands.inference import resolve_weights
+from dist_train.config import Config, load_config, preprocessing
+from dist_train.custom import user_datasets
+from dist_train.data.datasets import build_dataset
+from dist_train.errors import CheckpointError, ConfigError, ExportError
+from dist_train.models.networks import build_model, read_weights
+from dist_train.models.tasks import Task, build_task, load_task
+from dist_train.rundir.checkpoint import CLASSES_FILE, sha256, verify
+from dist_train.rundir.files import atomic_path
+
+OPSET = 17
+"""ONNX opset: LayerNormalization (ConvNeXt, ViT) needs 17; onnxruntime 1.16+ runs it."""
+INPUT, OUTPUT = "images", "logits"
+
+
+def missing_packages() -> list[str]:
+    """What the export needs (the `export` extra) and this Python lacks."""
+    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+
+
+def export(checkpoint: str | Path, output: str | Path | None = None, overrides: list[str] = (), images: int = 32,
+           tolerance: float = 1e-4, check_only: bool = False, *, model: nn.Module | None = None, dataset=None,
+           log=print) -> dict:
+    """Write `output` (default <run>/export/<checkpoint name>.onnx) and its .json, checked; returns the JSON's content.
+
+    `overrides`: config keys changed from the checkpoint's config.yaml (e.g. data.root where the data now is).
+    `images`: how many validation images the check runs. `check_only`: check an existing export again (the file
+    named by `output`) instead of writing one. `model` / `dataset` (as dist_train.Trainer's): your own network to
+    load the weights into and your own validation dataset.
+    """
+    missing = missing_packages()
+    if missing:
+        raise ExportError(f"export needs {' and '.join(missing)}, not installed here: pip install -e '.[export]' "
+                          f"(the versions in constraints.txt)")
+    directory = Path(checkpoint)
+    if not (directory / "config.yaml").is_file():
+        raise CheckpointError(f"--checkpoint {checkpoint}: not a checkpoint directory (no config.yaml)")
+    verify(directory, only=["config.yaml", CLASSES_FILE])
+    config = load_config(directory / "config.yaml", list(overrides))
+    weights = resolve_weights(directory, config.inference.weights)
+    task = build_task(config, json.loads((directory / CLASSES_FILE).read_text()))
+    torch_model = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False),
+                              task.num_outputs, config.data.channels, config.data.image_size, given=model)
+    torch_model.load_state_dict(read_weights(weights))
+    torch_model.eval()
+    batch = validation_images(config, images, dataset)
+    path = Path(output) if output is not None else default_output(directory)
+    sidecar = path.with_suffix(".json")
+    if check_only:
+        if not path.is_file():
+            raise ExportError(f"--check-only: no export at {path}")
+        check = compare(path, torch_model, batch, task, tolerance)
+        recorded = json.loads(sidecar.read_text()).get("sha256") if sidecar.is_file() else None
+        if recorded is not None and recorded != sha256(path):
+            raise ExportError(f"{path} is not the file that was exported (its sha256 differs from {sidecar}'s), "
+                              f"although onnxruntime agrees with PyTorch ({describe(check)})")
+        log(f"checked {path}: {describe(check)}")
+        return check
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        write_onnx(torch_model, batch[:2], tmp)
+        check = compare(tmp, torch_model, batch, task, tolerance)
+    info = {
+        "format": "onnx",
+        "file": path.name,
+        "sha256": sha256(path),
+        "opset": OPSET,
+        "input": {"name": INPUT, "shape": ["batch", config.data.channels, config.data.image_size, config.data.image_size],
+                  "dtype": "float32", "layout": "NCHW"},
+        "preprocessing": {**preprocessing(config.data), **resize_recipe(config), "color": "L" if config.data.channels == 1 else "RGB",
+                          "scale": "pixel values / 255, then (x - mean) / std per channel"},
+        "output": {"name": OUTPUT, "shape": ["batch", task.num_outputs], **outputs(task)},
+        "source": {"checkpoint": str(directory.resolve()), "weights": weights.name, "model": config.model.name,
+                   "torch": torch.__version__},
+        "check": check,
+    }
+    sidecar.write_text(json.dumps(info, indent=1))
+    log(f"exported {path} ({path.stat().st_size / 2**20:.1f} MB, {weights.name} of {directory}) and {sidecar.name}; "
+        f"{describe(check)}")
+    return info
+
+
+def default_output(directory: Path) -> Path:
+    """<run>/export/<step>.onnx for <run>/checkpoints/<step> (`best`/`last` resolved), else beside the checkpoint."""
+    directory = directory.resolve()
+    run = directory.parent.parent if directory.parent.name == "checkpoints" else directory.parent
+    return run / "export" / f"{directory.name}.onnx"
+
+
+def validation_images(config: Config, count: int, dataset=None) -> torch.Tensor:
+    """The first `count` validation images as the model sees them in validation (the same transform)."""
+    if count < 1:
+        raise ConfigError("--images must be at least 1")
+    if dataset is None:
+        user_sets = user_datasets(config.data, {"val": None})
+        if user_sets is not None:
+            dataset = user_sets["val"]
+        else:
+            _, val_records, _, _ = load_task(config)
+            dataset = build_dataset(val_records, config.data, "val", config.seed)
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items]).float()
+
+
+def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    # The TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript, which is not on every machine
+    # (the GPU machines lack it). It is deprecated in torch 2.9+ but present through 2.14; its warning says so.
+    # timm's attention layers are traced through their plain matmul + softmax path (opset 17 has no attention op,
+    # so the graph is the same), because the tracer mishandles some fused calls (EVA's is_causal).
+    fused = [module for module in model.modules() if getattr(module, "fused_attn", None) is True]
+    for module in fused:
+        module.fused_attn = False
+    try:
+        _export(model, example, path)
+    finally:
+        for module in fused:
+            module.fused_attn = True
+
+
+def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        # its deprecation notice, and the tracer's notes on Python-level branches (timm's asserts on input sizes)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=[INPUT],
+                              output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                              do_constant_folding=True)
+        except Exception as exc:  # an operator ONNX cannot express, a model too large for one protobuf file, ...
+            raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+
+
+def compare(path: Path, model: nn.Module, batch: torch.Tensor, task: Task, tolerance: float) -> dict:
+    """onnxruntime (CPU) against PyTorch on `batch` (a batch size the export never saw: the batch axis is dynamic)."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise ExportError(f"the export check needs onnx and onnxruntime ({exc}): pip install -c constraints.txt "
+                          f"'.[export]'") from None
+    try:
+        onnx.checker.check_model(str(path))
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        exported = torch.from_numpy(session.run([OUTPUT], {INPUT: batch.numpy()})[0])
+    except Exception as exc:  # a truncated or altered file: onnx and onnxruntime raise their own kinds
+        raise ExportError(f"{path}: onnx/onnxruntime cannot run it ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    with torch.inference_mode():
+        expected = model(batch).float()
+    if exported.shape != expected.shape:
+        raise ExportError(f"{path}: onnxruntime returned {tuple(exported.shape)} for {len(batch)} images, PyTorch "
+                          f"{tuple(expected.shape)}")
+    difference = (exported - expected).abs().max().item()
+    check = {"images": len(batch), "max_abs_logit_difference": difference, "tolerance": tolerance,
+             "onnxruntime": onnxruntime.__version__}
+    if task.class_names is not None:  # classes (combined, for multihead): the predicted class of each image
+        check["argmax_agreement"] = sum(a == b for a, b in zip(task.predictions(exported), task.predictions(expected)))
+    if not difference <= tolerance or check.get("argmax_agreement", len(batch)) != len(batch):
+        raise ExportError(f"{path} disagrees with the PyTorch model: {describe(check)}")
+    return check
+
+
+def describe(check: dict) -> str:
+    agreement = (f", argmax agreement {check['argmax_agreement']}/{check['images']}" if "argmax_agreement" in check else "")
+    return (f"onnxruntime vs PyTorch on {check['images']} validation images: max |logit difference| "
+            f"{check['max_abs_logit_difference']:.3g} (tolerance {check['tolerance']:g}){agreement}")
+
+
+def resize_recipe(config: Config) -> dict:
+    """How an image becomes image_size x image_size before normalisation, as validation does it (data.build_transform)."""
+    size = config.data.image_size
+    if config.data.train_crop == "resize":
+        return {"resize": [size, size], "center_crop": None, "interpolation": "bilinear, antialiased"}
+    return {"resize": round(size / config.data.eval_crop_fraction), "center_crop": [size, size],
+            "interpolation": "bilinear, antialiased", "resize_note": "the shorter side to `resize`, then the centre crop"}
+
+
+def outputs(task: Task) -> dict:
+    """What the output's columns mean, per task."""
+    if task.kind == "classification":
+        return {"task": task.kind, "classes": task.class_names}
+    if task.kind == "multihead":
+        starts = [sum(task.sizes[:i]) for i in range(len(task.sizes))]
+        return {"task": task.kind, "heads": [{"name": h.name, "columns": [s, s + n], "classes": c}
+                                             for h, s, n, c in zip(task.heads, starts, task.sizes, task.head_classes)],
+                "combined_class": "mixed-radix number of the head classes, heads in this order"}
+    if task.kind == "regression":
+        return {"task": task.kind, "targets": task.columns}
+    return {"task": task.kind, "score": "higher ranks first within a query"}

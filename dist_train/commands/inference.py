@@ -1,0 +1,229 @@
+"""predict(): shard the test set over all processes, gather, and write one submission in the input's order.
+
+Several checkpoints (an ensemble) and test-time augmentation average their predictions (tasks.Task.average)
+before the submission is written; the result does not depend on the number of processes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from torch import nn
+
+from dist_train.config import Config, fold_output_dir, model_shaping_differences, resolve
+from dist_train.custom import user_datasets
+from dist_train.data.datasets import ModelInput, build_dataset, decodes_on_device
+from dist_train.data.loaders import build_loader
+from dist_train.data.splits import load_test_records
+from dist_train.errors import CheckpointError, ConfigError, DataError
+from dist_train.job.distributed import build_accelerator, main_print
+from dist_train.loop.ranks import check_each_once, predict_gathered
+from dist_train.models.losses import build_loss
+from dist_train.models.networks import build_model, read_weights
+from dist_train.models.tasks import Task, build_task, group_ids, load_task, task_for_datasets
+from dist_train.rundir.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify
+from dist_train.rundir.submission import write_submission
+
+
+def resolve_weights(checkpoint: str | Path, which: str = "auto") -> Path:
+    """A checkpoint directory (its model.safetensors, or ema.safetensors: `which` = ema, or auto when the run kept
+    an average) or a weights file itself; inside a checkpoint written by dist_train, the weights are checked
+    against its manifest first."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        if which == "ema" and not (path / EMA_FILE).is_file():
+            raise CheckpointError(f"--checkpoint {checkpoint}: inference.weights=ema, but the run kept no moving average "
+                                  f"(train.ema_decay)")
+        weights = path / (EMA_FILE if which != "model" and (path / EMA_FILE).is_file() else WEIGHTS_FILE)
+    else:
+        weights = path
+    if not weights.is_file():
+        raise CheckpointError(f"--checkpoint {checkpoint}: no weights at {weights}")
+    if (weights.parent / MANIFEST_FILE).is_file():
+        verify(weights.parent, only=[weights.name, CLASSES_FILE])
+    return weights
+
+
+class FlipAverage(nn.Module):
+    """Test-time augmentation: the prediction of an image and of its mirror image, averaged by the task."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.task.average([self.model(images), self.model(images.flip(-1))])
+
+
+@dataclass
+class Prediction:
+    """A split predicted by every process and gathered: the rows' ids and the outputs (averaged over checkpoints and
+    TTA views) and targets, in the input's order, on every rank."""
+
+    accelerator: Accelerator
+    task: Task
+    row_ids: list[str]
+    outputs: torch.Tensor
+    targets: torch.Tensor
+    groups: torch.Tensor | None
+    checkpoints: int
+
+
+def predict(config: Config, checkpoint: str | Path | list, output: str | Path | None = None, split: str = "test",
+            limit: int | None = None, *, model: nn.Module | None = None, loss: nn.Module | None = None,
+            dataset=None) -> Path | None:
+    """Write the submission CSV; returns its path on the main process (None elsewhere).
+
+    `checkpoint`: one checkpoint (directory or weights file) or a list of them, whose predictions are averaged
+    (probabilities for classes, values otherwise); a run directory stands for its `best` checkpoint, a cross-validation
+    run's for its folds' (expand_checkpoints). split="val" predicts the labelled validation split instead
+    and also writes its metrics to `<output stem>.metrics.json`: the scores of a checkpoint, whatever the
+    number of processes. `limit`: only the first that many samples (train.py --debug). `model` / `loss` /
+    `dataset` (dist_train.Trainer) take the place of what the config builds; the weights are loaded into that model.
+    """
+    config = resolve(config)
+    result = predict_split(config, checkpoint, split, limit, model=model, dataset=dataset)
+    accelerator, task, outputs, targets = result.accelerator, result.task, result.outputs, result.targets
+    path = Path(output or config.inference.output or Path(config.output_dir) / "submission.csv")
+    if accelerator.is_main_process:
+        write_predictions(config, task, path, result.row_ids, outputs)
+        main_print(accelerator, f"wrote {len(result.row_ids)} predictions from {accelerator.num_processes} process(es)"
+                                f"{f' averaging {result.checkpoints} checkpoints' if result.checkpoints > 1 else ''}"
+                                f"{' with flip TTA' if config.inference.tta == 'hflip' else ''} to {path}")
+        if split == "val":
+            clean = targets if targets.is_floating_point() else targets.clamp(min=0)
+            losses = (build_loss(config.loss, task.num_outputs, given=loss) if loss is not None else task.loss())(outputs, clean)
+            metrics = task.metrics(outputs, targets, losses, result.groups)
+            path.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=1))
+            main_print(accelerator, " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float)))
+    accelerator.wait_for_everyone()
+    return path if accelerator.is_main_process else None
+
+
+def predict_split(config: Config, checkpoint: str | Path | list, split: str = "test", limit: int | None = None, *,
+                  model: nn.Module | None = None, dataset=None) -> Prediction:
+    """Predict `split` with the checkpoint(s), sharded over the launched processes and gathered on every rank (predict()
+    writes it). A key of `config` that shapes the model must be the checkpoints' own (check_model_keys)."""
+    if split == "val" and config.cv.folds and config.cv.fold is None:
+        raise ConfigError(f"--split val of a cross-validation run: its out-of-fold predictions are "
+                          f"{Path(config.output_dir) / 'oof.csv'}; a fold's own: --checkpoint {fold_output_dir(config.output_dir, 0)}")
+    checkpoints = expand_checkpoints(checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])
+    if model is None:
+        check_model_keys(config, checkpoints)
+    weights = [resolve_weights(c, config.inference.weights) for c in checkpoints]
+    accelerator = build_accelerator(
+        seed=config.seed, mixed_precision=config.train.mixed_precision, timeout_s=config.train.distributed_timeout_s
+    )
+    with accelerator.main_process_first():
+        task, dataset, row_ids, groups, on_device = prediction_data(config, checkpoints, weights, split, dataset, limit,
+                                                                    accelerator.device)
+    if len(set(row_ids)) != len(row_ids):
+        raise DataError(f"the {split} rows share ids (data.id_column, else the image paths): the predictions need one row per id")
+    channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
+    loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))
+    prepare_input = ModelInput(config.data, accelerator.device, on_device, torch.float32, channels_last)
+    predictions, targets = [], None
+    for path in weights:
+        # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
+        network = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False), task.num_outputs,
+                              config.data.channels, config.data.image_size, given=model)
+        network.load_state_dict(read_weights(path))
+        network.to(accelerator.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        if config.inference.tta == "hflip":
+            network = FlipAverage(network, task)
+        out = predict_gathered(accelerator, network, loader, "predict", prepare_input=prepare_input)
+        check_each_once(out["indices"], len(dataset), "inference")
+        order = torch.argsort(out["indices"])
+        predictions.append(out["logits"][order])
+        targets = out["targets"][order]
+    outputs = predictions[0] if len(predictions) == 1 else task.average(predictions)
+    return Prediction(accelerator, task, list(row_ids), outputs, targets, groups, len(weights))
+
+
+def checkpoint_config_file(checkpoint: str | Path) -> Path | None:
+    """The config.yaml a checkpoint was trained with: inside a checkpoint or run directory (a cross-validation run's
+    own), or beside a weights file; None when there is none."""
+    path = Path(checkpoint)
+    file = (path if path.is_dir() else path.parent) / "config.yaml"
+    return file if file.is_file() else None
+
+
+def expand_checkpoints(checkpoints: list) -> list:
+    """The checkpoints to average: a cross-validation run's directory (its config.yaml has cv.folds and no cv.fold)
+    stands for the `best` checkpoint of each of its folds, a run directory for its own `best`; the rest as given."""
+    expanded = []
+    for checkpoint in checkpoints:
+        path, saved = Path(checkpoint), _saved_config(checkpoint)
+        cv = saved.get("cv") or {}
+        if path.is_dir() and cv.get("folds") and cv.get("fold") is None:
+            best = [fold_output_dir(path, k) / "checkpoints" / "best" for k in range(cv["folds"])]
+            missing = [str(b) for b in best if not b.is_dir()]
+            if missing:
+                raise CheckpointError(f"--checkpoint {checkpoint}: a cross-validation run of {cv['folds']} folds, but "
+                                      f"{len(missing)} fold(s) have no best checkpoint ({', '.join(missing)}); train them "
+                                      f"(train.py ... --resume auto), or name the folds' checkpoints yourself")
+            expanded += best
+        elif path.is_dir() and (path / "checkpoints" / "best").is_dir():
+            expanded.append(path / "checkpoints" / "best")
+        else:
+            expanded.append(checkpoint)
+    return expanded
+
+
+def check_model_keys(config: Config, checkpoints: list) -> None:
+    """A key that shapes the model (config.MODEL_SHAPING) must have the value the checkpoint was trained with: else an
+    error naming the key and both values (instead of weights loaded into another network, or another task predicted)."""
+    for checkpoint in checkpoints:
+        differences = model_shaping_differences(_saved_config(checkpoint), config)
+        if differences:
+            key, saved, asked = differences[0]
+            more = f" (also {', '.join(k for k, _, _ in differences[1:])})" if len(differences) > 1 else ""
+            raise ConfigError(f"{key}: the checkpoint {checkpoint} was trained with {saved!r}, the config asks for {asked!r}"
+                              f"{more}; a key that shapes the model must be the checkpoint's own (predict.py without "
+                              f"--config takes the checkpoint's config.yaml)")
+
+
+def _saved_config(checkpoint: str | Path) -> dict:
+    file = checkpoint_config_file(checkpoint)
+    return (yaml.safe_load(file.read_text()) or {}) if file is not None else {}
+
+
+def prediction_data(config: Config, checkpoints: list, weights: list[Path], split: str, dataset, limit: int | None,
+                    device: torch.device):
+    """The task the checkpoints were trained for and what to predict: (task, dataset, row ids, ranking query ids,
+    decode on the device). The labels come from the checkpoints' classes.json (a bare weights file: the training
+    data's, or the user's dataset's `classes`)."""
+    saved = [json.loads((w.parent / CLASSES_FILE).read_text()) if (w.parent / CLASSES_FILE).is_file() else None for w in weights]
+    if any(s != saved[0] for s in saved):
+        other = saved.index(next(s for s in saved if s != saved[0]))
+        raise CheckpointError(f"the checkpoints were trained on different labels ({checkpoints[0]}: {saved[0]}; "
+                              f"{checkpoints[other]}: other labels)")
+    labels = saved[0]
+    user_sets = user_datasets(config.data, {split: dataset})  # None: the built-in dataset
+    if user_sets is not None:
+        if labels is None:  # a bare weights file: the dataset's `classes`, else model.num_classes
+            labels = task_for_datasets(config, user_sets[split])[0]
+        dataset = user_sets[split] if limit is None else user_sets[split].head(limit)
+        return build_task(config, labels), dataset, dataset.row_ids(), group_ids(getattr(dataset, "groups", None)), False
+    if split == "val" or labels is None:  # a bare weights file: the labels come from the training data
+        _, val_records, data_labels, _ = load_task(config)
+        labels = labels if labels is not None else data_labels
+    records = val_records if split == "val" else load_test_records(config.data)
+    if limit is not None:
+        records = records.take(range(min(limit, len(records.paths))))
+    on_device = decodes_on_device(config.data, device, [records])
+    dataset = build_dataset(records, config.data, split, config.seed, on_device)
+    return build_task(config, labels), dataset, records.ids, group_ids(records.groups), on_device
+
+
+def write_predictions(config: Config, task: Task, path: Path, row_ids: list[str], outputs: torch.Tensor) -> None:
+    """The submission: id, the task's prediction and (inference.probabilities) a probability column per class."""
+    extra = {}
+    if config.inference.probabilities:
+        probabilities = task.probabilities(outputs)
+        extra = {f"prob_{name}": [f"{p:.6g}" for p in probabilities[:, c].tolist()] for c, name in enumerate(task.class_names)}
+    write_submission(path, list(row_ids), task.predictions(outputs), config.inference.id_column, config.inference.label_column, extra)

@@ -1,0 +1,202 @@
+"""Cross-field validation and what a config leaves to be chosen (preprocessing, checkpoint.monitor and mode)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+from dist_train.config import pretrained  # (timm itself is imported only for a timm model's weights)
+from dist_train.config.sections import Config, DataConfig, SplitConfig, flatten, to_dict
+from dist_train.errors import ConfigError
+
+CLASSIFICATION_METRICS = ("val_loss", "val_accuracy", "val_f1_macro", "val_precision_macro", "val_recall_macro")
+LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse")
+
+
+def monitorable(config: Config) -> list[str]:
+    """The val_* metrics the task reports that checkpoint.monitor may name; the second is the default monitor."""
+    task = config.task
+    if task.kind == "multihead":
+        per_head = [f"val_{h.name}_{k}" for h in task.heads for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro")]
+        return [*CLASSIFICATION_METRICS, *per_head]
+    if task.kind == "regression":
+        return ["val_loss", "val_rmse", "val_mae", "val_mse"]
+    if task.kind == "ranking":
+        return ["val_loss", f"val_ndcg@{task.ndcg_k}", "val_mrr", "val_map"]
+    return [*CLASSIFICATION_METRICS, *(["val_roc_auc"] if task.roc_auc else []), *[f"val_top{k}_accuracy" for k in task.top_k]]
+
+
+def mode_of(metric: str) -> str:
+    """min for losses and errors, max for everything else."""
+    return "min" if metric.rsplit("_", 1)[-1] in LOWER_IS_BETTER else "max"
+
+
+def resolve(config: Config) -> Config:
+    """Fill in what the config left to be chosen (data.image_size/mean/std, checkpoint.monitor and mode), validate."""
+    config = resolve_preprocessing(config)
+    validate(config)
+    names = monitorable(config)
+    monitor = config.checkpoint.monitor or names[1]
+    if monitor not in names:
+        close = difflib.get_close_matches(monitor, names, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; choose one of {', '.join(names)}"
+        raise ConfigError(f"checkpoint.monitor: unknown metric {monitor!r} for task.kind={config.task.kind}{hint}")
+    mode = config.checkpoint.mode or mode_of(monitor)
+    return dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, monitor=monitor, mode=mode))
+
+
+DEFAULT_PREPROCESSING = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+"""What data.image_size, mean and std are when neither the config nor timm's pretrained_cfg says (ImageNet's statistics)."""
+
+
+def resolve_preprocessing(config: Config) -> Config:
+    """data.image_size, mean and std that are None filled in: from the pretrained_cfg of the weights when
+    model.pretrained holds a timm model's, else DEFAULT_PREPROCESSING; data.preprocessing_from says which for each."""
+    data, model = config.data, config.model
+    unset = [key for key in DEFAULT_PREPROCESSING if getattr(data, key) is None]
+    values, sources = {}, {key: data.preprocessing_from.get(key, "config") for key in DEFAULT_PREPROCESSING if key not in unset}
+    if unset:
+        found = {}
+        if model.name.startswith("timm/") and model.pretrained and model.file is None:
+            found = pretrained.preprocessing(model.name[len("timm/"):], model.pretrained, data.channels)
+        for key in unset:
+            values[key] = copy.deepcopy(found.get(key, DEFAULT_PREPROCESSING[key]))
+            sources[key] = found["source"] if key in found else "default"
+    return dataclasses.replace(config, data=dataclasses.replace(
+        data, **values, preprocessing_from={key: sources[key] for key in DEFAULT_PREPROCESSING}))
+
+
+def preprocessing(data: DataConfig) -> dict[str, Any]:
+    """What the model's input is made of (run_info.json, exports): channels, size, normalisation, and their sources."""
+    return {"channels": data.channels, "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
+            "from": dict(data.preprocessing_from)}
+
+
+def preprocessing_summary(data: DataConfig) -> str:
+    """One line: the input the model sees and where each part came from (the start-up line, train.py --debug)."""
+    groups: dict[str, list[str]] = {}
+    for key, source in data.preprocessing_from.items():
+        groups.setdefault(source, []).append(key)
+    where = "; ".join(f"{', '.join(keys)} from {source}" for source, keys in groups.items())
+    return (f"input {data.channels}x{data.image_size}x{data.image_size}, mean {[round(m, 4) for m in data.mean]}, "
+            f"std {[round(v, 4) for v in data.std]} ({where})")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that must hold before any process starts."""
+    checks = [
+        (config.data.batch_size > 0, "data.batch_size must be positive"),
+        (config.data.eval_batch_size is None or config.data.eval_batch_size > 0, "data.eval_batch_size must be positive"),
+        (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.data.image_size > 0, "data.image_size must be positive"),
+        (len(config.data.mean) == config.data.channels, f"data.mean needs {config.data.channels} values (data.channels)"),
+        (len(config.data.std) == config.data.channels, f"data.std needs {config.data.channels} values (data.channels)"),
+        (all(s > 0 for s in config.data.std), "data.std values must be positive"),
+        (0.0 < config.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
+        (config.data.prefetch_factor >= 1, "data.prefetch_factor must be at least 1"),
+        (len(config.data.crop_scale) == 2 and 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1,
+         "data.crop_scale needs two values with 0 < min <= max <= 1"),
+        (len(config.data.crop_ratio) == 2 and 0 < config.data.crop_ratio[0] <= config.data.crop_ratio[1],
+         "data.crop_ratio needs two values with 0 < min <= max"),
+        (0 < config.data.eval_crop_fraction <= 1, "data.eval_crop_fraction must be in (0, 1]"),
+        (config.train.epochs > 0, "train.epochs must be positive"),
+        (config.train.max_steps is None or config.train.max_steps > 0, "train.max_steps must be positive or null"),
+        (config.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),
+        (config.train.max_grad_norm is None or config.train.max_grad_norm > 0, "train.max_grad_norm must be positive or null"),
+        (config.train.log_every_n_steps > 0, "train.log_every_n_steps must be positive"),
+        (config.train.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0"),
+        (config.train.max_bad_steps >= 1, "train.max_bad_steps must be at least 1"),
+        (config.train.distributed_timeout_s > 0, "train.distributed_timeout_s must be positive"),
+        (config.optim.lr > 0, "optim.lr must be positive"),
+        (config.optim.layer_decay is None or 0 < config.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1] or null"),
+        (config.model.drop_path_rate is None or 0 <= config.model.drop_path_rate < 1, "model.drop_path_rate must be in [0, 1) or null"),
+        (len(config.optim.betas) == 2, "optim.betas needs two values"),
+        (0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
+        (config.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs must be >= 0"),
+        (0.0 < config.scheduler.warmup_start_factor <= 1.0, "scheduler.warmup_start_factor must be in (0, 1]"),
+        (config.scheduler.step_size_epochs > 0, "scheduler.step_size_epochs must be positive"),
+        (config.model.width > 0, "model.width must be positive"),
+        (config.tracking.num_images > 0, "tracking.num_images must be positive"),
+        (config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be at least 1"),
+        (config.checkpoint.every_n_steps is None or config.checkpoint.every_n_steps > 0, "checkpoint.every_n_steps must be positive or null"),
+        (config.checkpoint.every_n_minutes is None or config.checkpoint.every_n_minutes > 0, "checkpoint.every_n_minutes must be positive or null"),
+        (config.checkpoint.check_every_n_steps > 0, "checkpoint.check_every_n_steps must be positive"),
+        (config.model.num_classes is None or config.model.num_classes > 1, "model.num_classes must be at least 2"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    task = config.task
+    mixing = config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0
+    task_checks = [
+        (config.data.mixup_alpha >= 0 and config.data.cutmix_alpha >= 0, "data.mixup_alpha and data.cutmix_alpha must be >= 0"),
+        (0 <= config.data.mix_prob <= 1 and 0 <= config.data.mix_switch_prob <= 1, "data.mix_prob and data.mix_switch_prob must be in [0, 1]"),
+        (config.train.ema_decay is None or 0 < config.train.ema_decay < 1, "train.ema_decay must be in (0, 1) or null"),
+        (task.kind != "multihead" or len(task.heads) >= 2, "task.kind=multihead needs at least two task.heads"),
+        (len({h.name for h in task.heads}) == len(task.heads), "task.heads: head names must be unique"),
+        (all(h.weight >= 0 for h in task.heads), "task.heads: weights must be >= 0"),
+        (task.ndcg_k > 0 and task.huber_delta > 0 and all(k > 0 for k in task.top_k), "task.ndcg_k, task.huber_delta and task.top_k must be positive"),
+        (task.kind == "classification" or not mixing, f"data.mixup_alpha/cutmix_alpha: mixing needs task.kind=classification (not {task.kind})"),
+        (task.kind == "classification" or config.data.bad_samples == "error", f"data.bad_samples=skip is for task.kind=classification (not {task.kind})"),
+        (task.kind == "classification" or config.data.source == "csv", f"task.kind={task.kind} reads its labels from CSV tables: set data.source=csv"),
+        (task.kind == "classification" or not config.data.balanced_sampler, "data.balanced_sampler is for task.kind=classification"),
+        (task.kind == "classification" or config.loss.class_weights is None or task.kind == "multihead", "loss.class_weights is for classification"),
+    ]
+    for ok, message in task_checks:
+        if not ok:
+            raise ConfigError(message)
+    for head in task.heads:
+        if head.classes is not None and len(set(head.classes)) != len(head.classes):
+            raise ConfigError(f"task.heads {head.name}: classes contain duplicates")
+    if config.data.classes is not None and len(set(config.data.classes)) != len(config.data.classes):
+        raise ConfigError("data.classes contains duplicates")
+    for i, spec in enumerate(config.data.train_augment):
+        if "name" not in spec:
+            raise ConfigError(f"data.train_augment[{i}] needs a `name` (a torchvision.transforms.v2 class)")
+    for key, path in (("model.file", config.model.file), ("loss.file", config.loss.file), ("data.file", config.data.file)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{key}: file not found: {path}")
+    validate_splits(config)
+
+
+def validate_splits(config: Config) -> None:
+    """The per-split mappings, the grouped split and cross-validation (cv)."""
+    data, cv = config.data, config.cv
+    for name in ("train", "val", "test"):
+        split = getattr(data, name)
+        if isinstance(split, SplitConfig) and not split.table:
+            raise ConfigError(f"data.{name}: a mapping needs `table` (the CSV, or the folder source's directory)")
+    checks = [
+        (cv.folds == 0 or cv.folds >= 2, f"cv.folds must be 0 (off) or at least 2, not {cv.folds}"),
+        (cv.fold is None or cv.folds > 0, f"cv.fold={cv.fold} needs cv.folds (the number of folds)"),
+        (cv.fold is None or 0 <= cv.fold < cv.folds, f"cv.fold must be in 0 .. {cv.folds - 1} (cv.folds={cv.folds}), not {cv.fold}"),
+        (cv.folds == 0 or data.val is None, f"cv.folds={cv.folds} validates each fold on the training rows it holds out: "
+                                            f"set data.val: null (it is {_split_name(data.val)})"),
+        (cv.folds == 0 or data.file is None, "cv.folds splits the built-in training table; data.file's datasets "
+                                             "cannot be split into folds"),
+        (data.group_column is None or data.source != "folder", "data.group_column needs tables (data.source=csv): a folder "
+                                                               "source's image folders are its classes"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _split_name(split: str | SplitConfig | None) -> str:
+    return repr(split.table if isinstance(split, SplitConfig) else split)
+
+
+MODEL_SHAPING = ("model.", "task.", "data.channels", "data.image_size")
+"""Config keys (prefixes) whose value the trained weights depend on; model.pretrained and model.freeze do not."""
+
+
+def model_shaping_differences(saved: dict[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, config's value) for each key that shapes the model (MODEL_SHAPING) and differs between a
+    checkpoint's config (its config.yaml, read) and `config`; keys the saved config lacks (older versions) are skipped."""
+    ours, theirs = flatten(to_dict(config)), flatten(saved)
+    return [(key, theirs[key], value) for key, value in ours.items()
+            if key.startswith(MODEL_SHAPING) and key not in ("model.pretrained", "model.freeze")
+            and key in theirs and theirs[key] != value]

@@ -1,0 +1,418 @@
+"""The run configuration's sections: typed dataclasses, every key with its default and a one-line doc, and their dict form."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class SplitConfig:
+    """One split's own table and images (data.train / data.val / data.test as a mapping); a key left out takes the
+    data section's value, e.g. `test: {table: eval/info.csv, image_root: eval/images, image_column: ImageID,
+    id_column: ImageID}`."""
+
+    table: str | None = None
+    """The CSV table (folder source: the directory), relative to data.root."""
+    image_root: str | None = None
+    """Directory this table's image paths are relative to, relative to data.root (default: data.image_root)."""
+    image_column: str | None = None
+    """The column holding the image paths (default: data.image_column)."""
+    id_column: str | None = None
+    """The column of row ids (default: data.id_column; see there)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images and labels come from and how they are batched."""
+
+    source: Literal["digits", "csv", "folder"] = "digits"
+    """digits: scikit-learn's digits written once as PNGs + CSVs under `root`; csv: tables of image
+    paths and labels; folder: `train/<class>/*` style directories."""
+    root: str = "data/digits"
+    """Base directory; relative `train`/`val`/`test`/`image_root` paths resolve against it."""
+    train: str | SplitConfig = "train.csv"
+    """csv: the training table; folder: the directory of class sub-folders. Or a mapping with this split's own
+    table, image_root, image_column and id_column (SplitConfig)."""
+    val: str | SplitConfig | None = "val.csv"
+    """Validation table/directory (or a mapping, as `train`); None holds out `val_fraction` of `train` (stratified,
+    seeded; grouped by `group_column` when set)."""
+    test: str | SplitConfig | None = "info.csv"
+    """Inference table (ids + image paths, no labels) or a flat directory of images (or a mapping, as `train`)."""
+    image_root: str | None = None
+    """Directory the CSV image paths are relative to, relative to `root` (default: `root`)."""
+    image_column: str = "image"
+    label_column: str = "label"
+    id_column: str = "id"
+    """test: the ids the submission echoes (required, unique); train/val: a row's id when the table has the
+    column, else its image path relative to the image root."""
+    group_column: str | None = None
+    """Rows that must stay on one side of the validation split (e.g. the photos of one person): a column of the
+    training table, or `parent_dir` (the image's folder) when the table has no such column. The hold-out and the
+    cv folds are then grouped (and stratified by label where the task has classes). None: rows split freely."""
+    classes: list[str] | None = None
+    """Class names in output order; None: the sorted labels found in `train`."""
+    val_fraction: float = 0.1
+    image_size: int | None = None
+    """The model sees image_size x image_size images. None: the input size of the timm model's pretrained_cfg
+    when model.pretrained holds timm weights, else 32 (what was used: `preprocessing_from`)."""
+    train_crop: Literal["resize", "random_resized_crop"] = "resize"
+    """resize: the whole image squashed to image_size (train and eval); random_resized_crop: training takes
+    a random crop of `crop_scale` of the area and `crop_ratio` aspect (torchvision's RandomResizedCrop) and
+    evaluation the centre `eval_crop_fraction` (Resize(image_size / fraction) + CenterCrop)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    eval_crop_fraction: float = 0.875
+    decode: Literal["auto", "workers", "device"] = "auto"
+    """workers: the loader workers decode and augment (Pillow + torchvision); device: the workers only read
+    the JPEG bytes and draw the crops, the accelerator decodes (nvJPEG on CUDA) and crops, flips and
+    normalises whole batches (JPEG only; train_augment limited to RandomHorizontalFlip); auto: device on a
+    GPU when the images are all JPEG and the augmentations allow it, else workers."""
+    channels: Literal[1, 3] = 3
+    """1: grayscale, 3: RGB (images are converted on load)."""
+    mean: list[float] | None = None
+    """Per-channel normalisation mean. None: the timm model's pretrained_cfg when model.pretrained holds timm
+    weights (averaged over RGB for 1 channel), else ImageNet's [0.485, 0.456, 0.406]."""
+    std: list[float] | None = None
+    """Per-channel normalisation std. None: as `mean` (ImageNet's [0.229, 0.224, 0.225])."""
+    preprocessing_from: dict[str, str] = field(default_factory=dict)
+    """Written by dist_train, not set by hand: where image_size, mean and std came from (`config`, `default`, or
+    `timm pretrained_cfg <model.tag>`); kept in the run's config.yaml, run_info.json and every export."""
+    train_augment: list[dict[str, Any]] = field(default_factory=list)
+    """torchvision.transforms.v2 transforms applied to training images, e.g.
+    `[{name: RandomAffine, degrees: 10}]`; applied after the resize, before normalisation."""
+    batch_size: int = 64
+    """Per process: the global batch is batch_size x processes x grad_accum_steps."""
+    eval_batch_size: int | None = None
+    """Per process, for validation and inference (default: batch_size)."""
+    num_workers: int = 2
+    pin_memory: bool = True
+    """Only takes effect on CUDA."""
+    persistent_workers: bool = True
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead."""
+    worker_start: Literal["auto", "forkserver", "fork"] = "auto"
+    """How loader workers start. forkserver (Python 3.14's default): forked from a clean one-threaded process, so
+    no worker inherits a glibc lock that another thread of the rank (gloo's, the watchdog) held at the fork and
+    hangs on it; the dataset is pickled to each worker, and the script you run keeps its work under
+    `if __name__ == "__main__":` (the server imports it). fork: workers are copies of the rank (any dataset;
+    that rare hang possible). auto: forkserver for dist_train's own datasets, unless the script has no such guard
+    (then fork, with a warning); fork for a dataset of your own (forkserver if its module imports by name)."""
+    balanced_sampler: bool = False
+    """Draw training samples with probability inversely proportional to their class frequency."""
+    bad_samples: Literal["error", "skip"] = "error"
+    """An unreadable image (truncated, empty file): error stops the run naming the file; skip warns,
+    trains on the rest (the image weighs nothing, in loss and metrics) and counts them (classification)."""
+    mixup_alpha: float = 0.0
+    """Mixup (classification): training batches blended with the batch reversed, lambda ~ Beta(alpha, alpha),
+    against soft targets; 0 turns it off (e.g. 0.2-0.8 to use it)."""
+    cutmix_alpha: float = 0.0
+    """CutMix (classification): a box of the reversed batch pasted in, area ~ Beta(alpha, alpha); 0: off (1.0 is usual)."""
+    mix_prob: float = 1.0
+    """Share of training batches that are mixed (when mixup or cutmix is on)."""
+    mix_switch_prob: float = 0.5
+    """With both on: the probability that a mixed batch uses CutMix rather than mixup."""
+    file: str | None = None
+    """Your own datasets: a Python file defining `build_dataset(cfg: DataConfig, split: str) -> Dataset`
+    (split: train, val or test), items (image tensor, target) or an image alone for test; optional
+    attributes `classes` (train) and `ids` (test). Replaces `source`; balanced_sampler and decode=device
+    need the built-in datasets. Relative to the config file's directory."""
+
+
+@dataclass
+class ModelConfig:
+    """Which network, its head, and which parts of it train."""
+
+    name: str = "small_cnn"
+    """`small_cnn` or `mlp` (for tiny images), any torchvision classification model name (e.g. resnet18), or
+    `timm/<name>` for any of timm.list_models() (e.g. timm/convnext_tiny, timm/vit_base_patch16_224.augreg_in21k:
+    a tag picks the pretrained_cfg)."""
+    width: int = 32
+    """small_cnn: channels of the first block; mlp: hidden units."""
+    sync_batchnorm: bool = False
+    """Batch statistics over the global batch of all processes instead of each process's own."""
+    num_classes: int | None = None
+    """None: the number of classes found in the data."""
+    pretrained: str | None = None
+    """Local weights file (.safetensors, or a weights-only torch .pt/.pth/.bin); a head of another size is
+    skipped. timm models also take the folder timm caches from the Hugging Face hub (its model.safetensors and
+    config.json, whose pretrained_cfg then sets data.image_size/mean/std). Nothing is ever downloaded."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name prefixes to freeze, e.g. [conv1, bn1, layer1] for transfer learning."""
+    dropout: float = 0.0
+    """Dropout before the classifier: small_cnn, mlp, and timm's drop_rate (torchvision models keep their own)."""
+    drop_path_rate: float | None = None
+    """Stochastic depth: timm's drop_path_rate, torchvision's stochastic_depth_prob (efficientnet, convnext,
+    swin, maxvit); None: the model's own default (timm 0; torchvision's efficientnet 0.2, convnext 0.1)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward instead of keeping them (less memory, about 30% more compute): timm's
+    set_grad_checkpointing, or torch.utils.checkpoint around the blocks of torchvision's resnet/resnext/
+    wide_resnet, efficientnet, mobilenet, convnext, regnet, swin and vit families (and small_cnn)."""
+    file: str | None = None
+    """Your own network: a Python file defining `build_model(cfg: ModelConfig, num_classes: int,
+    in_channels: int, image_size: int) -> nn.Module`, used instead of `name`; pretrained and freeze
+    still apply. Relative to the config file's directory."""
+
+
+@dataclass
+class LossConfig:
+    """The training objective."""
+
+    name: Literal["cross_entropy", "focal", "f1"] = "cross_entropy"
+    label_smoothing: float = 0.0
+    """cross_entropy only: mass spread uniformly over all classes."""
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = None
+    """focal only: weight of the true class's term (None: no weighting)."""
+    class_weights: list[float] | None = None
+    """cross_entropy/focal: per-class weights, one per class."""
+    file: str | None = None
+    """Your own loss: a Python file defining `build_loss(cfg: LossConfig, num_classes: int) -> nn.Module`,
+    used instead of `name`; it must return one loss per sample (a `reduction` attribute is set to "none").
+    Relative to the config file's directory."""
+
+
+@dataclass
+class HeadConfig:
+    """One head of a multihead task: its label column, classes, loss and weight."""
+
+    name: str = "head"
+    """Used in metric names: val_<name>_accuracy, val_<name>_f1_macro, ..."""
+    column: str = "label"
+    """The CSV column with this head's label."""
+    classes: list[str] | None = None
+    """Class names in output order; None: the sorted labels found in the column."""
+    weight: float = 1.0
+    """This head's share of the loss: loss = sum of weight x the head's loss."""
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class TaskConfig:
+    """What the model predicts (the submission writes the predicted class, value or score)."""
+
+    kind: Literal["classification", "multihead", "regression", "ranking"] = "classification"
+    """classification: one class per image (data.label_column); multihead: several heads over one backbone
+    (task.heads), the predicted class is their combination; regression: numbers (task.targets columns);
+    ranking: a score per image, ranked within each query (task.query_column) against data.label_column's
+    relevance."""
+    heads: list[HeadConfig] = field(default_factory=list)
+    """multihead: the heads in order. Combined class = mixed-radix number of the head classes in this order,
+    e.g. mask (3), gender (2), age (3): 6 * mask + 3 * gender + age."""
+    targets: list[str] = field(default_factory=list)
+    """regression: the numeric target columns (default: [data.label_column]); one model output each."""
+    loss: Literal["mse", "l1", "huber"] = "mse"
+    """regression and ranking (pointwise on the relevance)."""
+    huber_delta: float = 1.0
+    query_column: str = "query"
+    """ranking: the CSV column grouping rows into queries."""
+    ndcg_k: int = 10
+    """ranking: NDCG@k's cut-off."""
+    roc_auc: bool = False
+    """classification: also report val_roc_auc (binary, or one-vs-rest macro)."""
+    top_k: list[int] = field(default_factory=list)
+    """classification: also report val_top<k>_accuracy for each k, e.g. [5]."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and its hyper-parameters."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    decay_norm_and_bias: bool = False
+    """False puts normalisation weights and biases (tensors of one dimension), and the tensors a timm model
+    names in no_weight_decay() (position embeddings, class tokens), in a group without weight decay."""
+    layer_decay: float | None = None
+    """Layer-wise LR decay (timm's param_groups_layer_decay): the head trains at `lr` and each layer group below
+    at layer_decay times the one above, e.g. 0.75; needs a model with group_matcher() (timm's). None: off."""
+    momentum: float = 0.9
+    """sgd only."""
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    fused: bool | None = None
+    """torch's fused optimizer kernels (one kernel for all parameters; on CUDA and CPU; they also let a
+    non-finite step be skipped without a host sync); None: fused unless DeepSpeed runs the optimizer."""
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule, a function of optimizer steps (never of processes or micro-batches)."""
+
+    name: Literal["constant", "step", "cosine", "plateau"] = "cosine"
+    warmup_epochs: float = 0.0
+    """Linear warm-up length, in epochs (converted to optimizer steps)."""
+    warmup_start_factor: float = 0.01
+    step_size_epochs: float = 10.0
+    """step: multiply the LR by `gamma` every this many epochs."""
+    gamma: float = 0.1
+    min_lr: float = 0.0
+    """cosine: the LR reached at the last step; plateau: the floor."""
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    """plateau: evaluations without improvement of `checkpoint.monitor` before the LR drops."""
+    plateau_threshold: float = 1e-4
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    epochs: int = 10
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in all (then validate and save); None: run all epochs."""
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; None disables clipping."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """fp16 needs a GPU; bf16 runs on recent GPUs and on CPU."""
+    channels_last: bool | None = None
+    """Model and images in channels_last memory layout (faster convolutions with tensor cores); None: on CUDA."""
+    compile: bool = False
+    """torch.compile the model (inductor): slower start, faster steps."""
+    log_every_n_steps: int = 10
+    """Training loss, LR and gradient norm go to TensorBoard every this many optimizer steps."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement of `checkpoint.monitor`; 0 disables."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): slower, reproducible to the bit on one machine."""
+    distributed_timeout_s: int = 600
+    """A rank that makes no progress this long is hung: the job stops, naming it (the collectives'
+    own timeout, 60 s longer, is the backstop)."""
+    nonfinite: Literal["skip", "stop", "ignore"] = "skip"
+    """A step whose loss or gradient is NaN/Inf on any rank: every rank skips it (skip) or the run
+    stops (stop); ignore saves the per-step check (one tiny all-reduce). DeepSpeed steps inside
+    backward, so there skip acts as stop."""
+    max_bad_steps: int = 3
+    """skip: stop after this many non-finite steps in a row."""
+    find_batch_size: bool = False
+    """Before training, halve data.batch_size until a forward + backward fits in accelerator memory;
+    every rank then uses the smallest size any rank found."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights (e.g. 0.999; updated after every optimizer step):
+    validation, `best` and inference then use the average. None: off."""
+    ema_warmup: bool = True
+    """Lower the EMA decay for early steps to min(decay, (1 + n) / (10 + n)), so the random start fades fast."""
+    elastic: Literal["keep", "adapt"] = "keep"
+    """Resuming on another number of processes: keep changes train.grad_accum_steps so that the global batch (and
+    the steps per epoch, every step's LR) stay the checkpoint's, and refuses when no whole accumulation does; adapt
+    then trains on with the new global batch, the LR schedule rescaled to end at the same epoch."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO instead of DDP (install with `pip install -c constraints.txt '.[deepspeed]'`)."""
+
+    enabled: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """0: plain data parallel; 1: optimizer states sharded; 2: + gradients; 3: + parameters."""
+    config_file: str | None = None
+    """A DeepSpeed JSON used as the base (its ZeRO stage wins over zero_stage). Its batch-size,
+    accumulation and clipping keys must be "auto" or equal to dist_train's own settings."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Which checkpoints are kept."""
+
+    monitor: str | None = None
+    """The metric that picks `best`, drives early stopping and ReduceLROnPlateau; None: the task's own
+    (val_accuracy; regression val_rmse; ranking val_ndcg@k)."""
+    mode: Literal["max", "min"] | None = None
+    """None: min for losses and errors (val_loss, val_mae, val_mse, val_rmse), max otherwise."""
+    keep_last: int = 2
+    """Newest checkpoints kept (plus `best`); older ones are deleted once a new one is complete."""
+    every_n_steps: int | None = None
+    """Also save every this many optimizer steps (in the middle of epochs; resume continues exactly there)."""
+    every_n_minutes: float | None = None
+    """Also save when this many minutes have passed since the last save (decided by rank 0 for all)."""
+    check_every_n_steps: int = 5
+    """How often (optimizer steps) the ranks agree on preemption signals and timed saves: one tiny all-reduce."""
+    requeue_on_preemption: bool = True
+    """Under SLURM, after a preemption save, `scontrol requeue $SLURM_JOB_ID` so that the job resumes."""
+
+
+@dataclass
+class TrackingConfig:
+    """What is reported while training (TensorBoard always; train.log_every_n_steps sets the pace)."""
+
+    images: bool = True
+    """Per evaluation: a confusion-matrix figure and a grid of the worst validation mistakes."""
+    num_images: int = 16
+    """How many of the worst mistakes the grid shows."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install wandb; WANDB_MODE=offline to log without an account)."""
+    wandb_project: str = "dist_train"
+
+
+@dataclass
+class InferenceConfig:
+    """The submission file."""
+
+    output: str | None = None
+    """Submission CSV path; None: <output_dir>/submission.csv."""
+    id_column: str = "id"
+    label_column: str = "label"
+    probabilities: bool = False
+    """Also write each class's probability (columns prob_<class>; multihead: of the combined classes)."""
+    tta: Literal["none", "hflip"] = "none"
+    """Test-time augmentation: hflip averages the predictions of each image and its mirror image."""
+    weights: Literal["auto", "model", "ema"] = "auto"
+    """Which weights of a checkpoint predict: auto takes the EMA (train.ema_decay) when it has one."""
+
+
+@dataclass
+class CVConfig:
+    """K-fold cross-validation over the training table: each fold a run in <output_dir>/fold-<k>, then the
+    out-of-fold predictions (oof.csv) and every metric per fold and over all of them (cv_summary.json)."""
+
+    folds: int = 0
+    """K folds (grouped by data.group_column, stratified by label where the task has classes); 0: off."""
+    fold: int | None = None
+    """Train only this fold (0 .. folds - 1), e.g. one task of a SLURM job array; None: every fold in turn."""
+    seed: int | None = None
+    """Seed of the assignment of rows to folds; None: the run's seed."""
+
+
+def fold_output_dir(output_dir: str | Path, fold: int) -> Path:
+    """Where fold `fold` of a cross-validation run in `output_dir` runs: a normal run directory."""
+    return Path(output_dir) / f"fold-{fold}"
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    output_dir: str = "runs/digits"
+    """Run directory: config, logs, checkpoints, TensorBoard, submission."""
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,174 @@
+"""Which rows train and which validate: per-split tables, hold-out and grouped splits, k-fold assignment, the digits."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dist_train.config import CVConfig, DataConfig
+from dist_train.data.tables import Records, read_split, split_source
+from dist_train.errors import ConfigError, DataError
+
+DIGITS_SPLIT_SEED = 0
+DIGITS_MARKER = ".complete"
+
+
+def load_training(cfg: DataConfig, label, columns: list[str] | None = None, query: str | None = None):
+    """The whole training table with its targets, and what its labels define (see load_splits)."""
+    if cfg.source == "digits":
+        materialize_digits(Path(cfg.root))
+    train = read_split(cfg, "train", True, columns, query)
+    train.targets, defined = label(train.labels, str(split_source(cfg, "train").table), None)
+    return train, defined
+
+
+def load_splits(cfg: DataConfig, seed: int, label, columns: list[str] | None = None, query: str | None = None,
+                stratify: bool = True, cv: CVConfig | None = None):
+    """The training and validation splits, and what their labels define (e.g. the class names).
+
+    `label(labels, where, defined)` turns a split's raw label columns into its targets and returns
+    (targets, defined); it sees the whole training table first (defined=None: it decides, e.g. the classes),
+    then the validation table. `query` becomes `Records.groups`. With cv.folds: fold cv.fold of the training
+    table is the validation split (assign_folds). Without data.val: a seeded hold-out of the training table,
+    stratified by its first label column; with data.group_column, the first of round(1 / val_fraction) grouped
+    folds (assign_folds).
+    """
+    train, defined = load_training(cfg, label, columns, query)
+    where = str(split_source(cfg, "train").table)
+    if cv is not None and cv.folds > 0:
+        if cv.fold is None:
+            raise ConfigError(f"cv.folds={cv.folds}: train.py trains every fold in turn (dist_train.cv); one run trains one "
+                              f"fold: set cv.fold")
+        folds = assign_folds(train, cv.folds, seed if cv.seed is None else cv.seed, stratify, where)
+        return train.take(np.flatnonzero(folds != cv.fold)), train.take(np.flatnonzero(folds == cv.fold)), defined
+    if cfg.val is not None:
+        val = read_split(cfg, "val", True, columns, query)
+        val.targets, _ = label(val.labels, str(split_source(cfg, "val").table), defined)
+        check_groups_apart(train, val, cfg)
+    elif train.split_groups is not None:
+        folds = assign_folds(train, max(2, round(1 / cfg.val_fraction)), seed, stratify, where)
+        train, val = train.take(np.flatnonzero(folds != 0)), train.take(np.flatnonzero(folds == 0))
+    else:
+        first = next(iter(train.labels.values()))
+        train, val = _holdout(train, cfg.val_fraction, seed, first if stratify else None)
+    return train, val, defined
+
+
+def check_groups_apart(train: Records, val: Records, cfg: DataConfig) -> None:
+    """A validation table of its own, with data.group_column: no group may be on both sides (the validation score
+    would count, e.g., photos of people the model trained on: the 6-point optimism grouping is there to remove)."""
+    if train.split_groups is None or val.split_groups is None:
+        return
+    shared = sorted(set(train.split_groups) & set(val.split_groups))
+    if shared:
+        examples = ", ".join(repr(g) for g in shared[:3]) + (", ..." if len(shared) > 3 else "")
+        raise DataError(f"data.group_column {cfg.group_column!r}: {len(shared)} of the {len(set(val.split_groups))} groups of "
+                        f"{split_source(cfg, 'val').table} are in {split_source(cfg, 'train').table} too ({examples}): the "
+                        f"validation score would count rows of groups the model trained on; take them out of one table, "
+                        f"or leave data.val unset for a grouped hold-out (or cv.folds)")
+
+
+def load_test_records(cfg: DataConfig) -> Records:
+    if cfg.test is None:
+        raise ConfigError("data.test is not set: nothing to predict")
+    if cfg.source == "digits":
+        materialize_digits(Path(cfg.root))
+    records = read_split(cfg, "test", labelled=False)
+    records.targets = [-1] * len(records.paths)
+    return records
+
+
+def _holdout(records: Records, fraction: float, seed: int, stratify: list[str] | None) -> tuple[Records, Records]:
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(records.paths))
+    if stratify is not None and min(Counter(stratify).values()) < 2:
+        stratify = None  # a class with a single row cannot be on both sides: stratified where possible means not here
+    train_idx, val_idx = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    return records.take(sorted(train_idx)), records.take(sorted(val_idx))
+
+
+def assign_folds(records: Records, folds: int, seed: int, stratify: bool, where: str) -> np.ndarray:
+    """Each row's fold, 0 .. folds - 1, seeded: grouped by `records.split_groups` (no group in two folds) and, when
+    `stratify`, stratified by the label columns together, as far as the groups allow (scikit-learn's
+    StratifiedGroupKFold, GroupKFold, StratifiedKFold or KFold, shuffled)."""
+    from sklearn.model_selection import (
+        GroupKFold,
+        KFold,
+        StratifiedGroupKFold,
+        StratifiedKFold,
+    )
+
+    count = len(records.paths)
+    strata = ["\x1f".join(values) for values in zip(*records.labels.values())] if stratify else None
+    groups = records.split_groups
+    units = len(set(groups)) if groups is not None else count
+    if units < folds:
+        what = "groups (data.group_column)" if groups is not None else "rows"
+        raise DataError(f"{where}: {units} {what} for {folds} folds (or a hold-out of 1/{folds}, data.val_fraction); "
+                        f"every fold needs at least one")
+    if groups is not None:
+        splitter = (StratifiedGroupKFold if stratify else GroupKFold)(folds, shuffle=True, random_state=seed)
+    else:
+        splitter = (StratifiedKFold if stratify else KFold)(folds, shuffle=True, random_state=seed)
+    assigned = np.full(count, -1)
+    with warnings.catch_warnings():  # a class rarer than the folds: stratified as far as it goes, said in the docs
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        try:
+            for fold, (_, held) in enumerate(splitter.split(np.zeros(count), strata, groups)):
+                assigned[held] = fold
+        except ValueError as exc:
+            raise DataError(f"{where}: cannot split into {folds} folds: {exc}") from None
+    return assigned
+
+
+def materialize_digits(root: Path) -> None:
+    """Write scikit-learn's 1,797 digits once as 8x8 PNGs + train/val CSVs + an unlabelled info.csv.
+
+    The split is fixed (stratified 70/15/15, seed 0). Written into a temporary directory and renamed,
+    so concurrent processes or an interrupted run never see a half-written data set.
+    """
+    if (root / DIGITS_MARKER).is_file():
+        return
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    labels = digits.target
+    index = np.arange(len(labels))
+    train_idx, rest = train_test_split(index, test_size=0.3, random_state=DIGITS_SPLIT_SEED, stratify=labels)
+    val_idx, test_idx = train_test_split(rest, test_size=0.5, random_state=DIGITS_SPLIT_SEED, stratify=labels[rest])
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image, mode="L").save(tmp / "images" / f"{i:04d}.png")
+
+    def write(name: str, idx, header: list[str], row) -> None:
+        with open(tmp / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(row(i) for i in sorted(idx))
+
+    write("train.csv", train_idx, ["id", "image", "label"], lambda i: [f"digit_{i:04d}", f"images/{i:04d}.png", labels[i]])
+    write("val.csv", val_idx, ["id", "image", "label"], lambda i: [f"digit_{i:04d}", f"images/{i:04d}.png", labels[i]])
+    write("info.csv", test_idx, ["id", "image"], lambda i: [f"digit_{i:04d}", f"images/{i:04d}.png"])
+    write("test_labels.csv", test_idx, ["id", "label"], lambda i: [f"digit_{i:04d}", labels[i]])
+    (tmp / DIGITS_MARKER).write_text("scikit-learn digits, stratified 70/15/15 split, seed 0\n")
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        # Another process finished first (the target now exists) or `root` holds something else.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / DIGITS_MARKER).is_file():
+            raise DataError(f"cannot write the digits data set to {root}: the directory exists and is not a complete digits set") from None
