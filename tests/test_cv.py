@@ -141,6 +141,7 @@ def test_a_fold_killed_and_resumed_ends_bitwise_as_if_uninterrupted(two_processe
     assert not (out / "fold-1").exists() and not (out / "oof.csv").exists()
     resumed = run_cli("train.py", [*cv_args(masks, out), "--resume", "auto"], processes=2)
     assert f"resumed from {out / 'fold-0' / 'checkpoints' / 'step-00000006'}" in resumed.stdout
+    assert f"no checkpoint in {out / 'fold-1' / 'checkpoints'} yet: starting the run from the beginning" in resumed.stdout
     for k in (0, 1):
         ours, theirs = (json.loads((d / f"fold-{k}" / "run_info.json").read_text()) for d in (out, reference))
         assert ours["final_weights_sha256_per_rank"] == theirs["final_weights_sha256_per_rank"]

@@ -56,8 +56,8 @@ class Trainer:
 
     def fit(self, resume: str | Path | None = None, overwrite: bool = False) -> dict:
         """Train; returns the run summary (what run_info.json holds). `resume`: "auto" (the newest intact
-        checkpoint of output_dir) or a checkpoint directory; `overwrite`: start afresh in an existing run
-        directory (without either, an existing run is an error)."""
+        checkpoint of output_dir; with none yet, from the beginning) or a checkpoint directory; `overwrite`: start
+        afresh in an existing run directory (without either, an existing run is an error)."""
         from dist_train.loop.trainer import fit
 
         return self._run(fit, self.config, str(resume) if resume is not None else None, overwrite, model=self.model,

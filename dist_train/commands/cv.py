@@ -97,10 +97,8 @@ def train_fold(config: Config, resume: str | None, overwrite: bool) -> None:
         if is_main_process_env():
             (run_dir / FOLD_PREDICTIONS).unlink(missing_ok=True)  # it would describe the previous training
         try:
-            if resume == "auto":  # a fold without a complete checkpoint starts afresh, also in a requeued SLURM job
-                fit(config, resume="auto" if state == "started" else None, overwrite=state == "new")
-            else:
-                fit(config, overwrite=overwrite)  # an existing run is refused unless overwrite
+            # "auto": fit decides under the fold's lock; a fold without a complete checkpoint starts from the beginning
+            fit(config, resume=resume, overwrite=overwrite)  # else an existing run is refused unless overwrite
         finally:
             forget_process_group()
     try:

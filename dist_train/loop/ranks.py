@@ -29,8 +29,8 @@ class Ranks:
                          Checkpointer.save, any_preempted
         end              gather_digests
 
-    Before the loop, fit() and build_parts() make theirs in this order: the lock's outcome (trainer.take_lock), a
-    barrier after tidying the run directory, the checkpoint to resume (checkpoint.choose_checkpoint), the main
+    Before the loop, fit() and build_parts() make theirs in this order: the lock's outcome (trainer.take_lock), the
+    checkpoint to resume (checkpoint.choose_checkpoint), a barrier after tidying the run directory, the main
     process first through the data (a barrier), the batch size every rank can fit (build.largest_batch_that_fits),
     Accelerate's prepare; after it, a barrier before the process group ends.
     """

@@ -27,10 +27,10 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
         loss: torch.nn.Module | None = None, train_dataset=None, val_dataset=None, limits: Limits | None = None) -> dict:
     """Train as configured; returns the run summary also written to run_info.json.
 
-    `resume`: "auto" (the newest intact checkpoint of output_dir) or a checkpoint directory; `overwrite`: start
-    afresh in a directory that holds a run. model / loss / train_dataset / val_dataset (dist_train.Trainer) take
-    the place of what the config builds (custom.py says what they must be); `limits` (train.py --debug) trains
-    and validates on the first few samples only.
+    `resume`: "auto" (the newest intact checkpoint of output_dir; with none yet, from the beginning) or a checkpoint
+    directory; `overwrite`: start afresh in a directory that holds a run. model / loss / train_dataset / val_dataset
+    (dist_train.Trainer) take the place of what the config builds (custom.py says what they must be); `limits`
+    (train.py --debug) trains and validates on the first few samples only.
     """
     config = resolve(config)  # (a Config built in Python: validated, monitor/mode filled in)
     output_dir = Path(config.output_dir)
@@ -56,11 +56,12 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
     try:
         take_lock(accelerator, lock)  # before anything in the directory is touched
         resume = resume_argument(output_dir, resume, overwrite)
-        if accelerator.is_main_process:
-            tidy_run_directory(output_dir, fresh=resume is None)
-        accelerator.wait_for_everyone()
         started = time.time()
+        # chosen before anything is tidied away: a directory whose checkpoints all fail to verify stays as it is
         checkpoint = ckpt.choose_checkpoint(accelerator, resume, output_dir / "checkpoints") if resume else None
+        if accelerator.is_main_process:
+            tidy_run_directory(output_dir, fresh=checkpoint is None)
+        accelerator.wait_for_everyone()
         parts = build_parts(accelerator, config, Given(model, loss, train_dataset, val_dataset), limits,
                             resuming=Saved.read(checkpoint) if checkpoint is not None else None)
         run = Run(accelerator, parts, watchdog, signals, started)
@@ -110,7 +111,8 @@ def take_lock(accelerator, lock: RunLock) -> None:
 
 def resume_argument(output_dir: Path, resume: str | None, overwrite: bool) -> str | None:
     """What to resume from: as asked; "auto" in a SLURM job requeued after preemption (it runs the same command
-    again and must continue); an existing run without --resume or --overwrite is refused."""
+    again and must continue, or start, when it died before its first checkpoint: choose_checkpoint); an existing
+    run without --resume or --overwrite is refused."""
     if resume is None and not overwrite and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
         resume = "auto"
         if is_main_process_env():
@@ -124,8 +126,8 @@ def resume_argument(output_dir: Path, resume: str | None, overwrite: bool) -> st
 
 
 def tidy_run_directory(output_dir: Path, fresh: bool) -> None:
-    """The main process, before the run: a fresh run (--overwrite, or no complete checkpoint) starts clean; what
-    a job that died while saving left behind goes."""
+    """The main process, before the run, once the checkpoint to resume is chosen: a fresh run (--overwrite, or no
+    complete checkpoint) starts clean; what a job that died while saving left behind goes."""
     checkpoints = output_dir / "checkpoints"
     if fresh:
         shutil.rmtree(checkpoints, ignore_errors=True)

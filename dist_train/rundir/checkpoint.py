@@ -218,19 +218,24 @@ class Checkpointer:
         ema.load_state_dict({"module": weights, "updates": saved.get("ema_updates", 0)})
 
 
-def choose_checkpoint(accelerator: Accelerator, resume: str, checkpoints: Path) -> Path:
+def choose_checkpoint(accelerator: Accelerator, resume: str, checkpoints: Path) -> Path | None:
     """The checkpoint to resume from ("auto": the newest intact one in `checkpoints`, else the directory given),
-    chosen and verified (sha256 of every file) once, by the main process, and agreed by every rank."""
+    chosen and verified (sha256 of every file) once, by the main process, and agreed by every rank. None: "auto"
+    and no complete checkpoint yet -- a requeued job that died before its first save starts from the beginning."""
     choice = None
     if accelerator.is_main_process:
         try:
-            choice = ("ok", str(resolve_resume(resume, checkpoints, log=lambda m: print(m, flush=True))))
+            if resume == "auto" and not complete_checkpoints(checkpoints):
+                print(f"no checkpoint in {checkpoints} yet: starting the run from the beginning", flush=True)
+                choice = ("none", "")
+            else:
+                choice = ("ok", str(resolve_resume(resume, checkpoints, log=lambda m: print(m, flush=True))))
         except CheckpointError as exc:
             choice = ("error", str(exc))
     kind, value = same_on_all_ranks(accelerator, choice)
     if kind == "error":
         raise CheckpointError(value)
-    return Path(value)
+    return Path(value) if kind == "ok" else None
 
 
 def saved_state(directory: Path) -> dict:
@@ -378,7 +383,8 @@ def unsafe_globals(path: Path) -> list[str]:
 
 
 def resolve_resume(resume: str, checkpoints: Path, log=print) -> Path:
-    """`auto`: the newest checkpoint that verifies (saying which were skipped and why); else the given one."""
+    """`auto`: the newest checkpoint that verifies (saying which were skipped and why); else the given one. An
+    error when there is none (choose_checkpoint starts a run that has no complete checkpoint yet)."""
     if resume != "auto":
         path = Path(resume)
         verify(path)
@@ -386,13 +392,18 @@ def resolve_resume(resume: str, checkpoints: Path, log=print) -> Path:
     candidates = complete_checkpoints(checkpoints)
     if not candidates:
         raise CheckpointError(f"--resume auto: no complete checkpoint in {checkpoints}")
-    for path in candidates:
+    for i, path in enumerate(candidates):
         try:
             verify(path)
             return path
         except CheckpointError as exc:
-            log(f"warning: {exc}; falling back to an older checkpoint")
-    raise CheckpointError(f"--resume auto: none of the {len(candidates)} checkpoints in {checkpoints} is intact")
+            older = "falling back to an older checkpoint" if i + 1 < len(candidates) else "no older one to fall back to"
+            log(f"warning: {exc}; {older}")
+    # never "start afresh" here: that would delete them, and what is damaged may still be worth a look
+    names = ", ".join(p.name for p in candidates)
+    raise CheckpointError(f"--resume auto: no checkpoint in {checkpoints} is intact ({names}: the warnings above say "
+                          f"why); nothing was deleted. Start the run afresh with --overwrite (it deletes them), or "
+                          f"choose another output_dir=...")
 
 
 def repair_after_resume(output_dir: Path, step: int, best_checkpoint: str | None) -> None:
