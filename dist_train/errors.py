@@ -1,5 +1,4 @@
 """The user-facing errors: each is printed as one line naming the thing at fault, never a traceback."""
-import torch
 
 
 class DistTrainError(Exception):
@@ -65,5 +64,7 @@ OUT_OF_MEMORY_MESSAGES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAIL
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch's OutOfMemoryError, or what cuDNN and cuBLAS raise when they cannot allocate (a plain RuntimeError)."""
+    import torch  # (here: a bad config is reported without importing torch)
+
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and any(m in str(exc) for m in OUT_OF_MEMORY_MESSAGES))

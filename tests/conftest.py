@@ -64,17 +64,32 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300, check: bool = True,
-            env: dict[str, str] | None = None, launch: bool = False) -> subprocess.CompletedProcess:
-    """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT)."""
-    cmd = command(script, args, processes, launch)
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:  # what the run said before, not the exception's byte dump
-        said = lambda out: (out or b"").decode(errors="replace") if isinstance(out, bytes) else (out or "")  # noqa: E731
-        raise AssertionError(f"{' '.join(cmd)} did not end within {timeout} s\n--- stdout\n{said(exc.stdout)[-4000:]}"
-                             f"\n--- stderr\n{said(exc.stderr)[-8000:]}") from None
+            env: dict[str, str] | None = None, launch: bool = False, forked: bool | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT). A run expected to succeed,
+    without injected faults or loader workers, runs as ranks forked from a warm server (tests/ranks.py: the same
+    script, environment and gloo group, without the launcher's ~8 s of start-up); `forked=False` asks for the real
+    launcher (or plain python) where it is what the test is about."""
+    if forked is None:
+        forked = check and not launch and "DIST_TRAIN_FAULT" not in (env or {}) \
+            and "data.num_workers=0" in args and not any(a.startswith("data.num_workers=") and a != "data.num_workers=0"
+                                                         for a in args)
+    if forked:
+        from ranks import run_ranks
+
+        proc = run_ranks(script, args, processes, run_env(**(env or {})), timeout)
+        cmd = [script, *args]
+    else:
+        cmd = command(script, args, processes, launch)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:  # what the run said before, not the exception's byte dump
+            said = lambda out: (out or b"").decode(errors="replace") if isinstance(out, bytes) else (out or "")  # noqa: E731
+            raise AssertionError(f"{' '.join(cmd)} did not end within {timeout} s\n--- stdout\n{said(exc.stdout)[-4000:]}"
+                                 f"\n--- stderr\n{said(exc.stderr)[-8000:]}") from None
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}{' (forked ranks)' if forked else ''}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 
 

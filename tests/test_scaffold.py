@@ -92,5 +92,5 @@ def test_new_refuses_a_directory_that_is_not_empty(tmp_path):
 
 def test_the_dist_train_command_is_this_main():
     """`dist-train new ...` (setup.py's console script) runs what `python -m dist_train new ...` runs."""
-    assert '"dist-train = dist_train.scaffold:main"' in (ROOT / "setup.py").read_text()
-    assert "from dist_train.scaffold import main" in (ROOT / "dist_train" / "__main__.py").read_text()
+    assert '"dist-train = dist_train.commands.scaffold:main"' in (ROOT / "setup.py").read_text()
+    assert "from dist_train.commands.scaffold import main" in (ROOT / "dist_train" / "__main__.py").read_text()

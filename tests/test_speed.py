@@ -235,11 +235,11 @@ def test_compare_trees_says_equal_for_one_tree_and_names_what_a_change_moved(tmp
     assert "  weight_decay: 1.0e-4\n" in text
     config.write_text(text.replace("  weight_decay: 1.0e-4\n", "  weight_decay: 0.3\n"))  # the change under test
     command = [sys.executable, str(ROOT / "bench" / "compare_trees.py")]
-    same = subprocess.run([*command, str(ROOT), str(ROOT), "plateau_es"], cwd=ROOT, env=run_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert same.returncode == 0, same.stdout + same.stderr[-3000:]
-    assert same.stdout.splitlines()[0] == "plateau_es: weights = optimizer = metrics = trainer_state ="
-    moved = subprocess.run([*command, str(copy), str(ROOT), "plateau_es"], cwd=ROOT, env=run_env(), capture_output=True,
-                           text=True, timeout=600)
-    assert moved.returncode == 1 and moved.stdout.startswith("plateau_es: weights DIFF"), moved.stdout + moved.stderr[-3000:]
-    assert "    weights: [" in moved.stdout
+    # the two comparisons at once: each trains one process at a time, and the machine has two cores
+    procs = [subprocess.Popen([*command, str(tree), str(ROOT), "plateau_es"], cwd=ROOT, env=run_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for tree in (ROOT, copy)]
+    (same_out, same_err), (moved_out, moved_err) = (p.communicate(timeout=600) for p in procs)
+    assert procs[0].returncode == 0, same_out + same_err[-3000:]
+    assert same_out.splitlines()[0] == "plateau_es: weights = optimizer = metrics = trainer_state ="
+    assert procs[1].returncode == 1 and moved_out.startswith("plateau_es: weights DIFF"), moved_out + moved_err[-3000:]
+    assert "    weights: [" in moved_out

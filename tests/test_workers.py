@@ -17,11 +17,13 @@ SCRIPT = str(ROOT / "tests" / "worker_script.py")
 def test_a_lock_held_by_another_thread_at_the_start_reaches_forked_workers_only():
     """The hazard behind data.worker_start, made certain: under fork the workers inherit the lock held and wait
     forever (as a worker did in CI on a glibc lock); the fork server's workers start from a process without it."""
-    runs = {start: subprocess.run([sys.executable, SCRIPT, start, "lock"], env=run_env(), capture_output=True,
-                                  text=True, timeout=120) for start in ("forkserver", "auto", "fork")}
+    # the three at once: two of them wait out the loader's 10 s timeout
+    procs = {start: subprocess.Popen([sys.executable, SCRIPT, start, "lock"], env=run_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for start in ("forkserver", "auto", "fork")}
+    runs = {start: proc.communicate(timeout=120) for start, proc in procs.items()}
     # auto: fork, for a dataset of the script's own (one of dist_train's gets the fork server: the test below)
-    assert {start: run.stdout.strip() for start, run in runs.items()} == {"forkserver": "read", "auto": "hung", "fork": "hung"}, \
-        {start: run.stderr[-2000:] for start, run in runs.items()}
+    assert {start: out.strip() for start, (out, _) in runs.items()} == {"forkserver": "read", "auto": "hung", "fork": "hung"}, \
+        {start: err[-2000:] for start, (_, err) in runs.items()}
 
 
 @pytest.mark.parametrize("start", ["forkserver", "fork"])

@@ -5,6 +5,7 @@ before the submission is written; the result does not depend on the number of pr
 """
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -141,6 +142,11 @@ def predict_split(config: Config, checkpoint: str | Path | list, split: str = "t
         predictions.append(out["logits"][order])
         targets = out["targets"][order]
     outputs = predictions[0] if len(predictions) == 1 else task.average(predictions)
+    # The loader's persistent workers end here, their queues' semaphores released: left to the rank's os._exit
+    # (cli.exit_process), they outlived it and the resource tracker warned of "leaked semaphore objects".
+    loader = None
+    accelerator.free_memory()  # (Accelerate keeps a reference to every loader it prepared)
+    gc.collect()
     return Prediction(accelerator, task, list(row_ids), outputs, targets, groups, len(weights))
 
 
