@@ -2,9 +2,9 @@
 
 Two machines x 1 CPU process join one gloo group; the result must be bitwise the one of a 1-machine
 2-process run. A USR1 sent to the batch shell (`scancel --signal=USR1 --batch`) must end in a
-checkpoint, a requeue, and a restarted job that resumes and finishes with the same weights. A machine lost before
-the first checkpoint (its processes SIGKILLed) must end the job in bounded time, named, and the requeued job, with
-nothing to resume, start over and finish with the same weights.
+checkpoint, a requeue, and a restarted job that resumes and finishes with the same weights. A machine lost (its
+processes SIGKILLed) must end the job in bounded time, named; requeued, the job starts afresh when it was lost before
+the first checkpoint, and resumes exactly when it was lost in the middle.
 """
 from __future__ import annotations
 
@@ -147,19 +147,17 @@ def node_processes(job: str, node_id: str) -> list[psutil.Process]:
     return found
 
 
-def test_a_machine_lost_before_the_first_checkpoint_ends_the_job_and_the_requeued_job_starts_over(
-        cluster, two_machines, digits_root, tmp_path):
-    """SIGKILL of machine 1's launcher and training processes as training starts (as when a node dies early):
-    machine 0 stops within the bound, naming the lost rank; requeued (as SLURM requeues a --requeue job after a node
-    failure), the job has no checkpoint to resume, starts the run from the beginning and ends with the weights of the
-    undisturbed run."""
-    out = tmp_path / "run"
-    job = sbatch(cluster, out, digits_root)
-    submitted = time.time()
+def wait_for(cluster, job: str, path) -> None:
+    """Until `path` exists, the job still under way."""
     deadline = time.time() + 180
-    while not (out / "run_info.json").exists():  # written as training starts; the first save is at step 7
+    while not path.exists():
         assert time.time() < deadline and cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.05)
+
+
+def lose_machine_1(cluster, job: str, log_path, since: int) -> str:
+    """SIGKILL machine 1's launcher, training process and loader workers (as when a node dies); machine 0 must stop
+    within the bound, naming the lost rank. Returns what the job logged from byte `since` on."""
     victims = node_processes(job, "1")
     assert any("train.py" in " ".join(p.cmdline()) for p in victims), victims
     killed = time.time()
@@ -167,24 +165,49 @@ def test_a_machine_lost_before_the_first_checkpoint_ends_the_job_and_the_requeue
         proc.kill()
     info = cluster.wait(job, {"FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL", "PENDING"}, timeout=120)
     ended = time.time() - killed
-    log = (tmp_path / "run.log").read_text()
+    log = log_path.read_bytes()[since:].decode(errors="replace")
     print(f"machine 1 killed: the job ended {ended:.1f} s later ({info['JobState']})")
     assert info["JobState"] != "COMPLETED", log[-4000:]
     assert ended < 60, log[-4000:]
     assert re.search(r"rank 0: stopping: lost contact with rank 1 \(machine 1 on host [^)]+\), which stopped without a "
                      r"word: killed, or its machine was lost", log), log[-4000:]
-    assert not ckpt.complete_checkpoints(out / "checkpoints"), "machine 1 was lost after the first checkpoint"
+    return log
 
+
+def requeue(cluster, job: str) -> None:
+    """As SLURM requeues a --requeue job after a node failure."""
     cluster.run("scontrol", "requeue", job, check=True)
     cluster.wait(job, {"PENDING", "CONFIGURING", "RUNNING"}, timeout=60)  # (the requeue takes a moment to show)
     release_now(cluster, job)
-    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)
-    log = (tmp_path / "run.log").read_text()[len(log):]  # (the requeued job appends to the log)
-    assert info["JobState"] == "COMPLETED", f"{log[-4000:]}\n{info}\n{cluster.logs()}"
-    assert "SLURM_RESTART_COUNT=1: continuing with --resume auto" in log and "resumed from" not in log
+
+
+def test_a_lost_machine_ends_the_job_naming_it_and_the_requeued_job_resumes_exactly(cluster, two_machines, digits_root, tmp_path):
+    """Machine 1 lost before the run's first checkpoint, then again in the middle: each time machine 0 stops within
+    the bound, naming the lost rank; requeued, the job starts from the beginning (no checkpoint yet), then resumes
+    from the last checkpoint, and ends with the weights of the undisturbed run."""
+    out, log_path = tmp_path / "run", tmp_path / "run.log"
+    job = sbatch(cluster, out, digits_root)
+    started = time.time()
+    wait_for(cluster, job, out / "run_info.json")  # written as training starts; the first save is at step 7
+    lose_machine_1(cluster, job, log_path, since=0)
+    assert not ckpt.complete_checkpoints(out / "checkpoints"), "machine 1 was lost after the first checkpoint"
+
+    said = log_path.stat().st_size
+    requeue(cluster, job)
+    wait_for(cluster, job, out / "checkpoints" / ckpt.checkpoint_name(14))
+    log = lose_machine_1(cluster, job, log_path, since=said)
+    assert "SLURM_RESTART_COUNT=1: continuing with --resume auto" in log
     assert f"no checkpoint in {out / 'checkpoints'} yet: starting the run from the beginning" in log
-    print(f"lost before its first checkpoint, requeued, finished: {time.time() - submitted:.1f} s after submission")
+    saved = ckpt.complete_checkpoints(out / "checkpoints")[0]
+    ckpt.verify(saved)
+
+    said = log_path.stat().st_size
+    requeue(cluster, job)
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)
+    log = log_path.read_bytes()[said:].decode(errors="replace")
+    assert info["JobState"] == "COMPLETED", f"{log[-4000:]}\n{info}\n{cluster.logs()}"
+    assert "SLURM_RESTART_COUNT=2: continuing with --resume auto" in log and f"resumed from {saved}" in log
+    print(f"killed twice, requeued twice: {time.time() - started:.1f} s from submission to the end")
     ours = json.loads((out / "run_info.json").read_text())
     theirs = json.loads((two_machines[0] / "run_info.json").read_text())
-    assert ours["resumed_from"] is None and ours["global_step"] == 40
     assert ours["final_weights_sha256_per_rank"] == theirs["final_weights_sha256_per_rank"]
