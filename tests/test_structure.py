@@ -51,7 +51,8 @@ def layer(module: str) -> str:
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     """Each import of a module from a layer above its own, naming both files."""
     def path(module: str) -> str:
-        return f"dist_train/{module.replace('.', '/')}{'/__init__' if module in ('config', 'data', 'models') else ''}.py"
+        where = module.replace(".", "/")
+        return f"dist_train/{where}{'/__init__' if (PACKAGE / where).is_dir() else ''}.py"
 
     return [f"{path(module)} ({layer(module)}) imports {path(target)} ({layer(target)}), a layer above it"
             for module, targets in sorted(graph.items()) for target in sorted(targets)
