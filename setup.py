@@ -24,6 +24,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "timm>=1.0,<2",
+        "optuna>=4.0,<6",  # hpo: the study, its journal file and samplers (JournalFileBackend is 4.0's)
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15", "transformers>=4.40"],

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dist_train.config import Config, config_from_dict, load_config, to_dict
+from dist_train.job.distributed import forget_process_group  # (here before: `from dist_train.commands.api import ...`)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,7 +61,12 @@ class Trainer:
         afresh in an existing run directory (without either, an existing run is an error)."""
         from dist_train.loop.trainer import fit
 
-        return self._run(fit, self.config, str(resume) if resume is not None else None, overwrite, model=self.model,
+        resume = str(resume) if resume is not None else None
+        if self.config.distill.teacher is not None and self.train_dataset is None:
+            from dist_train.commands.distill import prepare_teacher
+
+            self._run(prepare_teacher, self.config, resume, overwrite)  # the teacher's outputs, once, as train.py does
+        return self._run(fit, self.config, resume, overwrite, model=self.model,
                          loss=self.loss, train_dataset=self.train_dataset, val_dataset=self.val_dataset)
 
     def predict(self, checkpoint: str | Path | None = None, dataset: Dataset | None = None,
@@ -114,29 +120,3 @@ class Trainer:
             raise
         finally:
             forget_process_group()
-
-
-def forget_process_group() -> None:
-    """End this process's group and Accelerate's record of it, so that the next fit or predict starts afresh.
-
-    fit() destroys its process group at the end (accelerator.end_training), but Accelerate's shared state
-    still describes it: the next Accelerator in this process (predict after fit) would find no group. And
-    torch names a new default group as the first was named ("0"), so under torchrun, whose agent's store
-    outlives the group, the new one would read the old one's rendezvous keys and wait forever for peers
-    at stale addresses: each generation's groups get names of their own.
-    """
-    import torch
-    from accelerate.state import AcceleratorState, GradientState
-    from torch.distributed import distributed_c10d
-
-    global _generation
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    _generation += 1
-    distributed_c10d._world.group_count = 1000 * _generation
-
-
-_generation = 0
-"""How many fit/predict calls this process has made: their process groups' names start at 1000 x this."""

@@ -42,6 +42,11 @@ def train_main(argv: list[str] | None = None) -> int:
             run_debug(one_fold(config), args.config)
             return 0
         prestart_worker_server(config.data)
+        if config.hpo.trials:
+            from dist_train.commands.hpo import tune
+
+            tune(config, resume=args.resume, overwrite=args.overwrite)
+            return 0
         if config.cv.folds:
             from dist_train.commands.cv import cross_validate
 
@@ -49,6 +54,10 @@ def train_main(argv: list[str] | None = None) -> int:
             return 0
         from dist_train.loop.trainer import fit
 
+        if config.distill.teacher is not None:  # the teacher's outputs on the training table, computed once (or checked)
+            from dist_train.commands.distill import prepare_teacher
+
+            prepare_teacher(config, args.resume, args.overwrite)
         fit(config, resume=args.resume, overwrite=args.overwrite)
     except DistTrainError as exc:
         if args.debug:
@@ -133,6 +142,28 @@ def export_main(argv: list[str] | None = None) -> int:
         from dist_train.commands.export import export
 
         export(args.checkpoint, args.output, args.overrides, args.images, args.tolerance, args.check_only)
+    except DistTrainError as exc:
+        fail(exc)
+    return 0
+
+
+def soup_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dist-train soup",
+        description="Average the folds of a cross-validation run into one model (a uniform weight soup; BatchNorm "
+                    "statistics recomputed on the training table), written as a checkpoint that predict.py and "
+                    "dist-train export take; scored beside the fold ensemble and each fold.")
+    parser.add_argument("--checkpoint", required=True, help="the cross-validation run's directory (its folds' best)")
+    parser.add_argument("--output", required=True, help="the checkpoint directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="changes to the run's config: data.root=... (where the data is now), data.val=TABLE (score "
+                             "the soup, the ensemble and each fold on labelled rows none of the folds trained on)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        from dist_train.commands.soup import soup
+
+        soup(args.checkpoint, args.output, args.overrides, overwrite=args.overwrite)
     except DistTrainError as exc:
         fail(exc)
     return 0

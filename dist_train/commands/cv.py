@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
-from dist_train.commands.api import forget_process_group
+from dist_train.job.distributed import forget_process_group
+from dist_train.commands.distill import prepare_teacher
 from dist_train.commands.inference import predict_split
 from dist_train.config import Config, fold_output_dir, resolve, to_dict
 from dist_train.data.datasets import as_target
@@ -44,10 +45,11 @@ FOLD_PREDICTIONS = "oof.safetensors"
 """In each fold's run directory: the outputs of its best checkpoint on the rows it held out, in table order."""
 
 
-def cross_validate(config: Config, resume: str | None = None, overwrite: bool = False) -> dict | None:
+def cross_validate(config: Config, resume: str | None = None, overwrite: bool = False, after_fold=None) -> dict | None:
     """Train the folds of `config` (all of them in turn, or cv.fold alone) and, once every fold is done, write oof.csv and
     cv_summary.json; returns the summary (None while folds remain). `resume`: "auto" continues each fold from its own
-    newest checkpoint and skips finished folds; `overwrite` starts every fold afresh."""
+    newest checkpoint and skips finished folds; `overwrite` starts every fold afresh. `after_fold(k)`, called on every
+    rank once fold k is done (a search's pruner), stops the run there when it returns True (the same on every rank)."""
     config = resolve(config)
     if resume not in (None, "auto"):
         raise ConfigError(f"--resume {resume}: with cv.folds, use --resume auto (each fold continues from its own "
@@ -62,6 +64,8 @@ def cross_validate(config: Config, resume: str | None = None, overwrite: bool = 
     folds = [config.cv.fold] if config.cv.fold is not None else list(range(config.cv.folds))
     for fold in folds:
         train_fold(fold_config(config, fold), resume, overwrite)
+        if after_fold is not None and after_fold(fold):
+            return None
     remaining = [k for k in range(config.cv.folds) if fold_state(fold_output_dir(output_dir, k)) != "done"]
     if remaining:
         _say(f"cv: fold(s) {', '.join(map(str, remaining))} of {config.cv.folds} not done yet; {OOF_FILE} and {SUMMARY_FILE} "
@@ -97,6 +101,8 @@ def train_fold(config: Config, resume: str | None, overwrite: bool) -> None:
         if is_main_process_env():
             (run_dir / FOLD_PREDICTIONS).unlink(missing_ok=True)  # it would describe the previous training
         try:
+            # distill.teacher: the teacher of this fold (never one that saw its rows), its outputs cached in the fold
+            prepare_teacher(config, resume, overwrite)
             # "auto": fit decides under the fold's lock; a fold without a complete checkpoint starts from the beginning
             fit(config, resume=resume, overwrite=overwrite)  # else an existing run is refused unless overwrite
         finally:

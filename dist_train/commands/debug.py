@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import default_collate
 
+from dist_train.commands.distill import prepare_teacher
 from dist_train.commands.inference import predict
 from dist_train.config import Config, preprocessing_summary
 from dist_train.data.datasets import build_dataset
@@ -39,6 +40,9 @@ def debug_config(config: Config) -> Config:
         train=replace(config.train, epochs=1, max_steps=None, early_stopping_patience=0),
         checkpoint=replace(config.checkpoint, every_n_steps=None, every_n_minutes=None),
         inference=replace(config.inference, output=None),
+        # a teacher runs live on the few batches (no pass over the whole table); an oof teacher has no models to run
+        distill=replace(config.distill, live=config.distill.live or (
+            config.distill.teacher is not None and not (config.cv.folds and config.distill.cv_targets == "oof"))),
     )
 
 
@@ -60,6 +64,7 @@ def run_debug(config: Config, config_path: str | None) -> None:
     print(f"debug: now a few batches on one process, into {debug.output_dir}", flush=True)
     one_process = Layout(1, config.data.batch_size, config.train.grad_accum_steps)
     limits = Limits(train=TRAIN_BATCHES * one_process.global_batch, val=EVAL_BATCHES * eval_batch(config))
+    prepare_teacher(debug, overwrite=True)  # distill.teacher: checked, and set up to teach
     fit(debug, overwrite=True, limits=limits)
     predict(debug, Path(debug.output_dir) / "checkpoints" / "last", limit=EVAL_BATCHES * eval_batch(debug))
     print("debug: train, validate, checkpoint and predict all ran; the config is ready for the real run", flush=True)

@@ -21,12 +21,13 @@ from dist_train.data.datasets import ModelInput, build_dataset, decodes_on_devic
 from dist_train.data.loaders import build_loader
 from dist_train.data.splits import load_test_records
 from dist_train.errors import CheckpointError, ConfigError, DataError
-from dist_train.job.distributed import build_accelerator, main_print
+from dist_train.job.distributed import build_accelerator, is_main_process_env, main_print
 from dist_train.loop.ranks import check_each_once, predict_gathered
 from dist_train.models.losses import build_loss
 from dist_train.models.networks import build_model, read_weights
-from dist_train.models.tasks import Task, build_task, group_ids, load_task, task_for_datasets
+from dist_train.models.tasks import Task, build_task, group_ids, load_table, load_task, task_for_datasets
 from dist_train.rundir.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify
+from dist_train.rundir.report import best_trial_dir
 from dist_train.rundir.submission import write_submission
 
 
@@ -107,8 +108,9 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
 
 def predict_split(config: Config, checkpoint: str | Path | list, split: str = "test", limit: int | None = None, *,
                   model: nn.Module | None = None, dataset=None) -> Prediction:
-    """Predict `split` with the checkpoint(s), sharded over the launched processes and gathered on every rank (predict()
-    writes it). A key of `config` that shapes the model must be the checkpoints' own (check_model_keys)."""
+    """Predict `split` (test, val, or table: every row of the training table) with the checkpoint(s), sharded over the
+    launched processes and gathered on every rank (predict() writes it). A key of `config` that shapes the model must be
+    the checkpoints' own (check_model_keys)."""
     if split == "val" and config.cv.folds and config.cv.fold is None:
         raise ConfigError(f"--split val of a cross-validation run: its out-of-fold predictions are "
                           f"{Path(config.output_dir) / 'oof.csv'}; a fold's own: --checkpoint {fold_output_dir(config.output_dir, 0)}")
@@ -154,15 +156,22 @@ def checkpoint_config_file(checkpoint: str | Path) -> Path | None:
     """The config.yaml a checkpoint was trained with: inside a checkpoint or run directory (a cross-validation run's
     own), or beside a weights file; None when there is none."""
     path = Path(checkpoint)
+    path = best_trial_dir(path) or path if path.is_dir() else path  # a study's directory: its best trial's
     file = (path if path.is_dir() else path.parent) / "config.yaml"
     return file if file.is_file() else None
 
 
 def expand_checkpoints(checkpoints: list) -> list:
     """The checkpoints to average: a cross-validation run's directory (its config.yaml has cv.folds and no cv.fold)
-    stands for the `best` checkpoint of each of its folds, a run directory for its own `best`; the rest as given."""
+    stands for the `best` checkpoint of each of its folds, a run directory for its own `best`, a study's directory
+    (hpo.trials) for its best trial's run; the rest as given."""
     expanded = []
     for checkpoint in checkpoints:
+        trial = best_trial_dir(Path(checkpoint)) if Path(checkpoint).is_dir() else None
+        if trial is not None:
+            if is_main_process_env():
+                print(f"{checkpoint} is a study: predicting with its best trial, {trial}", flush=True)
+            checkpoint = trial
         path, saved = Path(checkpoint), _saved_config(checkpoint)
         cv = saved.get("cv") or {}
         if path.is_dir() and cv.get("folds") and cv.get("fold") is None:
@@ -215,10 +224,14 @@ def prediction_data(config: Config, checkpoints: list, weights: list[Path], spli
             labels = task_for_datasets(config, user_sets[split])[0]
         dataset = user_sets[split] if limit is None else user_sets[split].head(limit)
         return build_task(config, labels), dataset, dataset.row_ids(), group_ids(getattr(dataset, "groups", None)), False
-    if split == "val" or labels is None:  # a bare weights file: the labels come from the training data
+    if split == "table":  # every row of the training table (a distillation teacher's outputs)
+        records, data_labels, _ = load_table(config)
+        labels = labels if labels is not None else data_labels
+    elif split == "val" or labels is None:  # a bare weights file: the labels come from the training data
         _, val_records, data_labels, _ = load_task(config)
         labels = labels if labels is not None else data_labels
-    records = val_records if split == "val" else load_test_records(config.data)
+    if split != "table":
+        records = val_records if split == "val" else load_test_records(config.data)
     if limit is not None:
         records = records.take(range(min(limit, len(records.paths))))
     on_device = decodes_on_device(config.data, device, [records])

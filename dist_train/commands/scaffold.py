@@ -1,7 +1,8 @@
 """The `dist-train` command (also `python -m dist_train`): `new DIR` writes a ready project of your own model,
 dataset and loss; `train ...` / `predict ...` are train.py / predict.py, so that
 `accelerate launch ... -m dist_train train --config X` works wherever dist_train is installed; `export ...` writes a
-checkpoint's model as ONNX (export.py)."""
+checkpoint's model as ONNX (export.py); `soup ...` averages a cross-validation run's folds into one checkpoint
+(soup.py)."""
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         from dist_train.commands.cli import export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["soup"]:
+        from dist_train.commands.cli import soup_main
+
+        return soup_main(argv[1:])
     parser = argparse.ArgumentParser(prog="dist-train", description="dist_train's project tools: new DIR | train ... | "
                                                                     "predict ... (train.py / predict.py's arguments) | "
-                                                                    "export --checkpoint DIR ...")
+                                                                    "export --checkpoint DIR ... | soup --checkpoint CV_DIR "
+                                                                    "--output DIR")
     commands = parser.add_subparsers(dest="command", required=True)
     new = commands.add_parser("new", help="write a ready project: config.yaml, model.py, dataset.py, loss.py, a smoke "
                                           "test, a README and example data")

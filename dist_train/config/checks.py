@@ -45,7 +45,9 @@ def resolve(config: Config) -> Config:
         hint = f"; did you mean {close[0]}?" if close else f"; choose one of {', '.join(names)}"
         raise ConfigError(f"checkpoint.monitor: unknown metric {monitor!r} for task.kind={config.task.kind}{hint}")
     mode = config.checkpoint.mode or mode_of(monitor)
-    return dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, monitor=monitor, mode=mode))
+    config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, monitor=monitor, mode=mode))
+    validate_hpo(config)
+    return config
 
 
 DEFAULT_PREPROCESSING = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -160,6 +162,7 @@ def validate(config: Config) -> None:
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{key}: file not found: {path}")
     validate_splits(config)
+    validate_teacher_and_pseudo_labels(config)
 
 
 def validate_splits(config: Config) -> None:
@@ -185,6 +188,40 @@ def validate_splits(config: Config) -> None:
             raise ConfigError(message)
 
 
+def validate_teacher_and_pseudo_labels(config: Config) -> None:
+    """distill (a teacher's outputs) and data.pseudo_labels (test rows with soft targets): what they can run with."""
+    distill, data, kind = config.distill, config.data, config.task.kind
+    mixing = data.mixup_alpha > 0 or data.cutmix_alpha > 0
+    checks = [
+        (0.0 <= distill.alpha <= 1.0, f"distill.alpha must be in [0, 1], not {distill.alpha}"),
+        (distill.temperature > 0, f"distill.temperature must be positive, not {distill.temperature}"),
+        (0.0 <= data.pseudo_threshold <= 1.0, f"data.pseudo_threshold must be in [0, 1], not {data.pseudo_threshold}"),
+    ]
+    if distill.teacher is not None:
+        checks += [
+            (kind in ("classification", "multihead"), f"distill.teacher: distillation matches class distributions; "
+                                                      f"task.kind={kind} has none"),
+            (data.file is None, "distill.teacher reads the built-in training table (its rows' ids key the teacher's "
+                                "outputs); data.file's datasets have none"),
+            (distill.live or not mixing, "distill.teacher with mixup/CutMix: the cached teacher outputs are of the "
+                                         "unmixed images; set distill.live=true (the teacher runs on each mixed batch)"),
+            (data.pseudo_labels is None, "distill.teacher and data.pseudo_labels together are not supported yet: the "
+                                         "teacher's outputs cover the training table, not the pseudo-labelled test rows"),
+        ]
+    if data.pseudo_labels is not None:
+        checks += [
+            (kind == "classification", f"data.pseudo_labels: soft targets of one class column; task.kind={kind} is not "
+                                       f"classification"),
+            (data.file is None, "data.pseudo_labels joins the built-in test table's images; data.file's datasets have none"),
+            (not mixing, "data.pseudo_labels with mixup/CutMix is not supported (both make soft targets)"),
+            (not data.balanced_sampler, "data.pseudo_labels: data.balanced_sampler needs one class per row"),
+            (data.bad_samples == "error", "data.pseudo_labels: data.bad_samples=skip needs one class per row"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 def _split_name(split: str | SplitConfig | None) -> str:
     return repr(split.table if isinstance(split, SplitConfig) else split)
 
@@ -200,3 +237,146 @@ def model_shaping_differences(saved: dict[str, Any], config: Config) -> list[tup
     return [(key, theirs[key], value) for key, value in ours.items()
             if key.startswith(MODEL_SHAPING) and key not in ("model.pretrained", "model.freeze")
             and key in theirs and theirs[key] != value]
+
+
+# ----------------------------------------------------------------------------------------------
+# hpo: the search's own keys, and its space checked value by value through the checks above
+
+
+def hpo_objective(config: Config) -> tuple[str, str]:
+    """The metric a study optimises and its direction (min or max): hpo.objective, else checkpoint.monitor and its mode."""
+    objective = config.hpo.objective or config.checkpoint.monitor
+    mode = config.checkpoint.mode if objective == config.checkpoint.monitor and config.checkpoint.mode else mode_of(objective)
+    return objective, mode
+
+
+def validate_hpo(config: Config) -> None:
+    """The hpo section of a study (hpo.trials > 0): its objective, sampler, pruner, and the shape of hpo.space (each
+    key's values are checked by check_space, which builds the config with them)."""
+    hpo = config.hpo
+    if hpo.trials < 0:
+        raise ConfigError(f"hpo.trials must be >= 0 (0: no search), not {hpo.trials}")
+    if hpo.trials == 0:
+        return
+    names = monitorable(config)
+    objective = hpo.objective or config.checkpoint.monitor
+    if objective not in names:
+        close = difflib.get_close_matches(objective, names, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; choose one of {', '.join(names)}"
+        raise ConfigError(f"hpo.objective: unknown metric {objective!r} for task.kind={config.task.kind}{hint}")
+    checks = [
+        (bool(hpo.space), f"hpo.trials={hpo.trials} needs hpo.space: the config keys to search, e.g. "
+                          f"{{optim.lr: {{type: float, low: 1e-4, high: 1e-2, log: true}}}}"),
+        (config.cv.fold is None, f"cv.fold={config.cv.fold} with hpo.trials: a trial's objective needs all its folds "
+                                 f"(leave cv.fold out; several workers share a study by themselves)"),
+        (hpo.pruner != "median" or not config.cv.folds, "hpo.pruner=median judges the epochs of a hold-out run; with "
+                                                        "cv.folds use hpo.pruner=wilcoxon (it judges the folds)"),
+        (hpo.pruner != "wilcoxon" or config.cv.folds >= 3, f"hpo.pruner=wilcoxon judges a trial between its folds: it needs "
+                                                           f"cv.folds >= 3 (it is {config.cv.folds})"),
+        (0 < hpo.prune_p < 1, f"hpo.prune_p must be in (0, 1), not {hpo.prune_p}"),
+        (min(hpo.startup_trials, hpo.prune_startup_trials, hpo.prune_warmup_epochs) >= 0,
+         "hpo.startup_trials, hpo.prune_startup_trials and hpo.prune_warmup_epochs must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for key, dimension in hpo.space.items():
+        _check_dimension(key, dimension)
+    for i, values in enumerate(hpo.enqueue):
+        for key, value in values.items():
+            if key not in hpo.space:
+                raise ConfigError(f"hpo.enqueue[{i}]: {key} is not a key of hpo.space ({', '.join(hpo.space)})")
+            if not in_space(hpo.space[key], value):
+                raise ConfigError(f"hpo.enqueue[{i}]: {key}={value!r} is outside hpo.space.{key}")
+
+
+SEARCH_REFUSED = ("hpo.", "cv.", "output_dir")
+"""Keys no trial may set: the study's own, the folds its objective is scored on, and where it runs."""
+
+
+def _check_dimension(key: str, dim) -> None:
+    where = f"hpo.space.{key}"
+    if key.startswith(SEARCH_REFUSED):
+        raise ConfigError(f"{where}: {key} cannot be searched (hpo.*, cv.* and output_dir are the study's own)")
+    if dim.type == "categorical":
+        checks = [(bool(dim.choices), f"{where}: type categorical needs choices, e.g. choices: [small_cnn, mlp]"),
+                  (dim.low is None and dim.high is None and not dim.log and dim.step is None,
+                   f"{where}: low, high, log and step are for type float and int; categorical takes choices"),
+                  (all(c is None or isinstance(c, (bool, int, float, str)) for c in dim.choices or []),
+                   f"{where}: choices must be numbers, strings, booleans or null (not lists or mappings)")]
+    else:
+        whole = dim.type == "int"
+        numbers = [v for v in (dim.low, dim.high, dim.step) if v is not None]
+        checks = [(dim.low is not None and dim.high is not None, f"{where}: type {dim.type} needs low and high"),
+                  (dim.choices is None, f"{where}: choices are for type categorical; {dim.type} takes low and high"),
+                  (not whole or all(float(v).is_integer() for v in numbers), f"{where}: type int needs whole numbers "
+                                                                             f"for low, high and step"),
+                  (dim.low is None or dim.high is None or dim.low <= dim.high, f"{where}: low ({dim.low}) is above high ({dim.high})"),
+                  (not dim.log or (dim.low is not None and dim.low > 0), f"{where}: log needs low > 0 (it is {dim.low})"),
+                  (not dim.log or dim.step is None, f"{where}: step and log cannot be combined"),
+                  (dim.step is None or dim.step > 0, f"{where}: step must be positive")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def space_value(dim, value):
+    """`value` as `dim` takes it: a number written as text (PyYAML reads `1e-5` as a string) made a number."""
+    if dim.type != "categorical" and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if dim.type == "int" and number.is_integer() else number
+    return value
+
+
+def in_space(dim, value) -> bool:
+    """Whether `value` is one `dim` can take."""
+    value = space_value(dim, value)
+    if dim.type == "categorical":
+        return value in dim.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return dim.low <= value <= dim.high and (dim.type == "float" or float(value).is_integer())
+
+
+def space_values(dim) -> list:
+    """The values of `dim` the config is checked with: both ends of a range, every choice."""
+    if dim.type == "categorical":
+        return list(dim.choices)
+    return [int(dim.low), int(dim.high)] if dim.type == "int" else [float(dim.low), float(dim.high)]
+
+
+def check_space(config: Config, build) -> None:
+    """Each value of hpo.space (both ends of a range, each choice) through the config's own checks before anything
+    trains: `build({key: value})` builds the config with it (parse.config_from_dict) and raises what it refuses; a
+    model.name choice must name a model that exists."""
+    for key, dim in config.hpo.space.items():
+        for value in space_values(dim):
+            what = "choice" if dim.type == "categorical" else ("low" if value == dim.low else "high")
+            try:
+                built = build({key: value})
+                if key == "model.name" and built.model.file is None:
+                    check_model_name(value)
+            except ConfigError as exc:
+                if dim.type == "float" and f"{key}: expected int" in str(exc):
+                    raise ConfigError(f"hpo.space.{key}: {key} takes whole numbers: use type: int") from None
+                raise ConfigError(f"hpo.space.{key}: {what} {value!r}: {exc}") from None
+
+
+def check_model_name(name: str) -> None:
+    """`name` names a model dist_train can build (models.networks.build_model): small_cnn, mlp, torchvision's, timm/<name>."""
+    if name in ("small_cnn", "mlp"):
+        return
+    arch = pretrained.timm_name(name)
+    if arch is not None:
+        pretrained.check_name(arch)
+        return
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        close = difflib.get_close_matches(name, available + ["small_cnn", "mlp"], n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; timm's models are named timm/<name>"
+        raise ConfigError(f"model.name: unknown model {name!r}{hint}")

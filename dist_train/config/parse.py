@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
-from dist_train.config.checks import resolve
+from dist_train.config.checks import check_space, resolve
+from dist_train.config.search import SearchDimension
 from dist_train.config.sections import Config, to_dict
 from dist_train.errors import ConfigError
 
@@ -37,11 +38,29 @@ def config_from_dict(raw: dict[str, Any], values: dict[str, Any] | None = None, 
     raw = copy.deepcopy(raw)
     for key, value in (values or {}).items():
         _set_dotted(raw, key, value)
+    if isinstance(raw.get("hpo"), dict) and isinstance(raw["hpo"].get("space"), dict):
+        raw["hpo"]["space"] = _space_keys(raw["hpo"]["space"])
     config = _build(Config, raw, "")
     for section in (config.model, config.loss, config.data):
         if section.file is not None:
             section.file = str((Path(base_dir) / section.file).absolute())
-    return resolve(config)
+    config = resolve(config)
+    if config.hpo.trials > 0:  # each value of the search space through the checks above, before anything trains
+        check_space(config, lambda value: config_from_dict(raw, {**value, "hpo.trials": 0}, base_dir))
+    return config
+
+
+def _space_keys(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """hpo.space with dotted keys: `hpo.space.optim.lr={...}` on the command line nests the key ({optim: {lr: {...}}});
+    a mapping that is not a dimension (no key of SearchDimension) is a level of the key."""
+    dimension_keys = {f.name for f in dataclasses.fields(SearchDimension)}
+    flat = {}
+    for key, value in space.items():
+        if isinstance(value, dict) and value and not set(value) & dimension_keys:
+            flat.update(_space_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dist_train.config.search import HPOConfig
+
 
 @dataclass
 class SplitConfig:
@@ -114,6 +116,12 @@ class DataConfig:
     """Share of training batches that are mixed (when mixup or cutmix is on)."""
     mix_switch_prob: float = 0.5
     """With both on: the probability that a mixed batch uses CutMix rather than mixup."""
+    pseudo_labels: str | None = None
+    """Pseudo-labels: a predictions file of the test set with probabilities (predict.py ... inference.probabilities=true:
+    id, label, prob_<class>...); its rows whose highest probability reaches `pseudo_threshold` join the training rows
+    with their probabilities as soft targets (never a validation row, nor in any cv fold's). Classification only."""
+    pseudo_threshold: float = 0.9
+    """The confidence (highest class probability) a test row needs to join training as a pseudo-labelled row."""
     file: str | None = None
     """Your own datasets: a Python file defining `build_dataset(cfg: DataConfig, split: str) -> Dataset`
     (split: train, val or test), items (image tensor, target) or an image alone for test; optional
@@ -378,6 +386,31 @@ class CVConfig:
     """Seed of the assignment of rows to folds; None: the run's seed."""
 
 
+@dataclass
+class DistillConfig:
+    """Knowledge distillation: the config's model (the student) learns from a trained teacher's outputs too:
+    loss = alpha x task loss + (1 - alpha) x T^2 x KL(softmax(teacher / T) || softmax(student / T)), per head for
+    multihead. The teacher never trains; it sees the images with its own preprocessing (its config's size, mean, std)."""
+
+    teacher: str | None = None
+    """A run directory (its best checkpoint), a checkpoint directory, or a cross-validation run's directory (its folds'
+    best, averaged: the fold ensemble); None: no distillation."""
+    alpha: float = 0.5
+    """The task loss's share: 1 trains on the labels alone, 0 on the teacher alone."""
+    temperature: float = 2.0
+    """T: teacher and student outputs are softened by softmax(outputs / T) before the KL divergence."""
+    tta: Literal["none", "hflip"] = "none"
+    """The teacher's test-time augmentation: hflip averages its outputs on each image and its mirror image."""
+    live: bool = False
+    """False: the teacher's outputs on the training table are computed once before training (sharded inference) and
+    cached in the run directory (teacher_logits.safetensors); every epoch reads them. True: the teacher runs on each
+    training batch as the student sees it (after crops, flips, mixup): one teacher forward pass per batch and epoch."""
+    cv_targets: Literal["fold", "oof"] = "fold"
+    """With cv.folds on the student (the teacher must be a cross-validation run of the same folds): fold: student fold k
+    learns from teacher fold k, the one model that never saw fold k's rows; oof: from the teacher's oof.csv, each row's
+    prediction by the teacher fold that held it out (no teacher inference; those folds did see fold k's rows)."""
+
+
 def fold_output_dir(output_dir: str | Path, fold: int) -> Path:
     """Where fold `fold` of a cross-validation run in `output_dir` runs: a normal run directory."""
     return Path(output_dir) / f"fold-{fold}"
@@ -402,6 +435,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     cv: CVConfig = field(default_factory=CVConfig)
+    hpo: HPOConfig = field(default_factory=HPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,6 +5,7 @@
     datasets.py  images decoded and transformed (or left encoded for the device), targets, the model's input
     decode.py    JPEGs decoded on the device (nvJPEG) and their crops
     mixing.py    mixup / CutMix of a batch
+    pseudo.py    pseudo-labelled test rows joining the training rows with soft targets
     loaders.py   DataLoaders: balanced sampling, seeded shuffles, clean-up
     workers.py   loader workers started from a fork server, bound to their rank
     synthetic.py example sets made offline (`python -m dist_train.data.synthetic ...`)

@@ -251,3 +251,29 @@ def fail(exc: DistTrainError, code: int = 2) -> None:
     if is_main_process_env():
         print(f"error: {exc.message()}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def forget_process_group() -> None:
+    """End this process's group and Accelerate's record of it, so that the next fit or predict starts afresh.
+
+    fit() destroys its process group at the end (accelerator.end_training), but Accelerate's shared state
+    still describes it: the next Accelerator in this process (predict after fit) would find no group. And
+    torch names a new default group as the first was named ("0"), so under torchrun, whose agent's store
+    outlives the group, the new one would read the old one's rendezvous keys and wait forever for peers
+    at stale addresses: each generation's groups get names of their own.
+    """
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+    from torch.distributed import distributed_c10d
+
+    global _generation
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    _generation += 1
+    distributed_c10d._world.group_count = 1000 * _generation
+
+
+_generation = 0
+"""How many fit/predict calls this process has made: their process groups' names start at 1000 x this."""

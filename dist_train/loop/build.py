@@ -4,6 +4,7 @@ and loaders, loss, optimizer, prepare, then what depends on the prepared objects
 preparation, EMA, mixing)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from dist_train.custom import IndexedDataset, user_datasets
 from dist_train.data.datasets import ModelInput, build_dataset, decodes_on_device
 from dist_train.data.loaders import build_loader
 from dist_train.data.mixing import BatchMixer
+from dist_train.data.pseudo import pseudo_labelled, with_pseudo_labels
 from dist_train.data.tables import Records
 from dist_train.errors import ConfigError, DistributedSetupError, is_out_of_memory
 from dist_train.job import faults
@@ -27,6 +29,15 @@ from dist_train.loop import elastic
 from dist_train.loop.elastic import Resumption, Saved
 from dist_train.loop.guard import FiniteGuard
 from dist_train.models.batchnorm import convert_sync_batchnorm
+from dist_train.models.distill import (
+    TEACHER_CACHE,
+    TEACHER_SPEC,
+    Distillation,
+    cache_metadata,
+    heads_of,
+    live_teacher,
+    read_cache,
+)
 from dist_train.models.ema import ModelEMA
 from dist_train.models.losses import build_loss
 from dist_train.models.networks import build_model, has_batchnorm, parameter_counts
@@ -62,6 +73,8 @@ class Data:
     """What the labels define (tasks.fit_labels), saved with every checkpoint as classes.json."""
     train: Records | IndexedDataset
     val: Records | IndexedDataset
+    pseudo: dict | None = None
+    """data.pseudo_labels: what joined the training rows (data/pseudo.py)."""
 
     @property
     def built_in(self) -> bool:
@@ -95,6 +108,10 @@ class Parts:
     """Ranking: each validation row's query id."""
     ema: ModelEMA | None = None
     mix: BatchMixer | None = None
+    distill: Distillation | None = None
+    """distill.teacher: the teacher's outputs for the training rows and the distillation loss."""
+    pseudo: dict | None = None
+    """data.pseudo_labels: the test rows that joined training (run_info.json's pseudo_labels)."""
     model_name: str = ""
     parameters: tuple[int, int] = (0, 0)
     """(trainable, frozen) parameter counts."""
@@ -114,6 +131,8 @@ def build_parts(accelerator: Accelerator, config: Config, given: Given | None = 
         torch.use_deterministic_algorithms(True)
     with accelerator.main_process_first():  # the digits (or the user's data) are written once, by the main process
         data = load_data(config, given, limits)
+    if data.pseudo is not None:
+        main_print(accelerator, pseudo_line(data.pseudo))
     model = build_network(config, data.task, given.model)
     model_name = config.model.name if given.model is None and config.model.file is None else type(model).__name__
     refuse_deepspeed_batchnorm(accelerator, config, model)
@@ -155,7 +174,8 @@ def build_parts(accelerator: Accelerator, config: Config, given: Given | None = 
         if config.train.ema_decay is not None else None,
         mix=BatchMixer(config.data, data.task.num_outputs, config.seed, accelerator.process_index)
         if config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0 else None,
-        model_name=model_name, parameters=parameters, resumption=resumption,
+        distill=build_distillation(accelerator, config, data) if config.distill.teacher is not None else None,
+        pseudo=data.pseudo, model_name=model_name, parameters=parameters, resumption=resumption,
     )
 
 
@@ -174,6 +194,10 @@ def load_data(config: Config, given: Given, limits: Limits | None = None) -> Dat
         train, val, labels, task = load_task(config)
         if limits is not None:
             train, val = train.take(range(min(limits.train, len(train.paths)))), val.take(range(min(limits.val, len(val.paths))))
+        if config.data.pseudo_labels is not None:  # after the validation rows are chosen: never one of them
+            rows, pseudo = pseudo_labelled(config.data, labels, config.inference.id_column)
+            return Data(task, labels, with_pseudo_labels(train, rows, task.num_outputs), val,
+                        {**pseudo, "labelled_rows": len(train.paths)})
     else:
         labels, task = task_for_datasets(config, user_sets["train"])
         train, val = user_sets["train"], user_sets["val"]
@@ -184,6 +208,12 @@ def load_data(config: Config, given: Given, limits: Limits | None = None) -> Dat
     return Data(task, labels, train, val)
 
 
+def pseudo_line(pseudo: dict) -> str:
+    return (f"pseudo-labels: {pseudo['added']} of the {pseudo['predicted_rows']} test rows of {pseudo['file']} reach "
+            f"data.pseudo_threshold={pseudo['threshold']:g} and join the {pseudo['labelled_rows']} labelled training rows "
+            f"with their probabilities as soft targets (never a validation row)")
+
+
 def build_network(config: Config, task: Task, given: nn.Module | None = None) -> nn.Module:
     """The model with the task's output size (model.num_classes, when set, must agree with the data)."""
     num_outputs = config.model.num_classes or task.num_outputs
@@ -191,6 +221,30 @@ def build_network(config: Config, task: Task, given: nn.Module | None = None) ->
         raise ConfigError(f"model.num_classes={num_outputs} but the data has {task.num_outputs} "
                           f"{'classes' if task.kind == 'classification' else f'outputs (task.kind={task.kind})'}")
     return build_model(config.model, num_outputs, config.data.channels, config.data.image_size, given=given)
+
+
+def build_distillation(accelerator: Accelerator, config: Config, data: Data) -> Distillation:
+    """The teacher's outputs of the training rows, on the device, from the run directory's cache (computed before the
+    run by commands/distill.py: train.py does it), keyed by row id -- or the teacher itself (distill.live, as
+    teacher.json describes it); and the loss that mixes them in."""
+    if not data.built_in:
+        raise ConfigError("distill.teacher keys the teacher's outputs by the built-in training table's row ids; "
+                          "datasets of your own have none")
+    sizes, weights = heads_of(data.task)
+    describe = {"teacher": config.distill.teacher, "alpha": config.distill.alpha, "temperature": config.distill.temperature}
+    if config.distill.live:  # the teacher on every batch, as the student sees it
+        path = Path(config.output_dir) / TEACHER_SPEC
+        if not path.is_file():
+            raise ConfigError(f"distill.live: no {path}: train.py writes it before training")
+        spec = json.loads(path.read_text())
+        distill = Distillation(config.distill, sizes, weights, teacher=live_teacher(spec, config.data, accelerator.device))
+        distill.describe = {**describe, "outputs": "live", "fingerprint": spec["fingerprint"], "weights": spec["weights"]}
+        return distill
+    path = Path(config.output_dir) / TEACHER_CACHE
+    distill = Distillation(config.distill, sizes, weights, cached=read_cache(path, data.train.ids, accelerator.device))
+    distill.describe = {**describe, "outputs": "cached", "cache": str(path),
+                        "fingerprint": cache_metadata(path).get("fingerprint"), "rows": len(data.train.ids)}
+    return distill
 
 
 def refuse_deepspeed_batchnorm(accelerator: Accelerator, config: Config, model: nn.Module) -> None:

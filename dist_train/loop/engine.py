@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from dist_train.config import to_dict
 from dist_train.job import faults
-from dist_train.job.distributed import unwrap
+from dist_train.job.distributed import same_on_all_ranks, unwrap
 from dist_train.job.faults import Preempted, SignalFlag, Watchdog
 from dist_train.loop.build import Parts
 from dist_train.loop.policy import EvalRules, StepRules
@@ -152,6 +152,8 @@ class MicroBatch:
     """Real samples, all ranks, of its accumulation window: the step's loss is their mean."""
     readable: torch.Tensor | None = None
     """data.bad_samples=skip: which rows are readable images (the others weigh 0)."""
+    teacher: torch.Tensor | None = None
+    """distill.teacher: the teacher's outputs for these rows (cached, or run live on `images`)."""
 
 
 class Run:
@@ -162,11 +164,13 @@ class Run:
         run.start()                # or run.start(checkpoint.choose_checkpoint(accelerator, "auto", checkpoints))
         summary = run.train()
 
-    `watchdog` and `signals` (faults.py) see the run's progress and its preemption signals; left out, none.
+    `watchdog` and `signals` (faults.py) see the run's progress and its preemption signals; left out, none. `judge`
+    (a search's pruner) is asked on the main process after each evaluation, `judge(epoch, metrics)`: True ends the run
+    there, on every rank (the main process's answer is broadcast).
     """
 
     def __init__(self, accelerator: Accelerator, parts: Parts, watchdog: Watchdog | None = None,
-                 signals: SignalFlag | None = None, started: float | None = None):
+                 signals: SignalFlag | None = None, started: float | None = None, judge=None):
         config = parts.config
         self.accelerator, self.parts, self.config, self.layout = accelerator, parts, config, parts.layout
         self.state = RunState(layout=self.layout.as_list())
@@ -184,6 +188,7 @@ class Run:
         self.signals = signals or SignalFlag(signals=())
         self.started = started if started is not None else time.time()
         self.last_save = time.monotonic()
+        self.judge = judge
         self.info: dict = {}
 
     def start(self, checkpoint: Path | None = None) -> None:
@@ -212,6 +217,8 @@ class Run:
             stop = self.end_epoch(result, metrics, outputs)
             if stop is not None:
                 break
+        if stop == "pruned":
+            self.info["pruned_after_epoch"] = self.state.epoch
         return self.finish(stopped_early=stop == "patience")
 
     # --- one epoch of training -----------------------------------------------------------------
@@ -220,14 +227,18 @@ class Run:
         """One pass over this process's shard of epoch `index` (from 0), from where a resume left it."""
         epoch = self._begin_epoch(index)
         self.parts.model.train()
-        for micro in range(epoch.first_batch, self.layout.batches_per_process):
-            batch = epoch.next_batch()
-            if batch is None:
-                break
-            self.watchdog.beat()
-            if self.micro_step(self._micro_batch(batch, micro, epoch), epoch) and self.after_step(epoch):
-                epoch.loader.end()  # leaving the loop early: unregister it from Accelerate's gradient state
-                break
+        try:
+            for micro in range(epoch.first_batch, self.layout.batches_per_process):
+                batch = epoch.next_batch()
+                if batch is None:
+                    break
+                self.watchdog.beat()
+                if self.micro_step(self._micro_batch(batch, micro, epoch), epoch) and self.after_step(epoch):
+                    epoch.loader.end()  # leaving the loop early: unregister it from Accelerate's gradient state
+                    break
+        except BaseException:
+            epoch.bar.close()  # (the error's line then starts a line of its own, not the bar's)
+            raise
         return self._end_training(epoch)
 
     def micro_step(self, micro: MicroBatch, epoch: Epoch) -> bool:
@@ -303,8 +314,8 @@ class Run:
 
     def _micro_batch(self, batch, index: int, epoch: Epoch) -> MicroBatch:
         """The model's input (data.ModelInput: decode on the device, dtype, memory layout), unreadable images
-        weighed out, mixup/CutMix applied."""
-        images, targets, _ = batch
+        weighed out, mixup/CutMix applied, and the teacher's outputs for its rows (distill.teacher)."""
+        images, targets, rows = batch
         images, targets = self.parts.prepare_input(images, targets)
         real = self.layout.real_rows(index, len(targets), self.accelerator.process_index)
         readable = None
@@ -314,11 +325,15 @@ class Run:
             targets = targets.clamp(min=0)
         if self.parts.mix is not None:
             images, targets = self.parts.mix(images, targets, epoch.number, index)
-        return MicroBatch(index, images, targets, real, self.layout.window_samples(index), readable)
+        teacher = self.parts.distill.targets(rows, images) if self.parts.distill is not None else None
+        return MicroBatch(index, images, targets, real, self.layout.window_samples(index), readable, teacher)
 
     def _real_loss_sum(self, logits: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
-        """The summed loss of the micro-batch's real, readable rows (with the test-only injected NaNs)."""
+        """The summed loss of the micro-batch's real, readable rows (with the test-only injected NaNs); with a teacher,
+        each row's task loss mixed with its distillation term (models/distill.py)."""
         per_sample = self.parts.loss_fn(logits, micro.targets)
+        if micro.teacher is not None:
+            per_sample = self.parts.distill.loss(per_sample, logits, micro.teacher)
         if micro.readable is not None:
             per_sample = per_sample * micro.readable
         loss_sum = per_sample[:micro.real].sum()
@@ -399,6 +414,11 @@ class Run:
             self.reporter.say(f"reached train.max_steps={self.config.train.max_steps}")
         elif decision.stop == "patience":
             self.reporter.say(f"early stop: {monitor} did not improve for {self.config.train.early_stopping_patience} evaluations")
+        if self.judge is not None:  # asked after every epoch (it records the score); it can only stop one before the last
+            verdict = self.judge(state.epoch, metrics) if self.accelerator.is_main_process else None
+            if same_on_all_ranks(self.accelerator, verdict) and decision.stop is None and state.epoch < self.config.train.epochs:
+                self.reporter.say(f"pruned after epoch {state.epoch}: the search stops this trial")
+                return "pruned"
         return decision.stop
 
     def _epoch_record(self, result: EpochResult, metrics: dict, lr: float) -> dict:

@@ -24,13 +24,15 @@ from dist_train.rundir.runlock import RunLock
 
 
 def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, model: torch.nn.Module | None = None,
-        loss: torch.nn.Module | None = None, train_dataset=None, val_dataset=None, limits: Limits | None = None) -> dict:
+        loss: torch.nn.Module | None = None, train_dataset=None, val_dataset=None, limits: Limits | None = None,
+        judge=None) -> dict:
     """Train as configured; returns the run summary also written to run_info.json.
 
     `resume`: "auto" (the newest intact checkpoint of output_dir; with none yet, from the beginning) or a checkpoint
     directory; `overwrite`: start afresh in a directory that holds a run. model / loss / train_dataset / val_dataset
     (dist_train.Trainer) take the place of what the config builds (custom.py says what they must be); `limits`
-    (train.py --debug) trains and validates on the first few samples only.
+    (train.py --debug) trains and validates on the first few samples only; `judge(epoch, metrics)`, asked on the main
+    process after each evaluation, ends the run there when it returns True (a search's pruner: engine.Run).
     """
     config = resolve(config)  # (a Config built in Python: validated, monitor/mode filled in)
     output_dir = Path(config.output_dir)
@@ -64,7 +66,7 @@ def fit(config: Config, resume: str | None = None, overwrite: bool = False, *, m
         accelerator.wait_for_everyone()
         parts = build_parts(accelerator, config, Given(model, loss, train_dataset, val_dataset), limits,
                             resuming=Saved.read(checkpoint) if checkpoint is not None else None)
-        run = Run(accelerator, parts, watchdog, signals, started)
+        run = Run(accelerator, parts, watchdog, signals, started, judge=judge)
         run.start(checkpoint)
         summary = run.train()
         accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it

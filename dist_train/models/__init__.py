@@ -7,6 +7,7 @@ schedules, EMA, BatchNorm handling.
     batchnorm.py       SyncBatchNorm conversion, BatchNorm statistics
     ema.py             the weights' exponential moving average
     losses.py          cross-entropy, label smoothing, focal, F1; users' losses
+    distill.py         knowledge distillation: the loss against a teacher, its cached outputs
     tasks.py           what a task predicts, its loss, its metrics and its submission columns
     metrics.py         metrics on gathered predictions, each implemented once
     optim.py           parameter groups, optimizers, schedules (warmup, step, cosine, plateau)

@@ -3,7 +3,6 @@ freezing, gradient checkpointing."""
 from __future__ import annotations
 
 import contextlib
-import difflib
 import pickle
 import pickletools
 import zipfile
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_train.config import ModelConfig
+from dist_train.config import ModelConfig, check_model_name
 from dist_train.custom import load_function
 from dist_train.errors import CheckpointError, ConfigError
 from dist_train.models import timm_backbones
@@ -101,11 +100,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
 
 
 def torchvision_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
-    available = torchvision.models.list_models(module=torchvision.models)
-    if cfg.name not in available:
-        close = difflib.get_close_matches(cfg.name, available + ["small_cnn", "mlp"], n=1)
-        hint = f"; did you mean {close[0]}?" if close else "; timm's models are named timm/<name>"
-        raise ConfigError(f"model.name: unknown model {cfg.name!r}{hint}")
+    check_model_name(cfg.name)
     if in_channels != 3:
         raise ConfigError(f"model.name={cfg.name} expects 3-channel images; set data.channels=3")
     extra = {"stochastic_depth_prob": cfg.drop_path_rate} if cfg.drop_path_rate is not None else {}

@@ -54,6 +54,14 @@ def load_task(config: Config) -> tuple[Records, Records, list[str] | dict, "Task
     return train, val, defined, built()
 
 
+def load_table(config: Config) -> tuple[Records, list[str] | dict, "Task"]:
+    """The whole training table (every row, in the table's order) with its targets, what its labels define, and the
+    task: what a teacher's cached outputs and a soup's BatchNorm statistics are computed on."""
+    label, built = _labeller(config)
+    train, defined = load_training(config.data, label, label_columns(config), _query(config))
+    return train, defined, built()
+
+
 def load_folds(config: Config) -> tuple[Records, list[str] | dict, "Task", np.ndarray]:
     """Cross-validation (cv.folds): the whole training table with its targets, what its labels define, the task, and
     each row's fold -- the assignment every fold's run makes (data.assign_folds)."""

@@ -15,12 +15,15 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dist_train.config import Config, preprocessing, preprocessing_summary, to_dict
+from dist_train.errors import CheckpointError
 from dist_train.job.distributed import main_print
 from dist_train.rundir.files import write_text_atomic
 from dist_train.rundir.tracking import Tracking, flat_hparams
 
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "run_info.json"
+HPO_SUMMARY_FILE = "hpo_summary.json"
+"""In a study's directory (hpo.trials): every trial and the best one (commands/hpo.py writes it)."""
 
 
 def progress(iterable, desc: str, accelerator: Accelerator) -> tqdm:
@@ -123,6 +126,8 @@ def describe_run(accelerator: Accelerator, parts, processes: list[dict], resumed
         "parameters": {"trainable": parts.parameters[0], "frozen": parts.parameters[1]},
         "preprocessing": preprocessing(config.data),
         "resumed_from": str(resumed_from) if resumed_from is not None else None,
+        **({"distill": parts.distill.describe} if getattr(parts, "distill", None) is not None else {}),
+        **({"pseudo_labels": parts.pseudo} if getattr(parts, "pseudo", None) is not None else {}),
     }
 
 
@@ -141,3 +146,30 @@ def read_last_metrics(output_dir: Path) -> dict:
 
 def write_json(path: Path, value) -> None:
     write_text_atomic(path, json.dumps(value, indent=1))
+
+
+def best_epoch_metric(run_dir: Path, name: str) -> float | None:
+    """Metric `name` of the run's best epoch (run_info.json's best, metrics.jsonl's line of that epoch), None before
+    any: a fold's score on the rows it holds out, a hold-out run's score of its best checkpoint."""
+    info = json.loads((run_dir / RUN_INFO_FILE).read_text()) if (run_dir / RUN_INFO_FILE).is_file() else {}
+    epoch = (info.get("best") or {}).get("epoch")
+    records = [r for r in read_metrics(run_dir) if r.get("epoch") == epoch]
+    return float(records[-1][name]) if records and name in records[-1] else None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, one record per evaluation ([] before the first)."""
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def best_trial_dir(directory: Path) -> Path | None:
+    """The run directory of a study's best trial when `directory` is a study's (it holds hpo_summary.json); None for
+    any other directory. A study without a complete trial yet is an error."""
+    path = Path(directory) / HPO_SUMMARY_FILE
+    if not path.is_file():
+        return None
+    best = json.loads(path.read_text()).get("best")
+    if not best:
+        raise CheckpointError(f"{directory} is a study without a complete trial yet ({path}): nothing to predict with")
+    return Path(directory) / best["dir"]

@@ -74,10 +74,10 @@ class Holder:
 
 
 class RunLock:
-    """`<directory>/.lock`, created exclusively and whole (one creator wins: a hard link, else O_EXCL)."""
+    """`<directory>/.lock` (or another `name`), created exclusively and whole (one creator wins: a hard link, else O_EXCL)."""
 
-    def __init__(self, directory: Path):
-        self.directory, self.path = directory, directory / LOCK_FILE
+    def __init__(self, directory: Path, name: str = LOCK_FILE):
+        self.directory, self.path = directory, directory / name
         self.holder: Holder | None = None
         self._stop = threading.Event()
 
@@ -96,7 +96,7 @@ class RunLock:
             self.holder = me
             threading.Thread(target=self._heartbeat, name="dist_train-runlock", daemon=True).start()
             return note
-        raise ConfigError(f"{self.directory}: could not take {LOCK_FILE} (other runs keep taking it); choose another "
+        raise ConfigError(f"{self.directory}: could not take {self.path.name} (other runs keep taking it); choose another "
                           f"output_dir, or wait")
 
     def _create(self, me: Holder) -> None:
@@ -111,7 +111,7 @@ class RunLock:
                 f.flush()
                 os.fsync(f.fileno())
 
-        staged = self.path.with_name(f"{LOCK_FILE}.new-{socket.gethostname()}-{os.getpid()}")
+        staged = self.path.with_name(f"{self.path.name}.new-{socket.gethostname()}-{os.getpid()}")
         write(staged, os.O_TRUNC)
         try:
             os.link(staged, self.path)
@@ -138,10 +138,10 @@ class RunLock:
             reason, whose = holder.gone(age), holder.describe()
         else:
             reason = f"it is unreadable and untouched for {age:.0f} s" if age > STALE_AFTER_S else None
-            whose = f"another run (its {LOCK_FILE} is unreadable: being written, or not dist_train's)"
+            whose = f"another run (its {self.path.name} is unreadable: being written, or not dist_train's)"
         if reason is None:
             raise ConfigError(f"{self.directory} is in use by {whose}; choose another output_dir, or wait")
-        aside = self.path.with_name(f"{LOCK_FILE}.gone-{socket.gethostname()}-{os.getpid()}")
+        aside = self.path.with_name(f"{self.path.name}.gone-{socket.gethostname()}-{os.getpid()}")
         try:
             os.rename(self.path, aside)  # atomic: of two runs taking over at once, one moves it
         except FileNotFoundError:
