@@ -63,6 +63,8 @@ CPU_TESTS = ["tests/test_config.py", "tests/test_data.py", "tests/test_metrics.p
 """Parsing, data, metrics, checkpoint files, losses, optimizers, torchvision models, EMA, mixup, Accelerate's
 sharding, and 1-process digits runs through the command line (on the GPU where there is one): what a
 torch/torchvision/accelerate release can move. None starts 2 processes (NCCL may refuse them on one GPU)."""
+if os.environ.get("GPU_CHECK_CPU_TESTS"):  # the suite's own dry run of this script: a few files (it runs them all itself)
+    CPU_TESTS = os.environ["GPU_CHECK_CPU_TESTS"].split(",")
 
 BENCH = {  # ResNet-50 as in BENCHMARKS.md, fewer images and steps than bench/throughput.py's preset, to fit the box
     "gpu": dict(count=10240, classes=100, size="500x375", model="resnet50", image_size=224, batch_size=256, workers=16,
