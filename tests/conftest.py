@@ -67,13 +67,11 @@ def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300
             env: dict[str, str] | None = None, launch: bool = False, forked: bool | None = None
             ) -> subprocess.CompletedProcess:
     """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT). A run expected to succeed,
-    without injected faults or loader workers, runs as ranks forked from a warm server (tests/ranks.py: the same
-    script, environment and gloo group, without the launcher's ~8 s of start-up); `forked=False` asks for the real
-    launcher (or plain python) where it is what the test is about."""
+    without injected faults, runs as ranks forked from a warm server (tests/ranks.py: the same script, environment,
+    gloo group and loader workers, without the launcher's ~8 s of start-up); `forked=False` asks for the real launcher
+    (or plain python) where it is what the test is about."""
     if forked is None:
-        forked = check and not launch and "DIST_TRAIN_FAULT" not in (env or {}) \
-            and "data.num_workers=0" in args and not any(a.startswith("data.num_workers=") and a != "data.num_workers=0"
-                                                         for a in args)
+        forked = check and not launch and "DIST_TRAIN_FAULT" not in (env or {})
     if forked:
         from ranks import run_ranks
 

@@ -8,8 +8,8 @@ training path once per test session: the same script runs as `__main__` with the
 Accelerate's launch variables), in a real process with a real gloo group, its stdout and stderr captured. What a
 launcher does itself (forwarding signals, restarting, stopping the others when a rank fails, its exit codes) is
 tested with the real one: tests/conftest.run_cli uses this only for runs expected to succeed, without injected
-faults, with no loader workers (a forked rank's `__main__` is not the script's module, which the workers' start
-rule reads).
+faults. Loader workers start as in a launched rank: the script runs as `__main__` (runpy, its `__file__` and its
+`if __name__ == "__main__":` guard), so each rank starts its own workers' fork server, which preloads the script.
 """
 from __future__ import annotations
 
