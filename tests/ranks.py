@@ -7,8 +7,8 @@ training path once per test session: the same script runs as `__main__` with the
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, the agent's store hosted here, as torchrun's agent hosts it, and
 Accelerate's launch variables), in a real process with a real gloo group, its stdout and stderr captured. What a
 launcher does itself (forwarding signals, restarting, stopping the others when a rank fails, its exit codes) is
-tested with the real one: tests/conftest.run_cli uses this only for runs expected to succeed, without injected
-faults. Loader workers start as in a launched rank: the script runs as `__main__` (runpy, its `__file__` and its
+tested with the real one: tests/conftest.run_cli uses this only for runs expected to succeed (a fault injected there
+is one the run survives: a NaN step skipped, an out-of-memory batch size given up). Loader workers start as in a launched rank: the script runs as `__main__` (runpy, its `__file__` and its
 `if __name__ == "__main__":` guard), so each rank starts its own workers' fork server, which preloads the script.
 """
 from __future__ import annotations
