@@ -12,7 +12,6 @@ A fold is a plain run directory: `predict.py --checkpoint <output_dir>/fold-<k>`
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from dataclasses import replace
@@ -25,14 +24,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
-from dist_train.job.distributed import forget_process_group
 from dist_train.commands.distill import prepare_teacher
 from dist_train.commands.inference import predict_split
 from dist_train.config import Config, fold_output_dir, resolve, to_dict
 from dist_train.data.datasets import as_target
-from dist_train.data.tables import split_source
+from dist_train.data.tables import ids_digest, split_source
 from dist_train.errors import ConfigError, DataError
-from dist_train.job.distributed import is_main_process_env
+from dist_train.job.distributed import forget_process_group, is_main_process_env, say_main
 from dist_train.loop.trainer import fit
 from dist_train.models.tasks import Task, group_ids, load_folds
 from dist_train.rundir.checkpoint import complete_checkpoints
@@ -68,8 +66,8 @@ def cross_validate(config: Config, resume: str | None = None, overwrite: bool = 
             return None
     remaining = [k for k in range(config.cv.folds) if fold_state(fold_output_dir(output_dir, k)) != "done"]
     if remaining:
-        _say(f"cv: fold(s) {', '.join(map(str, remaining))} of {config.cv.folds} not done yet; {OOF_FILE} and {SUMMARY_FILE} "
-             f"are written when the last one finishes")
+        say_main(f"cv: fold(s) {', '.join(map(str, remaining))} of {config.cv.folds} not done yet; {OOF_FILE} and {SUMMARY_FILE} "
+                 f"are written when the last one finishes")
         return None
     return summarize(config) if is_main_process_env() else None
 
@@ -94,10 +92,10 @@ def train_fold(config: Config, resume: str | None, overwrite: bool) -> None:
     state = fold_state(run_dir) if resume == "auto" else "new"
     where = f"fold {fold} of {config.cv.folds} ({run_dir})"
     if state == "done":
-        _say(f"cv: {where} is done: skipped")
+        say_main(f"cv: {where} is done: skipped")
         return
     if state != "trained":
-        _say(f"cv: {where}: {'continuing' if state == 'started' else 'training'}")
+        say_main(f"cv: {where}: {'continuing' if state == 'started' else 'training'}")
         if is_main_process_env():
             (run_dir / FOLD_PREDICTIONS).unlink(missing_ok=True)  # it would describe the previous training
         try:
@@ -119,10 +117,10 @@ def predict_held_out(config: Config) -> None:
     run_dir = Path(config.output_dir)
     prediction = predict_split(config, run_dir / "checkpoints" / "best", split="val")
     if prediction.accelerator.is_main_process:
-        metadata = {"fold": str(config.cv.fold), "rows": str(len(prediction.row_ids)), "ids_sha256": _digest(prediction.row_ids)}
+        metadata = {"fold": str(config.cv.fold), "rows": str(len(prediction.row_ids)), "ids_sha256": ids_digest(prediction.row_ids)}
         with atomic_path(run_dir / FOLD_PREDICTIONS) as tmp:
             save_file({"outputs": prediction.outputs.float().contiguous()}, str(tmp), metadata=metadata)
-        _say(f"cv: fold {config.cv.fold}: predicted its {len(prediction.row_ids)} held-out rows")
+        say_main(f"cv: fold {config.cv.fold}: predicted its {len(prediction.row_ids)} held-out rows")
     prediction.accelerator.wait_for_everyone()
 
 
@@ -155,9 +153,9 @@ def summarize(config: Config) -> dict:
     output_dir = Path(config.output_dir)
     write_oof(output_dir / OOF_FILE, task, records.ids, folds, targets, outputs)
     write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
-    _say(summary_table(summary, task.headline(), split_source(config.data, "train").table))
-    _say(f"cv: wrote {output_dir / OOF_FILE} and {output_dir / SUMMARY_FILE}; a submission from every fold's best: "
-         f"predict.py --checkpoint {output_dir}")
+    say_main(summary_table(summary, task.headline(), split_source(config.data, "train").table))
+    say_main(f"cv: wrote {output_dir / OOF_FILE} and {output_dir / SUMMARY_FILE}; a submission from every fold's best: "
+             f"predict.py --checkpoint {output_dir}")
     return summary
 
 
@@ -166,7 +164,7 @@ def _fold_outputs(config: Config, fold: int, ids: list[str]) -> torch.Tensor:
     path = fold_output_dir(config.output_dir, fold) / FOLD_PREDICTIONS
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
-    if metadata.get("ids_sha256") != _digest(ids):
+    if metadata.get("ids_sha256") != ids_digest(ids):
         raise DataError(f"{path} holds the predictions of {metadata.get('rows', '?')} other rows than the {len(ids)} fold "
                         f"{fold} holds out now (the training table, data.group_column or cv.seed changed since it "
                         f"trained): train it again (--overwrite, or cv.fold={fold} --overwrite)")
@@ -201,12 +199,3 @@ def summary_table(summary: dict, headline: list[str], table: Path) -> str:
     lines.append(f"{'mean':>6} {'':>6} " + " ".join(f"{summary['mean'][k]:>14.4f}" for k in names))
     lines.append(f"{'oof':>6} {summary['rows']:>6} " + " ".join(f"{summary['oof'][k]:>14.4f}" for k in names))
     return "\n".join(lines)
-
-
-def _digest(ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
-
-
-def _say(text: str) -> None:
-    if is_main_process_env():
-        print(text, flush=True)

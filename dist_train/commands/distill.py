@@ -21,13 +21,13 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from dist_train.job.distributed import forget_process_group
 from dist_train.commands.inference import checkpoint_config_file, expand_checkpoints, predict_split, resolve_weights
 from dist_train.config import Config, config_from_dict, fold_output_dir, resolve, to_dict
+from dist_train.data.tables import ids_digest
 from dist_train.errors import ConfigError, DataError, DistTrainError
-from dist_train.job.distributed import is_main_process_env
+from dist_train.job.distributed import forget_process_group, is_main_process_env, say_main
 from dist_train.loop.trainer import resume_argument
-from dist_train.models.distill import TEACHER_CACHE, TEACHER_SPEC, cache_metadata, ids_digest, write_cache
+from dist_train.models.distill import TEACHER_CACHE, TEACHER_SPEC, cache_metadata, write_cache
 from dist_train.models.tasks import load_table, load_task
 from dist_train.rundir.checkpoint import CLASSES_FILE, sha256
 from dist_train.rundir.files import atomic_path
@@ -72,7 +72,7 @@ def prepare_teacher(config: Config, resume: str | None = None, overwrite: bool =
     path = output_dir / TEACHER_CACHE
     if path.is_file() and not overwrite:
         check_cache(path, fingerprint, records.ids, teacher.source)
-        _say(f"distill: the teacher's outputs cached in {path} match the teacher and the training table: reused")
+        say_main(f"distill: the teacher's outputs cached in {path} match the teacher and the training table: reused")
         return path
     started = time.perf_counter()
     outputs = teacher_outputs(teacher, records.ids, task)
@@ -82,8 +82,8 @@ def prepare_teacher(config: Config, resume: str | None = None, overwrite: bool =
             write_cache(tmp, outputs, records.ids, fingerprint, describe)
         how = (f"read from {teacher.oof}" if teacher.oof is not None else
                f"{len(teacher.checkpoints)} checkpoint(s){', hflip TTA' if config.distill.tta == 'hflip' else ''}")
-        _say(f"distill: the teacher's outputs on the {len(records.ids)} rows of the training table ({how}) computed once "
-             f"in {time.perf_counter() - started:.1f} s and cached in {path}")
+        say_main(f"distill: the teacher's outputs on the {len(records.ids)} rows of the training table ({how}) computed once "
+                 f"in {time.perf_counter() - started:.1f} s and cached in {path}")
     return path
 
 
@@ -173,10 +173,10 @@ def _warn_seen_validation(config: Config, teacher: Teacher) -> None:
         return
     shared = sum(row in seen for row in val.ids)
     if shared:
-        _say(f"distill: warning: the teacher trained on {shared} of the {len(val.ids)} validation rows: what it learnt of "
-             f"them reaches the student through its outputs, so the student's validation scores are optimistic. "
-             f"Score it on rows the teacher never saw (a test set), or cross-validate the student (cv.folds) with a "
-             f"cross-validation teacher of the same folds")
+        say_main(f"distill: warning: the teacher trained on {shared} of the {len(val.ids)} validation rows: what it learnt of "
+                 f"them reaches the student through its outputs, so the student's validation scores are optimistic. "
+                 f"Score it on rows the teacher never saw (a test set), or cross-validate the student (cv.folds) with a "
+                 f"cross-validation teacher of the same folds")
 
 
 def write_spec(teacher: Teacher, path: Path, fingerprint: str, overwrite: bool) -> Path:
@@ -196,8 +196,8 @@ def write_spec(teacher: Teacher, path: Path, fingerprint: str, overwrite: bool) 
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(spec, indent=1))
-        _say(f"distill: the teacher ({len(spec['weights'])} checkpoint(s)) runs live on every training batch "
-             f"(distill.live=true): {path}")
+        say_main(f"distill: the teacher ({len(spec['weights'])} checkpoint(s)) runs live on every training batch "
+                 f"(distill.live=true): {path}")
     return path
 
 
@@ -278,8 +278,3 @@ def sha256_text(text: str) -> str:
 
 def _names(labels) -> str:
     return f"classes {labels}" if isinstance(labels, list) else f"heads {labels.get('heads', labels)}"
-
-
-def _say(text: str) -> None:
-    if is_main_process_env():
-        print(text, flush=True)

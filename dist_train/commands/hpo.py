@@ -28,7 +28,6 @@ from pathlib import Path
 
 import yaml
 
-from dist_train.job.distributed import forget_process_group
 from dist_train.commands.cv import cross_validate
 from dist_train.commands.hpo_report import (
     JOURNAL_FILE,
@@ -41,7 +40,13 @@ from dist_train.commands.hpo_report import (
 )
 from dist_train.config import Config, config_from_dict, fold_output_dir, hpo_objective, resolve, space_value, to_dict
 from dist_train.errors import ConfigError, DistTrainError
-from dist_train.job.distributed import build_accelerator, is_main_process_env, same_on_all_ranks
+from dist_train.job.distributed import (
+    build_accelerator,
+    forget_process_group,
+    is_main_process_env,
+    same_on_all_ranks,
+    say_main,
+)
 from dist_train.loop.trainer import fit
 from dist_train.rundir.files import write_text_atomic
 from dist_train.rundir.report import best_epoch_metric
@@ -78,7 +83,7 @@ def tune(config: Config, resume: str | None = None, overwrite: bool = False) -> 
             claim = agree(config, outcome, decide)
             if claim is None:
                 break
-            _say(claim["line"])
+            say_main(claim["line"])
             outcome = run_trial(config, claim, study)
     finally:
         if study is not None:
@@ -265,8 +270,8 @@ class Study:
         self.trial.report(score, fold)
         stop = self.hpo.pruner == "wilcoxon" and fold < self.config.cv.folds - 1 and self.trial.should_prune()
         if stop:
-            _say(f"hpo: trial {self.number} pruned after fold {fold} ({fold + 1} of {self.config.cv.folds} folds): "
-                 f"{self.objective} per fold so far is clearly worse than the best trial's")
+            say_main(f"hpo: trial {self.number} pruned after fold {fold} ({fold + 1} of {self.config.cv.folds} folds): "
+                     f"{self.objective} per fold so far is clearly worse than the best trial's")
         return stop
 
     def judge_epoch(self, epoch: int, value: float) -> bool:
@@ -289,7 +294,7 @@ class Study:
             self.study.tell(self.trial, value if state == "COMPLETE" else None, state=optuna.trial.TrialState[state])
             write_summary(self.config, self.study)
         verdict = f"{self.objective} {value:.4f}" if state == "COMPLETE" else (state if error is None else f"FAIL: {error}")
-        _say(f"hpo: trial {self.number}: {verdict} ({outcome['seconds'] / 60:.1f} min)")
+        say_main(f"hpo: trial {self.number}: {verdict} ({outcome['seconds'] / 60:.1f} min)")
         write_trial_hparams(self.dir, self._frozen(), self.objective)
         self.release()
 
@@ -347,8 +352,3 @@ def clear_study(directory: Path) -> None:
 
 def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _say(text: str) -> None:
-    if is_main_process_env():
-        print(text, flush=True)

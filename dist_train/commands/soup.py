@@ -24,24 +24,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from dist_train.job.distributed import forget_process_group
-from dist_train.commands.inference import (
-    expand_checkpoints,
-    predict_split,
-    resolve_weights,
-)
-from dist_train.config import (
-    MODEL_SHAPING,
-    Config,
-    CVConfig,
-    flatten,
-    load_config,
-    to_dict,
-)
+from dist_train.commands.inference import expand_checkpoints, predict_split, resolve_weights
+from dist_train.config import MODEL_SHAPING, Config, CVConfig, flatten, load_config, to_dict
 from dist_train.data.datasets import build_dataset
 from dist_train.data.loaders import build_loader
 from dist_train.data.tables import split_source
 from dist_train.errors import ConfigError
+from dist_train.job.distributed import forget_process_group
 from dist_train.models.networks import build_model, has_batchnorm, read_weights
 from dist_train.models.tasks import build_task, load_table
 from dist_train.rundir.checkpoint import CLASSES_FILE, WEIGHTS_FILE, write_manifest

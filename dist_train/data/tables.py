@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,3 +217,9 @@ def read_split(cfg: DataConfig, name: str, labelled: bool, columns: list[str] | 
     else:
         paths, labels, ids, groups = _csv_split(cfg, source, labelled, columns, query)
     return Records(paths, [], ids, labels if labelled else None, labels.pop(query) if query else None, groups)
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of row ids in their order: what a file computed for some rows (a fold's predictions, a teacher's outputs)
+    records, so that it is refused for other rows."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()

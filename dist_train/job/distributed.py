@@ -230,6 +230,12 @@ def main_print(accelerator: Accelerator, *args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def say_main(text: str) -> None:
+    """Print from the main process only, flushed, before or between runs (no Accelerator: the launcher's RANK)."""
+    if is_main_process_env():
+        print(text, flush=True)
+
+
 def is_main_process_env() -> bool:
     """Rank 0 (or no launcher) judged from the environment, before any Accelerator exists."""
     return os.environ.get("RANK", "0") == "0"

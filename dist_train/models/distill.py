@@ -8,7 +8,6 @@ per sample; multihead: the KL term of each head (softmax over its own classes), 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dist_train.config import DataConfig, DistillConfig, config_from_dict
+from dist_train.data.tables import ids_digest
 from dist_train.errors import ConfigError, DataError
 from dist_train.models.networks import build_model, read_weights
 from dist_train.models.tasks import Task, build_task
@@ -72,10 +72,6 @@ def heads_of(task) -> tuple[list[int], list[float]]:
     if task.kind == "multihead":
         return list(task.sizes), [h.weight for h in task.heads]
     return [task.num_outputs], [1.0]
-
-
-def ids_digest(ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
 def write_cache(path: Path, outputs: torch.Tensor, ids: list[str], fingerprint: str, describe: dict) -> None:

@@ -140,8 +140,8 @@ def epoch_line(config: Config, headline: list[str], record: dict, metrics: dict,
 
 
 def read_last_metrics(output_dir: Path) -> dict:
-    lines = [line for line in (output_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    records = read_metrics(output_dir)
+    return records[-1] if records else {}
 
 
 def write_json(path: Path, value) -> None:
