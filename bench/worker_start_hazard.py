@@ -25,6 +25,7 @@ from dist_train.data.datasets import build_dataset  # noqa: E402
 from dist_train.data.loaders import build_loader  # noqa: E402
 from dist_train.data.splits import materialize_digits  # noqa: E402
 from dist_train.data.tables import Records  # noqa: E402
+from dist_train.data.workers import prestart_worker_server  # noqa: E402
 
 LIBRARY = b"libBrokenLocale.so.1"  # glibc's smallest: loaded and unloaded for real each time
 
@@ -43,6 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--start", choices=["fork", "forkserver"], required=True)
     parser.add_argument("--loaders", type=int, default=100)
+    parser.add_argument("--prestart", action="store_true",
+                        help="start the fork server before the churning thread, as a rank does at config load (the "
+                             "server is then a fork of this one-threaded process); without it the server starts with "
+                             "the thread running (CPython's own start: a fresh interpreter)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp()) / "digits"
     materialize_digits(root)
@@ -51,6 +56,8 @@ def main() -> None:
         "data.train_augment=[{name: RandomAffine, degrees: 10, translate: [0.1, 0.1]}]", f"data.worker_start={args.start}"]).data
     rows = list(csv.DictReader(open(root / "train.csv")))[:256]
     records = Records([root / r["image"] for r in rows], [int(r["label"]) for r in rows], [r["id"] for r in rows])
+    if args.prestart:
+        prestart_worker_server(cfg)
     threading.Thread(target=churn_loader_lock, daemon=True).start()
     hung, started = 0, time.perf_counter()
     for i in range(args.loaders):
@@ -64,7 +71,8 @@ def main() -> None:
             for worker in iterator._workers:
                 worker.kill()
         del iterator, loader
-    print(f"worker_start={args.start}: {hung} of {args.loaders} loader starts hung "
+    first = " (server started before the thread)" if args.prestart else ""
+    print(f"worker_start={args.start}{first}: {hung} of {args.loaders} loader starts hung "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
     os._exit(0)  # the churning thread is inside libc
 

@@ -33,12 +33,36 @@ def test_workers_and_the_fork_server_end_with_a_killed_rank(start):
         assert proc.stdout.readline().strip() == "ready"
         left = psutil.Process(proc.pid).children(recursive=True)
         assert len(left) >= 2  # the two workers (and under forkserver the server and its resource tracker)
+        if start == "forkserver":  # the server: a fork of the one-threaded rank, not a fresh interpreter importing torch
+            rank = psutil.Process(proc.pid).cmdline()
+            lines = [p.cmdline() for p in left]
+            assert lines.count(rank) == 3 and not any("multiprocessing.forkserver" in " ".join(c) for c in lines), lines
         proc.send_signal(signal.SIGKILL)  # no exit handler runs: the workers must go by themselves
         proc.wait(timeout=10)
         gone, alive = psutil.wait_procs(left, timeout=15)
         assert not alive, [p.cmdline() for p in alive]
     finally:
         proc.kill()
+
+
+def test_a_rank_with_another_thread_starts_the_fork_server_as_cpython_does():
+    """Forking the server is safe only while the rank has one thread; with another (gloo's, a watchdog's) the server
+    is CPython's fresh interpreter, as before."""
+    import threading
+    from multiprocessing import util
+
+    from dist_train.data import workers
+
+    spawn, stop = util.spawnv_passfds, threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert not workers._alone()
+        with workers._server_forked_from_here():
+            assert util.spawnv_passfds is spawn
+    finally:
+        stop.set()
+        thread.join()
 
 
 @pytest.mark.parametrize("start", ["forkserver", "fork"])
