@@ -14,6 +14,9 @@ install: $(STAMP)
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# uv installs the same pins as pip (constraints.txt) in about 20 s instead of about 3 min; pip where uv cannot be had
+	{ $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt uv && \
+	  $(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[dev,deepspeed,export]'; } || \
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,deepspeed,export]'
 	touch $(STAMP)
 
