@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import slurm
@@ -29,9 +30,10 @@ from conftest import (
 )
 
 from dist_train.commands.cli import train_main
+from dist_train.commands.hpo import STUDY_LOCK
 from dist_train.config import load_config
 from dist_train.job.faults import FAULT_ENV
-from dist_train.rundir.runlock import Holder
+from dist_train.rundir.runlock import Holder, RunLock
 
 SPACE = {"hpo.space.optim.lr": "{type: float, low: 1e-3, high: 1e-1, log: true}",
          "hpo.space.model.width": "{type: int, low: 4, high: 16}"}
@@ -160,15 +162,26 @@ def cluster(tmp_path_factory):
 @pytest.mark.skipif(slurm.available() is not None, reason=slurm.available() or "")
 def test_a_two_task_slurm_job_array_shares_one_study(cluster, digits_root, tmp_path):
     """launch/README.md's recipe: the same sbatch --array command for every task, no task number in it; the tasks
-    (one per node, side by side) claim disjoint trials until the study has hpo.trials."""
+    (one per node, side by side) claim disjoint trials until the study has hpo.trials. The test holds the study's lock
+    until both tasks say they wait for it (a task that starts late on a busy machine would otherwise find the study
+    done by the other: correct, but not what is tested)."""
     out = tmp_path / "study"
     env = {**run_env(PATH=f"{BIN}:{os.environ['PATH']}"), "SLURM_CONF": str(cluster.conf), "JOIN_TIMEOUT_S": "120"}
     args = study_args(digits_root, out, **{"cv.folds": 0, "data.val": "val.csv", "train.epochs": 1, "hpo.trials": 4,
                                            "data.num_workers": 0})
-    proc = subprocess.run(["sbatch", "--parsable", "--array=0-1", "-N1", f"--output={tmp_path}/task-%a.log",
-                           str(ROOT / "launch" / "slurm_train.sbatch"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
-    job = proc.stdout.strip().split(";")[0]
+    held = RunLock(out, STUDY_LOCK)
+    held.acquire()
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", "--array=0-1", "-N1", f"--output={tmp_path}/task-%a.log",
+                               str(ROOT / "launch" / "slurm_train.sbatch"), *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+        job = proc.stdout.strip().split(";")[0]
+        logs, deadline = [tmp_path / f"task-{task}.log" for task in (0, 1)], time.time() + 240
+        while not all(log.exists() and "hpo: waiting for the study's lock" in log.read_text() for log in logs):
+            assert time.time() < deadline, [log.read_text()[-2000:] if log.exists() else None for log in logs]
+            time.sleep(0.5)
+    finally:
+        held.release()
     nodes, ran = [], []
     for task in (0, 1):
         info = cluster.wait(f"{job}_{task}", {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)

@@ -57,6 +57,7 @@ STUDY_LOCK = ".hpo.lock"
 TRIAL_LOCK = ".trial.lock"
 """In each trial's directory: held by the worker training it, from its claim to its result."""
 LOCK_WAIT_S = 600
+LOCK_SAY_AFTER_S = 2  # a wait on the study's lock longer than this is printed (once)
 
 
 def tune(config: Config, resume: str | None = None, overwrite: bool = False) -> None:
@@ -190,14 +191,20 @@ class Study:
     def locked(self):
         """The study's lock: one worker at a time reads the study and claims a trial (a lock whose worker is gone is
         taken over, as a run directory's is)."""
-        lock, deadline = RunLock(self.dir, STUDY_LOCK), time.time() + LOCK_WAIT_S
+        lock, started = RunLock(self.dir, STUDY_LOCK), time.time()
+        said = False
         while True:
             try:
                 lock.acquire()
                 break
             except ConfigError as exc:
-                if time.time() > deadline:
+                waited = time.time() - started
+                if waited > LOCK_WAIT_S:
                     raise ConfigError(f"hpo: waited {LOCK_WAIT_S} s for the study's lock: {exc}") from None
+                if waited > LOCK_SAY_AFTER_S and not said:  # workers take it in turn for a moment; longer is news
+                    say_main(f"hpo: waiting for the study's lock ({self.dir / STUDY_LOCK}), up to {LOCK_WAIT_S} s: "
+                             f"{str(exc).split('; choose another output_dir')[0]}")
+                    said = True
                 time.sleep(0.2)
         try:
             yield
