@@ -161,6 +161,11 @@ def _fork_server(spawn, path: str, args: list[str], passfds) -> int:
                     os.close(fd)  # the "alive" pipe's write end above all: the server ends when its rank does
                 except OSError:
                     pass
+        from multiprocessing import resource_tracker
+
+        # the rank's tracker descriptor was closed above: the server starts, as a fresh one would, with none (its
+        # workers are handed the rank's by each request); a stale number here could name a descriptor opened later
+        resource_tracker._resource_tracker._fd = resource_tracker._resource_tracker._pid = None
         exec(program, {"__name__": "__mp_forkserver__"})
         status = 0
     except SystemExit as exc:  # the server's own way out: every client gone
