@@ -97,8 +97,10 @@ def test_a_live_process_on_this_host_keeps_its_lock(tmp_path):
         me = Holder.this_process()
         write_lock(tmp_path, replace(me, pid=sleeper.pid, pid_started=None, started="2026-11-28 08:00:00 UTC"))
         with pytest.raises(ConfigError, match=rf"^{tmp_path} is in use by a run started 2026-11-28 08:00:00 UTC "
-                                              rf"\(pid {sleeper.pid} on host {me.host}\); choose another output_dir, or wait$"):
+                                              rf"\(pid {sleeper.pid} on host {me.host}\); choose another output_dir, or wait$") as held:
             RunLock(tmp_path).acquire()
+        # whose, without the advice to a run (a study's worker waits instead: hpo.Study.locked)
+        assert held.value.in_use == f"{tmp_path} is in use by a run started 2026-11-28 08:00:00 UTC (pid {sleeper.pid} on host {me.host})"
     finally:
         sleeper.kill()
         sleeper.wait()

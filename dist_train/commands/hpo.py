@@ -50,7 +50,7 @@ from dist_train.job.distributed import (
 from dist_train.loop.trainer import fit
 from dist_train.rundir.files import write_text_atomic
 from dist_train.rundir.report import best_epoch_metric
-from dist_train.rundir.runlock import RunLock
+from dist_train.rundir.runlock import LockHeld, RunLock
 
 STUDY_LOCK = ".hpo.lock"
 """In the study's directory: held while a worker reads the study and claims a trial (one claim at a time)."""
@@ -198,12 +198,11 @@ class Study:
                 lock.acquire()
                 break
             except ConfigError as exc:
-                waited = time.time() - started
+                waited, whose = time.time() - started, exc.in_use if isinstance(exc, LockHeld) else exc
                 if waited > LOCK_WAIT_S:
-                    raise ConfigError(f"hpo: waited {LOCK_WAIT_S} s for the study's lock: {exc}") from None
+                    raise ConfigError(f"hpo: waited {LOCK_WAIT_S} s for the study's lock: {whose}") from None
                 if waited > LOCK_SAY_AFTER_S and not said:  # workers take it in turn for a moment; longer is news
-                    say_main(f"hpo: waiting for the study's lock ({self.dir / STUDY_LOCK}), up to {LOCK_WAIT_S} s: "
-                             f"{str(exc).split('; choose another output_dir')[0]}")
+                    say_main(f"hpo: waiting for the study's lock ({self.dir / STUDY_LOCK}), up to {LOCK_WAIT_S} s: {whose}")
                     said = True
                 time.sleep(0.2)
         try:

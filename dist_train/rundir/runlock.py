@@ -73,6 +73,14 @@ class Holder:
         return None
 
 
+class LockHeld(ConfigError):
+    """The lock is another live run's: `in_use` says whose (a caller that waits says that; a run is also told what to do)."""
+
+    def __init__(self, directory: Path, whose: str):
+        self.in_use = f"{directory} is in use by {whose}"
+        super().__init__(f"{self.in_use}; choose another output_dir, or wait")
+
+
 class RunLock:
     """`<directory>/.lock` (or another `name`), created exclusively and whole (one creator wins: a hard link, else O_EXCL)."""
 
@@ -140,7 +148,7 @@ class RunLock:
             reason = f"it is unreadable and untouched for {age:.0f} s" if age > STALE_AFTER_S else None
             whose = f"another run (its {self.path.name} is unreadable: being written, or not dist_train's)"
         if reason is None:
-            raise ConfigError(f"{self.directory} is in use by {whose}; choose another output_dir, or wait")
+            raise LockHeld(self.directory, whose)
         aside = self.path.with_name(f"{self.path.name}.gone-{socket.gethostname()}-{os.getpid()}")
         try:
             os.rename(self.path, aside)  # atomic: of two runs taking over at once, one moves it
@@ -152,8 +160,7 @@ class RunLock:
             except FileExistsError:
                 pass
             aside.unlink()
-            raise ConfigError(f"{self.directory} is in use by another run that has just started; choose another "
-                              f"output_dir, or wait")
+            raise LockHeld(self.directory, "another run that has just started")
         aside.unlink()
         return f"took over {self.path} from {whose}, which is gone: {reason}"
 
