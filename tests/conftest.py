@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,8 @@ def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300
     """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT). A run expected to succeed
     (check=True) runs as ranks forked from a warm server (tests/ranks.py: the same script, environment,
     gloo group and loader workers, without the launcher's ~8 s of start-up); `forked=False` asks for the real launcher
-    (or plain python) where it is what the test is about."""
+    (or plain python) where it is what the test is about, `forked=True` for forked ranks in a run a fault ends (the
+    exit code is then the first failed rank's own, each rank's in `rank_codes`)."""
     if forked is None:
         forked = check and not launch  # (a fault injected into a run expected to succeed: a NaN skipped, an OOM found)
     if forked:
@@ -89,6 +91,16 @@ def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}{' (forked ranks)' if forked else ''}\n--- stdout\n"
                              f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def assert_killed(proc: subprocess.CompletedProcess) -> None:
+    """Rank 0 died of a SIGKILL (under the launcher: as its report says)."""
+    assert proc.returncode != 0
+    if hasattr(proc, "rank_codes"):
+        assert proc.rank_codes[0] == -signal.SIGKILL and proc.returncode == -signal.SIGKILL, proc.rank_codes
+        assert "rank 1: stopping: lost contact with rank 0" in proc.stderr, proc.stderr[-3000:]
+    else:
+        assert "exitcode  : -9" in proc.stderr, proc.stderr[-3000:]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -7,9 +7,13 @@ training path once per test session: the same script runs as `__main__` with the
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, the agent's store hosted here, as torchrun's agent hosts it, and
 Accelerate's launch variables), in a real process with a real gloo group, its stdout and stderr captured. What a
 launcher does itself (forwarding signals, restarting, stopping the others when a rank fails, its exit codes) is
-tested with the real one: tests/conftest.run_cli uses this only for runs expected to succeed (a fault injected there
-is one the run survives: a NaN step skipped, an out-of-memory batch size given up). Loader workers start as in a launched rank: the script runs as `__main__` (runpy, its `__file__` and its
-`if __name__ == "__main__":` guard), so each rank starts its own workers' fork server, which preloads the script.
+tested with the real one: tests/conftest.run_cli uses this for runs expected to succeed (a fault injected there is
+one the run survives: a NaN step skipped, an out-of-memory batch size given up) and, asked with `forked=True`, for runs
+a fault ends where what is tested is what the run leaves or says (the checkpoints after a SIGKILL, an error's words);
+each such fault kind keeps a test under the real launcher. Loader workers start as in a launched rank: the script runs
+as `__main__` (runpy, its `__file__` and its `if __name__ == "__main__":` guard), so each rank starts its own workers'
+fork server, which preloads the script; and each rank starts its own resource tracker, which outlives a SIGKILLed rank
+to unlink the semaphores it left, saying so in the rank's stderr, as a launched rank's does.
 """
 from __future__ import annotations
 
@@ -60,6 +64,12 @@ def _rank_main(script: str, args: list[str], env: dict[str, str], out: str, err:
     sys.stderr.reconfigure(line_buffering=True, write_through=True)
     os.environ.clear()
     os.environ.update(env)
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker  # the server's (this test session's); a launched rank starts its own
+    if tracker._fd is not None:
+        os.close(tracker._fd)
+    tracker._fd = tracker._pid = None
     multiprocessing.set_start_method("fork", force=True)  # as in a launched rank (the server's children default to its own)
     os.chdir(ROOT)
     import torch
@@ -72,7 +82,8 @@ def _rank_main(script: str, args: list[str], env: dict[str, str], out: str, err:
 def run_ranks(script: str, args: list[str], processes: int, env: dict[str, str], timeout: float
               ) -> subprocess.CompletedProcess:
     """Run `script args` as `processes` ranks (one: a plain process); returns what a launch would: the exit code (the
-    first rank's that failed, else 0) and stdout/stderr of all ranks together."""
+    first rank's that failed, else 0) and stdout/stderr of all ranks together; each rank's own code in `rank_codes` (what
+    a launcher's failure report lists)."""
     from torch.distributed import TCPStore
 
     ctx = context()
@@ -104,7 +115,9 @@ def run_ranks(script: str, args: list[str], processes: int, env: dict[str, str],
     if code is None:
         raise AssertionError(f"{script} {' '.join(args)} ({processes} forked ranks) did not end within {timeout} s\n"
                              f"--- stdout\n{said[0][-4000:]}\n--- stderr\n{said[1][-8000:]}")
-    return subprocess.CompletedProcess([script, *args], code, *said)
+    proc = subprocess.CompletedProcess([script, *args], code, *said)
+    proc.rank_codes = [p.exitcode for p in ranks]
+    return proc
 
 
 def _wait(ranks: list, timeout: float) -> int | None:

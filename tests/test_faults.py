@@ -3,7 +3,9 @@ pickles, preemption signals, a failing or hung rank, NaN losses, unreadable imag
 
 Faults are injected with DIST_TRAIN_FAULT (see dist_train/job/faults.py): `kill` is a real SIGKILL of the
 process at that point, `fsize` a real kernel file-size limit, `hang` a real sleep; signals are sent from
-outside with os.kill. Every run is bounded by a timeout.
+outside with os.kill. Every run is bounded by a timeout. Where what is tested is what a fault leaves or says (the
+checkpoints after a kill, an error's words), the run is forked ranks (tests/ranks.py); each fault kind keeps a test
+under `accelerate launch`, and what the launcher does itself (ending the job, forwarding signals) is tested there.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, command, config_path, read_jsonl, run_cli, run_env, tiny_overrides
+from conftest import ROOT, assert_killed, command, config_path, read_jsonl, run_cli, run_env, tiny_overrides
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -50,9 +52,13 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 
 def assert_workers_exited(proc, code: int) -> None:
-    """The launcher exits 1 whenever a worker fails; the workers' own codes are in its report."""
+    """The launcher exits 1 whenever a worker fails; the workers' own codes are in its report (forked ranks: in
+    `rank_codes`, tests/ranks.py)."""
     assert proc.returncode != 0
-    codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)}
+    if hasattr(proc, "rank_codes"):
+        codes = set(proc.rank_codes) - {0}
+    else:
+        codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)}
     # a peer still exiting when the launcher tears the job down may show the launcher's SIGTERM
     assert code in codes and codes <= {code, -signal.SIGTERM}, (codes, proc.stderr[-3000:])
 
@@ -84,14 +90,18 @@ def uninterrupted(digits_root, tmp_path_factory):
 # exact resume
 
 
-@pytest.mark.parametrize("fault,resumed_at", [
-    ("kill@step:10", 7),     # mid-epoch: the periodic save at step 7 (14 micro-batches into epoch 1)
-    ("kill@epoch:1", 20),    # right after the end-of-epoch save
-    ("kill@batch:31", 14),   # between the two micro-batches of step 16's accumulation window
+# What is tested here is what a kill leaves for the resume: one case runs under `accelerate launch` (which ends the
+# job when rank 0 dies), the others as forked ranks (tests/ranks.py: rank 1 ends itself, naming the lost rank 0).
+@pytest.mark.parametrize("fault,resumed_at,launched", [
+    ("kill@step:10", 7, True),     # mid-epoch: the periodic save at step 7 (14 micro-batches into epoch 1)
+    ("kill@epoch:1", 20, False),   # right after the end-of-epoch save
+    ("kill@batch:31", 14, False),  # between the two micro-batches of step 16's accumulation window
 ], ids=["mid_epoch", "epoch_boundary", "inside_accumulation_window"])
-def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(uninterrupted, digits_root, tmp_path, fault, resumed_at):
-    killed = run_cli("train.py", args(digits_root, tmp_path), processes=2, check=False, env={FAULT_ENV: fault})
-    assert killed.returncode != 0 and "exitcode  : -9" in killed.stderr  # rank 0 died of SIGKILL
+def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(uninterrupted, digits_root, tmp_path, fault, resumed_at,
+                                                              launched):
+    killed = run_cli("train.py", args(digits_root, tmp_path), processes=2, check=False, env={FAULT_ENV: fault},
+                     forked=not launched)
+    assert_killed(killed)
     assert not (tmp_path / "run_info.json").read_text().count("finished")
     resumed = run_cli("train.py", [*args(digits_root, tmp_path), "--resume", "auto"], processes=2)
     assert f"resumed from {tmp_path / 'checkpoints' / ckpt.checkpoint_name(resumed_at)}" in resumed.stdout
@@ -110,9 +120,11 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(uninterrupted, dig
     ("rotating", 14),   # keep_last=1: step 7 renamed for deletion, not yet deleted
 ])
 def test_sigkill_inside_a_save_keeps_the_latest_complete_checkpoint(digits_root, tmp_path, phase, survivor):
+    """What the kill leaves on disk: forked ranks, but for one phase under `accelerate launch`."""
     run = args(digits_root, tmp_path, **{"checkpoint.keep_last": 1, "train.epochs": 1})
-    killed = run_cli("train.py", run, processes=2, check=False, env={FAULT_ENV: f"kill@save-{phase}:14"})
-    assert killed.returncode != 0
+    killed = run_cli("train.py", run, processes=2, check=False, env={FAULT_ENV: f"kill@save-{phase}:14"},
+                     forked=phase != "sealed")
+    assert_killed(killed)
     checkpoints = tmp_path / "checkpoints"
     complete = ckpt.complete_checkpoints(checkpoints)
     assert complete[0].name == ckpt.checkpoint_name(survivor)
@@ -153,7 +165,7 @@ def test_flipped_or_truncated_files_are_named_and_auto_resume_falls_back(finishe
     data[len(data) // 2] ^= 0xFF
     optimizer_file.write_bytes(bytes(data))
     run = args(digits_root, finished_copy)
-    explicit = run_cli("train.py", [*run, "--resume", str(newest)], processes=2, check=False)
+    explicit = run_cli("train.py", [*run, "--resume", str(newest)], processes=2, check=False, forked=True)
     assert_workers_exited(explicit, 2)
     assert f"error: checkpoint {newest}: file optimizer.bin is corrupt (sha256 mismatch)" in explicit.stderr
 
@@ -182,7 +194,8 @@ def test_a_pickle_carrying_code_is_refused_naming_the_global(finished_copy, digi
     ckpt.write_manifest(newest)  # re-sealed, as an attacker would: only the pickle check stands in the way
     marker = Path("/tmp/dist_train_pwned")
     marker.unlink(missing_ok=True)
-    proc = run_cli("train.py", [*args(digits_root, finished_copy), "--resume", str(newest)], processes=2, check=False)
+    proc = run_cli("train.py", [*args(digits_root, finished_copy), "--resume", str(newest)], processes=2, check=False,
+                   forked=True)
     assert_workers_exited(proc, 2)
     assert "random_states_1.pkl would import posix.system; refused to load" in proc.stderr
     assert not marker.exists()
