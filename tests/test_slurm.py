@@ -8,6 +8,7 @@ the first checkpoint, and resumes exactly when it was lost in the middle.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -155,22 +156,56 @@ def wait_for(cluster, job: str, path) -> None:
         time.sleep(0.05)
 
 
+LOST = re.compile(r"rank 0: stopping: lost contact with rank 1 \(machine 1 on host [^)]+\), which stopped without a "
+                  r"word: killed, or its machine was lost")
+
+
+def job_processes(job: str) -> list[str]:
+    """What still runs for job `job` on either machine, for a failure's message."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.environ().get("SLURM_JOB_ID") == job:
+                found.append(f"machine {proc.environ().get('SLURM_NODEID')}: {proc.pid} {proc.info['status']} "
+                             f"{' '.join(proc.info['cmdline'] or [])[:160]}")
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
 def lose_machine_1(cluster, job: str, log_path, since: int) -> str:
-    """SIGKILL machine 1's launcher, training process and loader workers (as when a node dies); machine 0 must stop
-    within the bound, naming the lost rank. Returns what the job logged from byte `since` on."""
+    """SIGKILL machine 1's launcher, training process and loader workers (as when a node dies: all of them, so also
+    one started while they were being listed); rank 0 must name the lost rank within seconds, and the job end (after
+    SLURM's own steps: its KillWait is 30 s) well before the hang timeout (600 s). Returns what the job logged from byte
+    `since` on."""
     victims = node_processes(job, "1")
     assert any("train.py" in " ".join(p.cmdline()) for p in victims), victims
     killed = time.time()
-    for proc in victims:
-        proc.kill()
-    info = cluster.wait(job, {"FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL", "PENDING"}, timeout=120)
+    for _ in range(20):
+        for proc in victims:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        victims = node_processes(job, "1")
+        if not victims:
+            break
+    named = left = None
+    while (state := cluster.job(job).get("JobState")) not in {"FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL", "PENDING"}:
+        log = log_path.read_bytes()[since:].decode(errors="replace")
+        if named is None and LOST.search(log):
+            named = time.time() - killed
+        if left is None and named is not None and time.time() - killed > named + 20:
+            left = job_processes(job)  # what keeps the job up after rank 0 stopped
+        assert time.time() - killed < 120, f"job {job} still {state} 120 s after machine 1 was lost\n" + "\n".join(
+            job_processes(job)) + f"\n{log[-4000:]}"
+        time.sleep(0.2)
     ended = time.time() - killed
     log = log_path.read_bytes()[since:].decode(errors="replace")
-    print(f"machine 1 killed: the job ended {ended:.1f} s later ({info['JobState']})")
-    assert info["JobState"] != "COMPLETED", log[-4000:]
-    assert ended < 60, log[-4000:]
-    assert re.search(r"rank 0: stopping: lost contact with rank 1 \(machine 1 on host [^)]+\), which stopped without a "
-                     r"word: killed, or its machine was lost", log), log[-4000:]
+    print(f"machine 1 killed: rank 0 named it {named or ended:.1f} s later, the job ended {ended:.1f} s later ({state})"
+          + (f"; 20 s after rank 0 stopped, still running: {left}" if left else ""))
+    assert state != "COMPLETED", log[-4000:]
+    assert LOST.search(log), log[-4000:]
+    # (ended: once in CI, 60 s -- machine 1's task reported its end only after machine 0's; `left` says what runs then)
+    assert (named or ended) < 30 and ended < 110, f"{named=} {ended=} still running then: {left}\n{log[-4000:]}"
     return log
 
 
