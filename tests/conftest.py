@@ -94,11 +94,12 @@ def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300
 
 
 def assert_killed(proc: subprocess.CompletedProcess) -> None:
-    """Rank 0 died of a SIGKILL (under the launcher: as its report says)."""
+    """Rank 0 died of a SIGKILL (under the launcher: as its report says); forked ranks: its peer says it lost it."""
     assert proc.returncode != 0
     if hasattr(proc, "rank_codes"):
         assert proc.rank_codes[0] == -signal.SIGKILL and proc.returncode == -signal.SIGKILL, proc.rank_codes
-        assert "rank 1: stopping: lost contact with rank 0" in proc.stderr, proc.stderr[-3000:]
+        if len(proc.rank_codes) > 1:
+            assert "rank 1: stopping: lost contact with rank 0" in proc.stderr, proc.stderr[-3000:]
     else:
         assert "exitcode  : -9" in proc.stderr, proc.stderr[-3000:]
 

@@ -17,6 +17,7 @@ to unlink the semaphores it left, saying so in the rank's stderr, as a launched 
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import runpy
@@ -76,7 +77,13 @@ def _rank_main(script: str, args: list[str], env: dict[str, str], out: str, err:
 
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
     sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")
+    atexit._clear()  # the test session's own, inherited with the fork
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        # What an interpreter's exit does first (a forked process ends without it): e.g. torch stops the loader
+        # workers, before multiprocessing's own exit joins the rank's children -- their fork server among them
+        atexit._run_exitfuncs()
 
 
 def run_ranks(script: str, args: list[str], processes: int, env: dict[str, str], timeout: float

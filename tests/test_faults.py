@@ -335,7 +335,7 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(digits_root, tmp_path):
 
 def test_consecutive_nan_steps_stop_the_run_naming_the_step(digits_root, tmp_path):
     proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.max_bad_steps": 3}), processes=2, check=False,
-                   env={FAULT_ENV: "nan@step:8#1,nan@step:9#1,nan@step:10#1"})
+                   env={FAULT_ENV: "nan@step:8#1,nan@step:9#1,nan@step:10#1"}, forked=True)
     assert_workers_exited(proc, 2)
     assert "error: steps 8-10: 3 optimizer steps in a row had a non-finite loss or gradient (train.max_bad_steps=3); " \
            "stopped at step 10" in proc.stderr
@@ -360,7 +360,7 @@ def test_a_failing_single_process_run_exits(digits_root, tmp_path):
 def test_non_finite_weights_are_never_saved(digits_root, tmp_path):
     """With the per-step check off, a NaN reaches the weights; the save refuses to write them."""
     proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.nonfinite": "ignore"}), processes=2, check=False,
-                   env={FAULT_ENV: "nan@step:10#1"})
+                   env={FAULT_ENV: "nan@step:10#1"}, forked=True)
     assert_workers_exited(proc, 2)
     assert f"error: refusing to save non-finite weights at step 14; the last checkpoint written " \
            f"({tmp_path / 'checkpoints' / ckpt.checkpoint_name(7)}) is intact" in proc.stderr
@@ -397,7 +397,7 @@ def broken_images(digits_root, tmp_path_factory):
 
 def test_unreadable_image_is_an_error_naming_file_and_index(broken_images, digits_root, tmp_path):
     overrides = broken_images[0]
-    proc = run_cli("train.py", args(digits_root, tmp_path, **overrides), processes=2, check=False)
+    proc = run_cli("train.py", args(digits_root, tmp_path, **overrides), processes=2, check=False, forked=True)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: rank ")]
     assert lines, proc.stderr[-3000:]
@@ -424,7 +424,8 @@ def test_unreadable_images_are_skipped_counted_and_ranks_stay_in_step(broken_ima
 
 
 def test_out_of_memory_names_the_rank_batch_and_what_to_do(digits_root, tmp_path):
-    proc = run_cli("train.py", args(digits_root, tmp_path), processes=2, check=False, env={FAULT_ENV: "oom@step:2#1"})
+    proc = run_cli("train.py", args(digits_root, tmp_path), processes=2, check=False, env={FAULT_ENV: "oom@step:2#1"},
+                   forked=True)
     assert proc.returncode != 0
     assert "error: rank 1: out of memory on cpu:0 with data.batch_size=16 per process (global batch 64)" in proc.stderr
     assert "raise train.grad_accum_steps to keep the global batch" in proc.stderr
@@ -443,7 +444,7 @@ def test_batch_size_finder_agrees_on_one_size_across_ranks(digits_root, tmp_path
 def test_a_failed_write_leaves_the_previous_checkpoint_and_resume_works(uninterrupted, digits_root, tmp_path):
     """A real file-size limit (RLIMIT_FSIZE, EFBIG) on rank 0 from step 18: the save at step 20 fails."""
     run = args(digits_root, tmp_path)
-    proc = run_cli("train.py", run, processes=2, check=False, env={FAULT_ENV: "fsize=100000@step:18"})
+    proc = run_cli("train.py", run, processes=2, check=False, env={FAULT_ENV: "fsize=100000@step:18"}, forked=True)
     assert_workers_exited(proc, 2)
     checkpoints = tmp_path / "checkpoints"
     assert f"error: cannot write checkpoint {checkpoints / ckpt.checkpoint_name(20)} (rank 0: " in proc.stderr
