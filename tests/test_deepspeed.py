@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 
@@ -12,7 +11,7 @@ if os.environ.get("CI") == "true":
 else:
     pytest.importorskip("deepspeed")
 
-from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
+from conftest import assert_killed, config_path, read_jsonl, run_cli, tiny_overrides
 from test_equivalence import EXACT, WEIGHT_TOL, max_weight_diff, train
 
 from dist_train.commands.export import export
@@ -65,11 +64,8 @@ def test_zero3_killed_then_resumed_equals_uninterrupted_and_predicts_from_consol
     args = ["--config", config_path("digits.yaml"),
             *tiny_overrides(digits_root, tmp_path / "killed", **{**EXACT, "deepspeed.enabled": "true",
                                                                  "deepspeed.zero_stage": 3, "data.batch_size": 32})]
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-           "--num_processes", "2", str(ROOT / "train.py"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, FAULT_ENV: "kill@epoch:1", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode != 0  # rank 0 was SIGKILLed after saving epoch 1
+    proc = run_cli("train.py", args, processes=2, check=False, env={FAULT_ENV: "kill@epoch:1"}, timeout=300, forked=True)
+    assert_killed(proc)  # rank 0 was SIGKILLed after saving epoch 1
     state = json.loads((tmp_path / "killed" / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["epoch"] == 1
     run_cli("train.py", [*args, "--resume", "auto"], processes=2)
