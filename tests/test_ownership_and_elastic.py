@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 
 import pytest
@@ -296,13 +297,12 @@ def test_a_mid_epoch_checkpoint_under_another_layout_names_the_last_epochs_end(d
 
 def test_two_runs_on_one_directory_one_runs_the_other_is_refused(stayed_on_two, digits_root, tmp_path):
     out = tmp_path / "run"
-    cmd = command("train.py", args(digits_root, out, **{"data.batch_size": 32}), processes=2)
-    cmd[2:2] = ["--main_process_port", "0"]  # each launcher a free port of its own: the lock, not a port, decides
-    procs = [subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
-    codes = sorted(code for code, _, _ in results)
-    refused = next(err for code, _, err in results if code != 0)
-    assert codes[0] == 0 and codes[1] != 0, results
+    run = args(digits_root, out, **{"data.batch_size": 32})
+    with ThreadPoolExecutor(2) as pool:  # two runs of forked ranks at once, each with its own store and port
+        results = list(pool.map(lambda _: run_cli("train.py", run, processes=2, check=False, forked=True), range(2)))
+    codes = sorted(proc.returncode for proc in results)
+    refused = next(proc.stderr for proc in results if proc.returncode != 0)
+    assert codes[0] == 0 and codes[1] != 0, [(p.returncode, p.stderr[-2000:]) for p in results]
     assert f"error: {out} is in use by a run started" in refused and "choose another output_dir, or wait" in refused
     survivor = json.loads((out / "run_info.json").read_text())
     reference = json.loads((stayed_on_two / "run_info.json").read_text())
