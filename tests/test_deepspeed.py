@@ -64,7 +64,8 @@ def test_zero3_killed_then_resumed_equals_uninterrupted_and_predicts_from_consol
     args = ["--config", config_path("digits.yaml"),
             *tiny_overrides(digits_root, tmp_path / "killed", **{**EXACT, "deepspeed.enabled": "true",
                                                                  "deepspeed.zero_stage": 3, "data.batch_size": 32})]
-    proc = run_cli("train.py", args, processes=2, check=False, env={FAULT_ENV: "kill@epoch:1"}, timeout=300, forked=True)
+    # the one DeepSpeed run under the real `accelerate launch` (the others are forked ranks, tests/ranks.py)
+    proc = run_cli("train.py", args, processes=2, check=False, env={FAULT_ENV: "kill@epoch:1"}, timeout=300, forked=False)
     assert_killed(proc)  # rank 0 was SIGKILLed after saving epoch 1
     state = json.loads((tmp_path / "killed" / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["epoch"] == 1
@@ -107,7 +108,7 @@ def test_combinations_that_cannot_work_are_refused(digits_root, tmp_path, capsys
     assert "deepspeed.enabled=true needs a launcher" in capsys.readouterr().err
     args = ["--config", config_path("digits.yaml"), *tiny_overrides(digits_root, tmp_path / "bf16", **{
         "deepspeed.enabled": "true", "train.mixed_precision": "bf16", "train.epochs": 1})]
-    proc = run_cli("train.py", args, processes=2, check=False)
+    proc = run_cli("train.py", args, processes=2, check=False, forked=True)
     assert proc.returncode != 0
     assert "error: DeepSpeed with bf16 on CPU cannot run BatchNorm (small_cnn)" in proc.stderr
 
