@@ -48,7 +48,7 @@ def test_debug_turns_on_anomaly_detection(digits_root, tmp_path):
 
 
 def test_debug_refuses_a_launcher(digits_root, tmp_path):
-    proc = run_cli("train.py", debug_args(digits_root, tmp_path), processes=2, check=False)
+    proc = run_cli("train.py", debug_args(digits_root, tmp_path), processes=2, check=False, forked=True)
     assert "error: --debug runs one process: python train.py --config X --debug" in proc.stderr
 
 
