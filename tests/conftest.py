@@ -67,13 +67,13 @@ def run_env(**extra: str) -> dict[str, str]:
 def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300, check: bool = True,
             env: dict[str, str] | None = None, launch: bool = False, forked: bool | None = None
             ) -> subprocess.CompletedProcess:
-    """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT). A run expected to succeed
-    (check=True) runs as ranks forked from a warm server (tests/ranks.py: the same script, environment,
-    gloo group and loader workers, without the launcher's ~8 s of start-up); `forked=False` asks for the real launcher
-    (or plain python) where it is what the test is about, `forked=True` for forked ranks in a run a fault ends (the
-    exit code is then the first failed rank's own, each rank's in `rank_codes`)."""
+    """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT). The run is ranks forked from a
+    warm server (tests/ranks.py: the same script, environment, gloo group and loader workers, without the launcher's
+    ~8 s of start-up; a failed run's exit code is the first failed rank's own, each rank's in `rank_codes`);
+    `forked=False` asks for the real launcher (or plain python) where it is what the test is about, as `launch` does
+    (DeepSpeed on one GPU process)."""
     if forked is None:
-        forked = check and not launch  # (a fault injected into a run expected to succeed: a NaN skipped, an OOM found)
+        forked = not launch
     if forked:
         from ranks import run_ranks
 

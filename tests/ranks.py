@@ -7,10 +7,9 @@ training path once per test session: the same script runs as `__main__` with the
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, the agent's store hosted here, as torchrun's agent hosts it, and
 Accelerate's launch variables), in a real process with a real gloo group, its stdout and stderr captured. What a
 launcher does itself (forwarding signals, restarting, stopping the others when a rank fails, its exit codes) is
-tested with the real one: tests/conftest.run_cli uses this for runs expected to succeed (a fault injected there is
-one the run survives: a NaN step skipped, an out-of-memory batch size given up) and, asked with `forked=True`, for runs
-a fault ends where what is tested is what the run leaves or says (the checkpoints after a SIGKILL, an error's words);
-each such fault kind keeps a test under the real launcher. Loader workers start as in a launched rank: the script runs
+tested with the real one: tests/conftest.run_cli uses this unless asked with `forked=False` -- for runs that succeed,
+and for runs a fault ends where what is tested is what the run leaves or says (the checkpoints after a SIGKILL, an
+error's words); each such fault kind keeps a test under the real launcher. Loader workers start as in a launched rank: the script runs
 as `__main__` (runpy, its `__file__` and its `if __name__ == "__main__":` guard), so each rank starts its own workers'
 fork server, which preloads the script; and each rank starts its own resource tracker, which outlives a SIGKILLed rank
 to unlink the semaphores it left, saying so in the rank's stderr, as a launched rank's does.

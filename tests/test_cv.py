@@ -136,8 +136,7 @@ def test_a_key_that_shapes_the_model_is_refused_naming_both_values(two_processes
 @pytest.mark.slow
 def test_a_fold_killed_and_resumed_ends_bitwise_as_if_uninterrupted(two_processes, masks, tmp_path):
     reference, out = two_processes[0], tmp_path / "run"
-    killed = run_cli("train.py", cv_args(masks, out), processes=2, check=False, env={FAULT_ENV: "kill@step:7"},
-                     forked=True)
+    killed = run_cli("train.py", cv_args(masks, out), processes=2, check=False, env={FAULT_ENV: "kill@step:7"})
     assert_killed(killed)
     assert not (out / "fold-1").exists() and not (out / "oof.csv").exists()
     resumed = run_cli("train.py", [*cv_args(masks, out), "--resume", "auto"], processes=2)

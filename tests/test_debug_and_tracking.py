@@ -35,20 +35,21 @@ def test_debug_prints_the_real_run_overfits_one_batch_and_runs_a_few_batches(dig
 
 
 def test_debug_fails_loudly_when_one_batch_cannot_be_learned(digits_root, tmp_path):
-    proc = run_cli("train.py", debug_args(digits_root, tmp_path, **{"optim.lr": 1e-9}), check=False)
+    proc = run_cli("train.py", debug_args(digits_root, tmp_path, **{"optim.lr": 1e-9}), check=False, forked=False)
     assert proc.returncode == 2
     assert "error: overfit one batch: the loss went from" in proc.stderr and "on one batch of 32" in proc.stderr
     assert "Traceback (most recent call last)" in proc.stderr  # --debug: full tracebacks
 
 
 def test_debug_turns_on_anomaly_detection(digits_root, tmp_path):
-    proc = run_cli("train.py", debug_args(digits_root, tmp_path), check=False, env={"DIST_TRAIN_FAULT": "nan@step:2"})
+    proc = run_cli("train.py", debug_args(digits_root, tmp_path), check=False, env={"DIST_TRAIN_FAULT": "nan@step:2"},
+                   forked=False)
     assert proc.returncode != 0
     assert "returned nan values in its 0th output" in proc.stderr  # torch.autograd.detect_anomaly names the op
 
 
 def test_debug_refuses_a_launcher(digits_root, tmp_path):
-    proc = run_cli("train.py", debug_args(digits_root, tmp_path), processes=2, check=False, forked=True)
+    proc = run_cli("train.py", debug_args(digits_root, tmp_path), processes=2, check=False)
     assert "error: --debug runs one process: python train.py --config X --debug" in proc.stderr
 
 

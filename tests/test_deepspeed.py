@@ -108,7 +108,7 @@ def test_combinations_that_cannot_work_are_refused(digits_root, tmp_path, capsys
     assert "deepspeed.enabled=true needs a launcher" in capsys.readouterr().err
     args = ["--config", config_path("digits.yaml"), *tiny_overrides(digits_root, tmp_path / "bf16", **{
         "deepspeed.enabled": "true", "train.mixed_precision": "bf16", "train.epochs": 1})]
-    proc = run_cli("train.py", args, processes=2, check=False, forked=True)
+    proc = run_cli("train.py", args, processes=2, check=False)
     assert proc.returncode != 0
     assert "error: DeepSpeed with bf16 on CPU cannot run BatchNorm (small_cnn)" in proc.stderr
 

@@ -166,12 +166,10 @@ def test_plain_num_processes_through_the_launch_module_is_refused_too(digits_roo
 
 
 def test_a_backend_switch_that_cannot_work_is_one_line(digits_root, tmp_path):
-    proc = run_cli("train.py", tiny_overrides(digits_root, tmp_path), env={BACKEND_ENV: "mpi"}, check=False,
-                   forked=True)
+    proc = run_cli("train.py", tiny_overrides(digits_root, tmp_path), env={BACKEND_ENV: "mpi"}, check=False)
     assert proc.returncode == 2 and f"error: {BACKEND_ENV}='mpi': choose nccl or gloo" in proc.stderr, proc.stderr[-2000:]
     if not torch.cuda.is_available():
-        proc = run_cli("train.py", tiny_overrides(digits_root, tmp_path), env={BACKEND_ENV: "nccl"}, check=False,
-                       forked=True)
+        proc = run_cli("train.py", tiny_overrides(digits_root, tmp_path), env={BACKEND_ENV: "nccl"}, check=False)
         assert proc.returncode == 2 and f"error: {BACKEND_ENV}=nccl needs a GPU" in proc.stderr, proc.stderr[-2000:]
 
 

@@ -165,14 +165,14 @@ def test_flipped_or_truncated_files_are_named_and_auto_resume_falls_back(finishe
     data[len(data) // 2] ^= 0xFF
     optimizer_file.write_bytes(bytes(data))
     run = args(digits_root, finished_copy)
-    explicit = run_cli("train.py", [*run, "--resume", str(newest)], processes=2, check=False, forked=True)
+    explicit = run_cli("train.py", [*run, "--resume", str(newest)], processes=2, check=False)
     assert_workers_exited(explicit, 2)
     assert f"error: checkpoint {newest}: file optimizer.bin is corrupt (sha256 mismatch)" in explicit.stderr
 
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert "model.safetensors is truncated or altered (100 bytes" in run_cli(
-        "predict.py", [*run, "--checkpoint", str(newest)], check=False).stderr
+        "predict.py", [*run, "--checkpoint", str(newest)], check=False, forked=False).stderr
 
     auto = run_cli("train.py", [*run, "--resume", "auto"], processes=2)
     assert f"warning: checkpoint {newest}: file model.safetensors is truncated or altered" in auto.stdout
@@ -194,8 +194,7 @@ def test_a_pickle_carrying_code_is_refused_naming_the_global(finished_copy, digi
     ckpt.write_manifest(newest)  # re-sealed, as an attacker would: only the pickle check stands in the way
     marker = Path("/tmp/dist_train_pwned")
     marker.unlink(missing_ok=True)
-    proc = run_cli("train.py", [*args(digits_root, finished_copy), "--resume", str(newest)], processes=2, check=False,
-                   forked=True)
+    proc = run_cli("train.py", [*args(digits_root, finished_copy), "--resume", str(newest)], processes=2, check=False)
     assert_workers_exited(proc, 2)
     assert "random_states_1.pkl would import posix.system; refused to load" in proc.stderr
     assert not marker.exists()
@@ -272,7 +271,7 @@ def test_preemption_signal_saves_requeues_and_the_restart_finishes_the_same(unin
 def test_a_rank_that_raises_stops_the_job_at_once_naming_it_once(digits_root, tmp_path):
     started = time.time()
     proc = run_cli("train.py", args(digits_root, tmp_path), processes=2, check=False, timeout=120,
-                   env={FAULT_ENV: "raise@step:3#1"})
+                   env={FAULT_ENV: "raise@step:3#1"}, forked=False)
     assert proc.returncode != 0 and time.time() - started < 60
     assert proc.stderr.count("injected failure at step:3") == 1
     assert "error: rank 1 of 2 failed: RuntimeError: injected failure at step:3" in proc.stderr
@@ -284,7 +283,7 @@ def test_a_rank_killed_without_a_word_is_named_by_its_peer(digits_root, tmp_path
     that report short."""
     started = time.time()
     proc = run_cli("train.py", args(digits_root, tmp_path), processes=2, check=False, timeout=120,
-                   env={FAULT_ENV: "kill@step:5#1"})
+                   env={FAULT_ENV: "kill@step:5#1"}, forked=False)
     assert proc.returncode != 0 and time.time() - started < 60
     assert re.search(r"rank 0: stopping: lost contact with rank 1 \(machine 0 on host [^)]+\), which stopped without a "
                      r"word: killed, or its machine was lost", proc.stderr), proc.stderr[-3000:]
@@ -293,7 +292,7 @@ def test_a_rank_killed_without_a_word_is_named_by_its_peer(digits_root, tmp_path
 def test_a_hung_rank_is_named_and_the_job_ends_within_the_timeout(digits_root, tmp_path):
     started = time.time()
     proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.distributed_timeout_s": 6}), processes=2,
-                   check=False, timeout=180, env={FAULT_ENV: "hang@step:3#1"})
+                   check=False, timeout=180, env={FAULT_ENV: "hang@step:3#1"}, forked=False)
     elapsed = time.time() - started
     assert proc.returncode != 0
     assert elapsed < 6 + 45, elapsed  # the timeout, plus start-up and the watchdog's polling
@@ -308,7 +307,7 @@ def test_a_hung_main_process_releases_the_run_lock(digits_root, tmp_path):
     """Rank 0 holds the run directory's lock; hung, its main thread never reaches `finally`: the watchdog releases
     the lock before it ends the process, so that the requeued or next run starts at once (not refused, not 60 s)."""
     proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.distributed_timeout_s": 6}), processes=2,
-                   check=False, timeout=180, env={FAULT_ENV: "hang@step:3#0"})
+                   check=False, timeout=180, env={FAULT_ENV: "hang@step:3#0"}, forked=False)
     assert proc.returncode != 0 and "error: rank 0 made no progress for" in proc.stderr
     assert not (tmp_path / ".lock").exists(), proc.stderr[-2000:]
 
@@ -335,7 +334,7 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(digits_root, tmp_path):
 
 def test_consecutive_nan_steps_stop_the_run_naming_the_step(digits_root, tmp_path):
     proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.max_bad_steps": 3}), processes=2, check=False,
-                   env={FAULT_ENV: "nan@step:8#1,nan@step:9#1,nan@step:10#1"}, forked=True)
+                   env={FAULT_ENV: "nan@step:8#1,nan@step:9#1,nan@step:10#1"})
     assert_workers_exited(proc, 2)
     assert "error: steps 8-10: 3 optimizer steps in a row had a non-finite loss or gradient (train.max_bad_steps=3); " \
            "stopped at step 10" in proc.stderr
@@ -344,7 +343,7 @@ def test_consecutive_nan_steps_stop_the_run_naming_the_step(digits_root, tmp_pat
 
 def test_nonfinite_stop_ends_the_run_at_the_first_bad_step(digits_root, tmp_path):
     proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.nonfinite": "stop"}), processes=2, check=False,
-                   env={FAULT_ENV: "nan@step:9#0"})
+                   env={FAULT_ENV: "nan@step:9#0"}, forked=False)
     assert_workers_exited(proc, 2)
     assert "error: step 9: the loss or gradient is not finite on some rank (train.nonfinite=stop); stopped." in proc.stderr
     assert finite_checkpoints(tmp_path / "checkpoints") == [ckpt.checkpoint_name(7)]
@@ -353,14 +352,14 @@ def test_nonfinite_stop_ends_the_run_at_the_first_bad_step(digits_root, tmp_path
 def test_a_failing_single_process_run_exits(digits_root, tmp_path):
     """`python train.py` with loader workers (which ignore SIGTERM): a crash ends the process, not a hang."""
     proc = run_cli("train.py", args(digits_root, tmp_path), processes=1, check=False, timeout=120,
-                   env={FAULT_ENV: "raise@step:2"})
+                   env={FAULT_ENV: "raise@step:2"}, forked=False)
     assert proc.returncode == 1 and "injected failure at step:2" in proc.stderr
 
 
 def test_non_finite_weights_are_never_saved(digits_root, tmp_path):
     """With the per-step check off, a NaN reaches the weights; the save refuses to write them."""
     proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.nonfinite": "ignore"}), processes=2, check=False,
-                   env={FAULT_ENV: "nan@step:10#1"}, forked=True)
+                   env={FAULT_ENV: "nan@step:10#1"})
     assert_workers_exited(proc, 2)
     assert f"error: refusing to save non-finite weights at step 14; the last checkpoint written " \
            f"({tmp_path / 'checkpoints' / ckpt.checkpoint_name(7)}) is intact" in proc.stderr
@@ -397,7 +396,7 @@ def broken_images(digits_root, tmp_path_factory):
 
 def test_unreadable_image_is_an_error_naming_file_and_index(broken_images, digits_root, tmp_path):
     overrides = broken_images[0]
-    proc = run_cli("train.py", args(digits_root, tmp_path, **overrides), processes=2, check=False, forked=True)
+    proc = run_cli("train.py", args(digits_root, tmp_path, **overrides), processes=2, check=False)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: rank ")]
     assert lines, proc.stderr[-3000:]
@@ -424,8 +423,7 @@ def test_unreadable_images_are_skipped_counted_and_ranks_stay_in_step(broken_ima
 
 
 def test_out_of_memory_names_the_rank_batch_and_what_to_do(digits_root, tmp_path):
-    proc = run_cli("train.py", args(digits_root, tmp_path), processes=2, check=False, env={FAULT_ENV: "oom@step:2#1"},
-                   forked=True)
+    proc = run_cli("train.py", args(digits_root, tmp_path), processes=2, check=False, env={FAULT_ENV: "oom@step:2#1"})
     assert proc.returncode != 0
     assert "error: rank 1: out of memory on cpu:0 with data.batch_size=16 per process (global batch 64)" in proc.stderr
     assert "raise train.grad_accum_steps to keep the global batch" in proc.stderr
@@ -444,7 +442,7 @@ def test_batch_size_finder_agrees_on_one_size_across_ranks(digits_root, tmp_path
 def test_a_failed_write_leaves_the_previous_checkpoint_and_resume_works(uninterrupted, digits_root, tmp_path):
     """A real file-size limit (RLIMIT_FSIZE, EFBIG) on rank 0 from step 18: the save at step 20 fails."""
     run = args(digits_root, tmp_path)
-    proc = run_cli("train.py", run, processes=2, check=False, env={FAULT_ENV: "fsize=100000@step:18"}, forked=True)
+    proc = run_cli("train.py", run, processes=2, check=False, env={FAULT_ENV: "fsize=100000@step:18"})
     assert_workers_exited(proc, 2)
     checkpoints = tmp_path / "checkpoints"
     assert f"error: cannot write checkpoint {checkpoints / ckpt.checkpoint_name(20)} (rank 0: " in proc.stderr

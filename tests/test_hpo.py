@@ -123,8 +123,7 @@ def test_best_yaml_trains_and_predict_takes_the_study(study, tmp_path):
 def test_a_trial_killed_mid_way_is_resumed_by_the_next_worker_and_ends_as_if_uninterrupted(study, digits_root, tmp_path):
     reference, out = study[0], tmp_path / "study"
     args = study_args(digits_root, out, **{"hpo.trials": 2})
-    killed = run_cli("train.py", args, processes=2, check=False, env={FAULT_ENV: "kill@step:7"}, timeout=300,
-                     forked=True)
+    killed = run_cli("train.py", args, processes=2, check=False, env={FAULT_ENV: "kill@step:7"}, timeout=300)
     assert_killed(killed)
     assert not (out / "trial-0" / "fold-1").exists()
     again = run_cli("train.py", args, processes=2, timeout=600)

@@ -213,7 +213,7 @@ def args(digits_root, out, **overrides):
 
 def killed_after_epoch_1(digits_root, out, processes, **overrides):
     proc = run_cli("train.py", args(digits_root, out, **overrides), processes, check=False,
-                   env={FAULT_ENV: "kill@epoch:1"}, forked=True)
+                   env={FAULT_ENV: "kill@epoch:1"})
     assert_killed(proc)
     assert (out / "checkpoints" / "step-00000020").is_dir()
 
@@ -269,7 +269,7 @@ def test_one_process_resumed_on_two_keeps_the_global_batch_and_the_schedule(stay
 def test_an_indivisible_change_is_refused_unless_adapted(stayed_on_two, digits_root, tmp_path):
     killed_after_epoch_1(digits_root, tmp_path, 2, **{"data.batch_size": 32})
     run = [*args(digits_root, tmp_path, **{"data.batch_size": 32}), "--resume", "auto"]
-    refused = run_cli("train.py", run, processes=3, check=False, forked=True)
+    refused = run_cli("train.py", run, processes=3, check=False)
     assert "cannot make it with whole accumulation steps" in refused.stderr and "train.elastic=adapt" in refused.stderr
     assert not (tmp_path / LOCK_FILE).exists()  # released after the error
     proc = run_cli("train.py", [*run, "train.elastic=adapt"], processes=3)
@@ -284,10 +284,9 @@ def test_an_indivisible_change_is_refused_unless_adapted(stayed_on_two, digits_r
 def test_a_mid_epoch_checkpoint_under_another_layout_names_the_last_epochs_end(digits_root, tmp_path):
     overrides = {"data.batch_size": 32, "checkpoint.every_n_steps": 7, "checkpoint.keep_last": 5}
     proc = run_cli("train.py", args(digits_root, tmp_path, **overrides), processes=2, check=False,
-                   env={FAULT_ENV: "kill@step:30"}, forked=True)
+                   env={FAULT_ENV: "kill@step:30"})
     assert_killed(proc)
-    refused = run_cli("train.py", [*args(digits_root, tmp_path, **overrides), "--resume", "auto"], processes=1, check=False,
-                      forked=True)
+    refused = run_cli("train.py", [*args(digits_root, tmp_path, **overrides), "--resume", "auto"], processes=1, check=False)
     assert refused.returncode == 2
     assert ("the checkpoint was saved in the middle of epoch 2 by 2 processes x batch 32 x accumulation 1" in refused.stderr
             and f"resume from {tmp_path / 'checkpoints' / 'step-00000020'}, saved at the end of an epoch" in refused.stderr)
@@ -299,7 +298,7 @@ def test_two_runs_on_one_directory_one_runs_the_other_is_refused(stayed_on_two, 
     out = tmp_path / "run"
     run = args(digits_root, out, **{"data.batch_size": 32})
     with ThreadPoolExecutor(2) as pool:  # two runs of forked ranks at once, each with its own store and port
-        results = list(pool.map(lambda _: run_cli("train.py", run, processes=2, check=False, forked=True), range(2)))
+        results = list(pool.map(lambda _: run_cli("train.py", run, processes=2, check=False), range(2)))
     codes = sorted(proc.returncode for proc in results)
     refused = next(proc.stderr for proc in results if proc.returncode != 0)
     assert codes[0] == 0 and codes[1] != 0, [(p.returncode, p.stderr[-2000:]) for p in results]
@@ -312,7 +311,7 @@ def test_two_runs_on_one_directory_one_runs_the_other_is_refused(stayed_on_two, 
 
 def test_the_lock_is_released_after_an_error_and_after_preemption(digits_root, tmp_path):
     failed = run_cli("train.py", args(digits_root, tmp_path / "failed"), processes=2, check=False,
-                     env={FAULT_ENV: "raise@step:3"}, forked=True)
+                     env={FAULT_ENV: "raise@step:3"})
     assert failed.returncode != 0 and "injected failure at step:3" in failed.stderr
     assert not (tmp_path / "failed" / LOCK_FILE).exists()
     out = tmp_path / "preempted"

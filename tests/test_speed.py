@@ -180,8 +180,7 @@ def test_two_processes_train_and_predict_with_device_decoding(jpeg_digits, tmp_p
 
 
 def test_device_decoding_refuses_what_it_cannot_do(digits_root, tmp_path):
-    proc = run_cli("train.py", tiny_overrides(digits_root, tmp_path, **{"data.decode": "device"}), check=False,
-                   forked=True)
+    proc = run_cli("train.py", tiny_overrides(digits_root, tmp_path, **{"data.decode": "device"}), check=False)
     assert proc.returncode == 2 and "data.decode=device decodes JPEG files only" in proc.stderr, proc.stderr[-2000:]
 
 

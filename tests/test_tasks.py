@@ -198,7 +198,7 @@ def test_ema_is_evaluated_checkpointed_resumed_and_predicts(digits_root, tmp_pat
     # killed mid-run and resumed: the same average as the uninterrupted run, to the bit
     killed = run_cli("train.py", tiny_overrides(digits_root, tmp_path / "cut", **{"train.ema_decay": 0.9, "model.name": "mlp",
                                                                                    "checkpoint.every_n_steps": 7}),
-                     processes=2, check=False, env={"DIST_TRAIN_FAULT": "kill@step:10"})
+                     processes=2, check=False, env={"DIST_TRAIN_FAULT": "kill@step:10"}, forked=False)
     assert killed.returncode != 0
     run_cli("train.py", [*tiny_overrides(digits_root, tmp_path / "cut", **{"train.ema_decay": 0.9, "model.name": "mlp",
                                                                            "checkpoint.every_n_steps": 7}), "--resume", "auto"],

@@ -218,7 +218,7 @@ def test_layer_groups_lrs_reach_tensorboard_and_a_killed_run_resumes_bitwise(tim
     assert [v for _, v in first] == pytest.approx([v * 0.75 ** 7 for _, v in head], rel=1e-6)  # (float32 events)
     cut = tmp_path / "cut"
     killed = run_cli("train.py", run_args(digits_root, cut, "test_vit"), processes=2, check=False,
-                     env={"DIST_TRAIN_FAULT": "kill@step:10"}, forked=True)
+                     env={"DIST_TRAIN_FAULT": "kill@step:10"})
     assert_killed(killed)
     run_cli("train.py", [*run_args(digits_root, cut, "test_vit"), "--resume", "auto"], processes=2)
     resumed, uninterrupted = (json.loads((d / "run_info.json").read_text()) for d in (cut, full))
