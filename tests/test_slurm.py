@@ -133,19 +133,27 @@ def release_now(cluster, job: str) -> None:
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)
 
 
-def node_processes(job: str, node_id: str) -> list[psutil.Process]:
-    """The processes job `job` runs on its machine `node_id` (their environment says so): the launcher, the
-    training processes and their loader workers, not SLURM's own."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
+def of_job(job: str):
+    """Each process of job `job` (its environment says so), with its machine's number and its command line."""
+    for proc in psutil.process_iter(["cmdline", "status"]):
         try:
             env, cmdline = proc.environ(), " ".join(proc.info["cmdline"] or [])
         except (psutil.Error, OSError):
             continue
-        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_NODEID") == node_id and (
-                "accelerate" in cmdline or "train.py" in cmdline or "multiprocessing" in cmdline):
-            found.append(proc)
-    return found
+        if env.get("SLURM_JOB_ID") == job:
+            yield proc, env.get("SLURM_NODEID"), cmdline
+
+
+def node_processes(job: str, node_id: str) -> list[psutil.Process]:
+    """The processes job `job` runs on its machine `node_id`: the launcher, the training processes and their loader
+    workers, not SLURM's own."""
+    return [proc for proc, node, cmdline in of_job(job) if node == node_id and (
+            "accelerate" in cmdline or "train.py" in cmdline or "multiprocessing" in cmdline)]
+
+
+def job_processes(job: str) -> list[str]:
+    """What still runs for job `job` on either machine, for a failure's message."""
+    return [f"machine {node}: {proc.pid} {proc.info['status']} {cmdline[:160]}" for proc, node, cmdline in of_job(job)]
 
 
 def wait_for(cluster, job: str, path) -> None:
@@ -158,19 +166,6 @@ def wait_for(cluster, job: str, path) -> None:
 
 LOST = re.compile(r"rank 0: stopping: lost contact with rank 1 \(machine 1 on host [^)]+\), which stopped without a "
                   r"word: killed, or its machine was lost")
-
-
-def job_processes(job: str) -> list[str]:
-    """What still runs for job `job` on either machine, for a failure's message."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.environ().get("SLURM_JOB_ID") == job:
-                found.append(f"machine {proc.environ().get('SLURM_NODEID')}: {proc.pid} {proc.info['status']} "
-                             f"{' '.join(proc.info['cmdline'] or [])[:160]}")
-        except (psutil.Error, OSError):
-            continue
-    return found
 
 
 def lose_machine_1(cluster, job: str, log_path, since: int) -> str:
@@ -188,18 +183,18 @@ def lose_machine_1(cluster, job: str, log_path, since: int) -> str:
         victims = node_processes(job, "1")
         if not victims:
             break
+    said = lambda: log_path.read_bytes()[since:].decode(errors="replace")  # noqa: E731  (what the job logged so far)
     named = left = None
     while (state := cluster.job(job).get("JobState")) not in {"FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL", "PENDING"}:
-        log = log_path.read_bytes()[since:].decode(errors="replace")
-        if named is None and LOST.search(log):
+        if named is None and LOST.search(said()):
             named = time.time() - killed
         if left is None and named is not None and time.time() - killed > named + 20:
             left = job_processes(job)  # what keeps the job up after rank 0 stopped
         assert time.time() - killed < 120, f"job {job} still {state} 120 s after machine 1 was lost\n" + "\n".join(
-            job_processes(job)) + f"\n{log[-4000:]}"
+            job_processes(job)) + "\n" + said()[-4000:]
         time.sleep(0.2)
     ended = time.time() - killed
-    log = log_path.read_bytes()[since:].decode(errors="replace")
+    log = said()
     print(f"machine 1 killed: rank 0 named it {named or ended:.1f} s later, the job ended {ended:.1f} s later ({state})"
           + (f"; 20 s after rank 0 stopped, still running: {left}" if left else ""))
     assert state != "COMPLETED", log[-4000:]
