@@ -294,6 +294,7 @@ def report_failure(exc: BaseException) -> None:
 #            step N; PHASE in written, fsynced, sealed, linked, rotating), find:B (batch-size trial B)
 
 FAULT_ENV = "DIST_TRAIN_FAULT"
+FAULT_LOG_ENV = "DIST_TRAIN_FAULT_LOG"  # a file: each fault, as it fires, appends "UNIX_TIME action@point#rank"
 
 
 @cache
@@ -319,6 +320,9 @@ def inject(point: str) -> None:
         if at != point or on_rank != rank():
             continue
         name, _, arg = action.partition("=")
+        if os.environ.get(FAULT_LOG_ENV):  # when it fired: a test times what follows from here, not from start-up
+            with open(os.environ[FAULT_LOG_ENV], "a") as log:
+                log.write(f"{time.time():.3f} {action}@{point}#{on_rank}\n")
         if name == "kill":
             os.kill(os.getpid(), signal.SIGKILL)  # a crash, not an exit: nothing gets to clean up
         elif name == "raise":
