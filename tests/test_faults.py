@@ -172,7 +172,7 @@ def test_flipped_or_truncated_files_are_named_and_auto_resume_falls_back(finishe
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert "model.safetensors is truncated or altered (100 bytes" in run_cli(
-        "predict.py", [*run, "--checkpoint", str(newest)], check=False, forked=False).stderr
+        "predict.py", [*run, "--checkpoint", str(newest)], check=False).stderr
 
     auto = run_cli("train.py", [*run, "--resume", "auto"], processes=2)
     assert f"warning: checkpoint {newest}: file model.safetensors is truncated or altered" in auto.stdout

@@ -202,7 +202,7 @@ def test_throughput_benchmark_runs_every_runner_and_ends_with_the_ratio(tmp_path
 
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--device", "cpu", "--data", str(tmp_path / "jpegs"),
                            "--count", "96", "--size", "48x40", "--classes", "3", "--image-size", "16", "--batch-size", "8",
-                           "--steps", "3", "--processes", "2", "--repeats", "2",
+                           "--steps", "3", "--processes", "2", "--repeats", "2", "--workers", "0",
                            "--runners", "synthetic,plain,dist_train,dist_train+train.nonfinite=ignore"],
                           cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
