@@ -67,7 +67,7 @@ def run_env(**extra: str) -> dict[str, str]:
 def run_cli(script: str, args: list[str], processes: int = 1, timeout: int = 300, check: bool = True,
             env: dict[str, str] | None = None, launch: bool = False, forked: bool | None = None
             ) -> subprocess.CompletedProcess:
-    """Run a entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT). The run is ranks forked from a
+    """Run an entry point to completion; `env` adds variables (e.g. DIST_TRAIN_FAULT). The run is ranks forked from a
     warm server (tests/ranks.py: the same script, environment, gloo group and loader workers, without the launcher's
     ~8 s of start-up; a failed run's exit code is the first failed rank's own, each rank's in `rank_codes`);
     `forked=False` asks for the real launcher (or plain python) where it is what the test is about, as `launch` does

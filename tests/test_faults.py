@@ -278,8 +278,9 @@ def launched_with_fault(digits_root, out: Path, fault: str, **overrides) -> tupl
     ended = time.time()
     fired = log.read_text().splitlines() if log.exists() else []
     assert len(fired) == 1 and fired[0].endswith(" " + fault), (fired, proc.stderr[-3000:])
-    print(f"{fault}: the job ended {ended - float(fired[0].split()[0]):.1f} s after it")
-    return proc, ended - float(fired[0].split()[0])
+    stop_s = ended - float(fired[0].split()[0])
+    print(f"{fault}: the job ended {stop_s:.1f} s after it")
+    return proc, stop_s
 
 
 def test_a_rank_that_raises_stops_the_job_at_once_naming_it_once(digits_root, tmp_path):
@@ -314,8 +315,7 @@ def test_a_hung_rank_is_named_and_the_job_ends_within_the_timeout(digits_root, t
 def test_a_hung_main_process_releases_the_run_lock(digits_root, tmp_path):
     """Rank 0 holds the run directory's lock; hung, its main thread never reaches `finally`: the watchdog releases
     the lock before it ends the process, so that the requeued or next run starts at once (not refused, not 60 s)."""
-    proc = run_cli("train.py", args(digits_root, tmp_path, **{"train.distributed_timeout_s": 6}), processes=2,
-                   check=False, timeout=180, env={FAULT_ENV: "hang@step:3#0"}, forked=False)
+    proc, _ = launched_with_fault(digits_root, tmp_path, "hang@step:3#0", **{"train.distributed_timeout_s": 6})
     assert proc.returncode != 0 and "error: rank 0 made no progress for" in proc.stderr
     assert not (tmp_path / ".lock").exists(), proc.stderr[-2000:]
 

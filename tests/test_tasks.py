@@ -181,8 +181,8 @@ def test_ranking_metrics_per_query_survive_the_gather_in_2_processes(tmp_path):
 
 
 def test_ema_is_evaluated_checkpointed_resumed_and_predicts(digits_root, tmp_path):
-    run = tiny_overrides(digits_root, tmp_path / "ema", **{"train.ema_decay": 0.9, "model.name": "mlp",
-                                                          "checkpoint.every_n_steps": 7})
+    ema_run = {"train.ema_decay": 0.9, "model.name": "mlp", "checkpoint.every_n_steps": 7}
+    run = tiny_overrides(digits_root, tmp_path / "ema", **ema_run)
     run_cli("train.py", run, processes=2)
     assert_each_rank(tmp_path / "ema")
     best = tmp_path / "ema" / "checkpoints" / "best"
@@ -196,13 +196,10 @@ def test_ema_is_evaluated_checkpointed_resumed_and_predicts(digits_root, tmp_pat
                            "--output", str(tmp_path / "m.csv")], processes=2)
     assert (tmp_path / "v.csv").read_text() != (tmp_path / "m.csv").read_text() or ema == model
     # killed mid-run and resumed: the same average as the uninterrupted run, to the bit
-    killed = run_cli("train.py", tiny_overrides(digits_root, tmp_path / "cut", **{"train.ema_decay": 0.9, "model.name": "mlp",
-                                                                                   "checkpoint.every_n_steps": 7}),
-                     processes=2, check=False, env={"DIST_TRAIN_FAULT": "kill@step:10"})
+    cut = tiny_overrides(digits_root, tmp_path / "cut", **ema_run)
+    killed = run_cli("train.py", cut, processes=2, check=False, env={"DIST_TRAIN_FAULT": "kill@step:10"})
     assert_killed(killed)
-    run_cli("train.py", [*tiny_overrides(digits_root, tmp_path / "cut", **{"train.ema_decay": 0.9, "model.name": "mlp",
-                                                                           "checkpoint.every_n_steps": 7}), "--resume", "auto"],
-            processes=2)
+    run_cli("train.py", [*cut, "--resume", "auto"], processes=2)
     last = lambda d: load_file(str(d / "checkpoints" / "last" / "ema.safetensors"))  # noqa: E731
     uninterrupted, resumed = last(tmp_path / "ema"), last(tmp_path / "cut")
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)

@@ -320,8 +320,8 @@ def inject(point: str) -> None:
         if at != point or on_rank != rank():
             continue
         name, _, arg = action.partition("=")
-        if os.environ.get(FAULT_LOG_ENV):  # when it fired: a test times what follows from here, not from start-up
-            with open(os.environ[FAULT_LOG_ENV], "a") as log:
+        if log_path := os.environ.get(FAULT_LOG_ENV):  # when it fired: a test times what follows, not start-up
+            with open(log_path, "a") as log:
                 log.write(f"{time.time():.3f} {action}@{point}#{on_rank}\n")
         if name == "kill":
             os.kill(os.getpid(), signal.SIGKILL)  # a crash, not an exit: nothing gets to clean up
