@@ -1,5 +1,5 @@
-# make install: .venv with the pinned, tested versions; make test: the suite; make demo: the digits run;
-# make gpu-check OUT=DIR: the GPU check with the machine's own Python (bench/gpu_check.py), report in DIR.
+# make install: .venv with the pinned, tested versions; make test: the suite (WORKERS=N tests at a time, default 2);
+# make demo: the digits run; make gpu-check OUT=DIR: the GPU check with the machine's own Python (bench/gpu_check.py), report in DIR.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,11 +22,15 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,deepspeed,export]'
 	touch $(STAMP)
 
+# WORKERS tests at a time (pytest-xdist; tests/conftest.py keeps a module's shared runs on one worker); WORKERS=0: one
+WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest tests -n $(WORKERS) --dist loadgroup
+
 test: install
-	$(BIN)/python -m pytest tests
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: install
 	$(LAUNCH) train.py --config configs/digits.yaml output_dir=$(RUN_DIR) --overwrite

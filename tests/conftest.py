@@ -25,6 +25,20 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Work units for `make test`'s workers (pytest-xdist, `--dist loadgroup`): the tests of a module that share its
+    module-scoped fixtures (a trained run, a cluster) go to one worker, which builds them once; the modules that start
+    a SLURM cluster all go to one worker, one after another (each cluster stops the munged it started); every other
+    test is a unit of its own."""
+    slurm_modules = {item.module.__name__ for item in items if "cluster" in getattr(item, "fixturenames", ())}
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
+            module = item.module.__name__
+            item.add_marker(pytest.mark.xdist_group("slurm" if module in slurm_modules else module))
+
+
 def tiny_overrides(digits_root: Path, output_dir: Path, **extra) -> list[str]:
     """A fast digits run: 8x8 images, a couple of epochs, no workers, no augmentation."""
     values = {
@@ -54,7 +68,8 @@ def command(script: str, args: list[str], processes: int = 1, launch: bool = Fal
     one, with `launch`: DeepSpeed needs the launcher's environment)."""
     if processes == 1 and not launch:
         return [sys.executable, str(ROOT / script), *args]
-    return [*accelerate_launch(), "--config_file", str(ROOT / "accelerate_config.yaml"),
+    # a free port of the launcher's choosing, not its default 29500: `make test` runs two tests at a time
+    return [*accelerate_launch(), "--config_file", str(ROOT / "accelerate_config.yaml"), "--main_process_port", "0",
             "--num_processes", str(processes), str(ROOT / script), *args]
 
 

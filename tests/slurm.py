@@ -4,6 +4,7 @@ Started for the SLURM tests, torn down by pid. `make slurm-deps` (run by .ci/run
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -12,8 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 CONF = """ClusterName=disttrain
 SlurmctldHost={host}
+FirstJobId={first_job}
 SlurmctldPort={ctld_port}
 SlurmUser=root
 AuthType=auth/munge
@@ -60,8 +64,11 @@ class Cluster:
     def start(self) -> "Cluster":
         for sub in ("state", "spool/n1", "spool/n2", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(CONF.format(host=socket.gethostname(), root=self.root, ctld_port=free_port(),
-                                         n1_port=free_port(), n2_port=free_port()))
+        ctld_port = free_port()
+        # job numbers of its own: launch/slurm_train.sbatch derives its port from the job's, and the clusters of two
+        # test modules (run back to back by one `make test` worker) would otherwise both start at job 1
+        self.conf.write_text(CONF.format(host=socket.gethostname(), root=self.root, ctld_port=ctld_port,
+                                         first_job=1 + ctld_port % 10000, n1_port=free_port(), n2_port=free_port()))
         self._start_munge()
         subprocess.run(["/usr/sbin/slurmctld", "-i"], env=self.env, check=True, timeout=60)
         self.pids.append(self._pid("slurmctld.pid"))
@@ -95,6 +102,15 @@ class Cluster:
         return int(path.read_text())
 
     def stop(self) -> None:
+        # the jobs first: their processes (launchers, ranks) would outlive the daemons, holding their ports and cores
+        self.run("scancel", "--user", "root")
+        deadline = time.time() + 60
+        while self.run("squeue", "-h").stdout.strip() and time.time() < deadline:
+            time.sleep(0.5)
+        for proc in psutil.process_iter():  # and what left a job's process tracking (a daemon, a fork server)
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("SLURM_CONF") == str(self.conf) and "SLURM_JOB_ID" in proc.environ():
+                    proc.kill()
         for pid in reversed(self.pids):
             try:
                 os.kill(pid, signal.SIGTERM)
