@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,18 +26,58 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the marks
+GROUPS_ENV = "DIST_TRAIN_TEST_GROUPS"
+"""The file where a `make test` worker writes each test's work unit for the scheduler (pytest-xdist's own marks,
+`xdist_group`, are lost under pytest 9.2: xdist 3.8 renames `item._nodeid`, which 9.2 no longer reads)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and GROUPS_ENV not in os.environ:  # the controller, before its workers
+        fd, path = tempfile.mkstemp(prefix="dist_train-test-units-", suffix=".json")
+        os.close(fd)
+        os.environ[GROUPS_ENV] = path  # the workers inherit it
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        Path(os.environ.pop(GROUPS_ENV, "/nonexistent")).unlink(missing_ok=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Work units for `make test`'s workers (pytest-xdist, `--dist loadgroup`): the tests of a module that share its
+    """Work units for `make test`'s workers (`-n 2 --dist loadgroup`): the tests of a module that share its
     module-scoped fixtures (a trained run, a cluster) go to one worker, which builds them once; the modules that start
-    a SLURM cluster all go to one worker, one after another (each cluster stops the munged it started); every other
-    test is a unit of its own."""
+    an emulated SLURM cluster all go to one worker, one after another (two clusters at once would share one munged,
+    and the first to stop ends it); every other test is a unit of its own."""
+    if os.environ.get("PYTEST_XDIST_WORKER") != "gw0" or GROUPS_ENV not in os.environ:
+        return  # every worker collects the same tests: one writes the units
     slurm_modules = {item.module.__name__ for item in items if "cluster" in getattr(item, "fixturenames", ())}
+    units = {}
     for item in items:
         fixtures = getattr(item, "_fixtureinfo", None)
         if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
             module = item.module.__name__
-            item.add_marker(pytest.mark.xdist_group("slurm" if module in slurm_modules else module))
+            units[item.nodeid] = "slurm" if module in slurm_modules else module
+    path = Path(os.environ[GROUPS_ENV])
+    path.with_suffix(".tmp").write_text(json.dumps(units))
+    path.with_suffix(".tmp").replace(path)  # whole, before this worker reports its collection
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # a hook of pytest-xdist's: unknown where it is not installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadgroup` with the units above (read once all workers have collected)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        units: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.units is None:
+                self.units = json.loads(Path(os.environ[GROUPS_ENV]).read_text())
+            return self.units.get(nodeid, nodeid)
+
+    return Units(config, log)
 
 
 def tiny_overrides(digits_root: Path, output_dir: Path, **extra) -> list[str]:
