@@ -31,24 +31,29 @@ GROUPS_ENV = "DIST_TRAIN_TEST_GROUPS"
 `xdist_group`, are lost under pytest 9.2: xdist 3.8 renames `item._nodeid`, which 9.2 no longer reads)."""
 
 
+def controls_workers(config: pytest.Config) -> bool:
+    """This process is pytest-xdist's controller (its workers have `workerinput`)."""
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if getattr(config.option, "numprocesses", None) and GROUPS_ENV not in os.environ:  # the controller, before its workers
+    if controls_workers(config):  # before it starts its workers, which inherit the variable
         fd, path = tempfile.mkstemp(prefix="dist_train-test-units-", suffix=".json")
         os.close(fd)
-        os.environ[GROUPS_ENV] = path  # the workers inherit it
+        os.environ[GROUPS_ENV] = path
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
-        Path(os.environ.pop(GROUPS_ENV, "/nonexistent")).unlink(missing_ok=True)
+    if controls_workers(config):
+        Path(os.environ.pop(GROUPS_ENV)).unlink(missing_ok=True)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Work units for `make test`'s workers (`-n 2 --dist loadgroup`): the tests of a module that share its
     module-scoped fixtures (a trained run, a cluster) go to one worker, which builds them once; the modules that start
     an emulated SLURM cluster all go to one worker, one after another (two clusters at once would share one munged,
     and the first to stop ends it); every other test is a unit of its own."""
-    if os.environ.get("PYTEST_XDIST_WORKER") != "gw0" or GROUPS_ENV not in os.environ:
+    if getattr(config, "workerinput", {}).get("workerid") != "gw0":
         return  # every worker collects the same tests: one writes the units
     slurm_modules = {item.module.__name__ for item in items if "cluster" in getattr(item, "fixturenames", ())}
     units = {}

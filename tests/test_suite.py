@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_env
+from conftest import GROUPS_ENV, ROOT, run_env
 
 pytest.importorskip("xdist")
 
@@ -35,8 +35,9 @@ def test_a_modules_shared_runs_and_the_slurm_modules_each_go_to_one_worker(tmp_p
     shutil.copy(ROOT / "tests" / "conftest.py", tests)
     for name, fixture in (("slurm_a", "cluster"), ("slurm_b", "cluster"), ("trained", "run"), ("other", "run")):
         (tests / f"test_{name}.py").write_text(MODULE.format(fixture=fixture))
+    env = {k: v for k, v in run_env().items() if not k.startswith(("PYTEST_", GROUPS_ENV))}  # a session of its own
     proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "-n", "2", "--dist", "loadgroup", "-v", "-p",
-                           "no:cacheprovider"], cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=120)
+                           "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = {m[2]: m[1] for m in re.finditer(r"\[(gw\d)\] \[ *\d+%\] PASSED (\S+)", proc.stdout)}
     assert len(ran) == 24, proc.stdout[-3000:]
