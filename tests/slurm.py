@@ -83,7 +83,10 @@ class Cluster:
         return self
 
     def _start_munge(self) -> None:
-        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
+        # a live munged (not the zombie of the one the previous cluster stopped: pgrep counts those, and the process that
+        # reaps orphans here may not have yet when `make test`'s worker starts the next module's cluster)
+        if any(p.info["name"] == "munged" and p.info["status"] != psutil.STATUS_ZOMBIE
+               for p in psutil.process_iter(["name", "status"])):
             return
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
