@@ -186,7 +186,7 @@ class Check:
     def accelerate_launch(self, processes: int) -> list[str]:
         script = Path(sys.executable).parent / "accelerate"
         launcher = [str(script), "launch"] if script.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
-        # a port of its own: the tests' DeepSpeed launch may hold Accelerate's default 29500 at the same time
+        # a port of its own: another launch on this machine (a test's, a user's) may hold Accelerate's default 29500
         return [*launcher, "--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", str(processes),
                 "--main_process_port", str(free_port())]
 

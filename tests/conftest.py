@@ -49,28 +49,31 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Work units for `make test`'s workers (`-n 2 --dist loadgroup`): the tests of a module that share its
-    module-scoped fixtures (a trained run, a cluster) go to one worker, which builds them once; the modules that start
-    an emulated SLURM cluster all go to one worker, one after another (two clusters at once would share one munged,
-    and the first to stop ends it); every other test is a unit of its own."""
-    if getattr(config, "workerinput", {}).get("workerid") != "gw0":
-        return  # every worker collects the same tests: one writes the units
+    """Work units for `make test`'s workers (`-n 2`): the tests of a module that share its module-scoped (or class-
+    or package-scoped) fixtures (a trained run, a cluster) go to one worker, which builds them once; the modules that
+    start an emulated SLURM cluster all go to one worker, one after another (two clusters at once would share one
+    munged, and the first to stop ends it); every other test is a unit of its own."""
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if worker is None or GROUPS_ENV not in os.environ:
+        return
     slurm_modules = {item.module.__name__ for item in items if "cluster" in getattr(item, "fixturenames", ())}
     units = {}
     for item in items:
         fixtures = getattr(item, "_fixtureinfo", None)
-        if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
+        if fixtures and any(d.scope in ("module", "class", "package") for defs in fixtures.name2fixturedefs.values()
+                            for d in defs):
             module = item.module.__name__
             units[item.nodeid] = "slurm" if module in slurm_modules else module
-    path = Path(os.environ[GROUPS_ENV])
-    path.with_suffix(".tmp").write_text(json.dumps(units))
-    path.with_suffix(".tmp").replace(path)  # whole, before this worker reports its collection
+    path = Path(os.environ[GROUPS_ENV])  # every worker collects the same tests and writes the same units, each whole
+    path.with_suffix(f".{worker}.tmp").write_text(json.dumps(units))  # before it reports its collection
+    path.with_suffix(f".{worker}.tmp").replace(path)
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # a hook of pytest-xdist's: unknown where it is not installed
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`--dist loadgroup` with the units above (read once all workers have collected)."""
-    if config.getvalue("dist") != "loadgroup":
+    """`--dist loadgroup` (and a bare `-n N`, xdist's `load`) with the units above, read once all workers have
+    collected; without them (no file: workers started another way), every test is a unit of its own."""
+    if config.getvalue("dist") not in ("load", "loadgroup"):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
@@ -79,7 +82,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
         def _split_scope(self, nodeid: str) -> str:
             if self.units is None:
-                self.units = json.loads(Path(os.environ[GROUPS_ENV]).read_text())
+                path = Path(os.environ.get(GROUPS_ENV, "/nonexistent"))
+                self.units = json.loads(path.read_text() or "{}") if path.is_file() else {}
             return self.units.get(nodeid, nodeid)
 
     return Units(config, log)
