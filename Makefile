@@ -1,5 +1,6 @@
 # make install: .venv with the pinned, tested versions; make test: the suite (WORKERS=N tests at a time, default 2);
-# make demo: the digits run; make gpu-check OUT=DIR: the GPU check with the machine's own Python (bench/gpu_check.py), report in DIR.
+# make demo: the digits run; make gpu-check OUT=DIR: the GPU check with the machine's own Python
+# (bench/gpu_check.py), report in DIR.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
