@@ -208,14 +208,17 @@ RUNNERS = {"plain": run_plain, "synthetic": run_synthetic, "timm": run_timm, "di
 
 
 def worker(args) -> None:
+    from dist_train.job.faults import exit_process
+
     result = RUNNERS[args.worker](args)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(json.dumps(result))
     if torch.distributed.is_initialized():
-        # every rank done with its collectives before any tears the group down: without this, gloo
-        # sometimes aborts a rank at exit ("terminate called without an active exception", 1 in 20)
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # every rank done with its collectives before any tears the group down
         torch.distributed.destroy_process_group()
+    # no interpreter finalization, as the CLI's ranks end: with gloo's threads still around it can abort a rank
+    # after its work is done ("terminate called without an active exception"), which the orchestrator saw as a failure
+    exit_process(0)
 
 
 # ----------------------------------------------------------------------------------------------

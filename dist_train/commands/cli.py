@@ -11,7 +11,8 @@ from dist_train.config import load_config
 from dist_train.data.workers import prestart_worker_server
 from dist_train.errors import ConfigError, DistTrainError
 from dist_train.job.distributed import fail, is_main_process_env
-from dist_train.job.faults import PREEMPTED_EXIT_CODE, Preempted, die_with_launcher, report_failure, requeue_slurm_job
+from dist_train.job.faults import (PREEMPTED_EXIT_CODE, Preempted, die_with_launcher, exit_process, report_failure,
+                                   requeue_slurm_job)
 
 OVERRIDES_HELP = "dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64 output_dir=/tmp/run1 seed=7"
 
@@ -167,17 +168,6 @@ def soup_main(argv: list[str] | None = None) -> int:
     except DistTrainError as exc:
         fail(exc)
     return 0
-
-
-def exit_process(code: int) -> None:
-    """End a launched worker without interpreter finalization: finalizing with gloo's threads still around
-    can abort the process after a successful run ("terminate called without an active exception",
-    pytorch/pytorch#190489). Output is flushed first; the process group is already destroyed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        os._exit(code)
-    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -338,3 +338,14 @@ def inject(point: str) -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(arg), int(arg)))
         elif name == "signal":
             os.kill(os.getpid(), getattr(signal, f"SIG{arg}"))
+
+
+def exit_process(code: int) -> None:
+    """End a launched worker without interpreter finalization: finalizing with gloo's threads still around
+    can abort the process after a successful run ("terminate called without an active exception",
+    pytorch/pytorch#190489). Output is flushed first; the process group is already destroyed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os._exit(code)
+    sys.exit(code)
