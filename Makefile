@@ -23,9 +23,13 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,deepspeed,export]'
 	touch $(STAMP)
 
-# WORKERS tests at a time (pytest-xdist; tests/conftest.py keeps a module's shared runs on one worker); WORKERS=0: one
+# WORKERS tests at a time (pytest-xdist; tests/conftest.py keeps a module's shared runs on one worker); WORKERS=0: one.
+# SHUFFLE=1: in a random order (pytest-randomly; the header prints the seed), SEED=N replays that order
 WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest tests -n $(WORKERS) --dist loadgroup
+SHUFFLE ?=
+SEED ?=
+PYTEST := $(BIN)/python -m pytest tests -n $(WORKERS) --dist loadgroup $(if $(SHUFFLE)$(SEED),-p randomly) \
+	$(if $(SEED),--randomly-seed=$(SEED))
 
 test: install
 	$(PYTEST)

@@ -36,7 +36,15 @@ def controls_workers(config: pytest.Config) -> bool:
     return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
+try:
+    import strays
+except ImportError:  # no psutil (a GPU machine's own Python): no guard
+    strays = None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if strays is not None:
+        strays.mark()  # in the controller and in each worker: what a test starts carries its worker's pid
     if controls_workers(config):  # before it starts its workers, which inherit the variable
         fd, path = tempfile.mkstemp(prefix="dist_train-test-units-", suffix=".json")
         os.close(fd)
@@ -87,6 +95,26 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
             return self.units.get(nodeid, nodeid)
 
     return Units(config, log)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_by_the_test(request):
+    """A test ends with every process it started ended (tests/strays.py); set up first, so checked last."""
+    before = strays.running() if strays is not None else {}
+    yield
+    left = strays.left_running(before) if strays is not None else {}
+    if left:
+        pytest.fail(strays.describe(left, request.node.nodeid), pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_left_by_the_module(request):
+    """The same for what a module's shared fixtures started (a cluster, a trained run), once they are torn down."""
+    before = strays.running() if strays is not None else {}
+    yield
+    left = strays.left_running(before) if strays is not None else {}
+    if left:
+        pytest.fail(strays.describe(left, f"{request.module.__name__} (its module-scoped fixtures)"), pytrace=False)
 
 
 def tiny_overrides(digits_root: Path, output_dir: Path, **extra) -> list[str]:

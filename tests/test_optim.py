@@ -77,6 +77,7 @@ def test_state_dict_resumes_the_same_curve():
     opt = torch.optim.SGD(model().parameters(), lr=1.0)
     first = Schedule(cfg, opt, 10, 30, "max")
     for _ in range(13):
+        opt.step()
         first.step()
     opt2 = torch.optim.SGD(model().parameters(), lr=1.0)
     second = Schedule(cfg, opt2, 10, 30, "max")
@@ -84,6 +85,7 @@ def test_state_dict_resumes_the_same_curve():
     opt2.param_groups[0]["lr"] = first.lr()  # the optimizer's own state_dict carries the LR on resume
     rest = []
     for _ in range(17):
+        opt2.step()
         second.step()
         rest.append(second.lr())
     assert rest == pytest.approx(full[14:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -121,7 +122,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path), device="cpu")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle (not torch.save's): refused below, naming what it imports
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         found = ", ".join(pickled_globals(path)) or "unsupported pickle content"
         raise CheckpointError(f"{path}: refused to load, it holds more than weights (it would import: {found})") from None
