@@ -25,6 +25,7 @@ setup(
         "matplotlib>=3.7",
         "timm>=1.0,<2",
         "optuna>=4.0,<6",  # hpo: the study, its journal file and samplers (JournalFileBackend is 4.0's)
+        "pyarrow>=14",  # tables: the multi-threaded CSV reader, the memory-mapped table cache (data/table_cache.py)
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15", "transformers>=4.40"],

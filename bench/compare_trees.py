@@ -25,7 +25,25 @@ CASES = {  # name: (processes, overrides)
     "plateau_es": (1, ["scheduler.name=plateau", "train.early_stopping_patience=1", "train.epochs=4", "optim.lr=0.3"]),
     "maxsteps_every": (2, ["train.max_steps=30", "checkpoint.every_n_steps=7", "train.epochs=3"]),
     "syncbn_ignore": (2, ["model.sync_batchnorm=true", "train.nonfinite=ignore", "train.max_grad_norm=null"]),
+    # the data layer's splits and targets: a stratified hold-out, a grouped one, a grouped cv fold, the balanced sampler,
+    # float targets (grouped.csv: the digits' training table with a group column, written beside them)
+    "holdout_balanced": (2, ["data.val=null", "data.balanced_sampler=true"]),
+    "grouped_holdout": (1, ["data.train=grouped.csv", "data.val=null", "data.group_column=group"]),
+    "cv_grouped_fold": (2, ["data.train=grouped.csv", "data.val=null", "data.group_column=group", "cv.folds=3", "cv.fold=1"]),
+    "regression": (1, ["data.source=csv", "task.kind=regression", "task.targets=[label]", "checkpoint.monitor=val_loss", "checkpoint.mode=min",
+                       "loss.label_smoothing=0"]),
 }
+
+
+def write_grouped(digits: Path) -> None:
+    """digits/grouped.csv: the training table with a `group` column (37 groups, each spread over the classes)."""
+    import csv
+
+    rows = list(csv.DictReader(open(digits / "train.csv", newline="")))
+    with open(digits / "grouped.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "group"])
+        writer.writeheader()
+        writer.writerows({**row, "group": f"g{i * 7 % 37}"} for i, row in enumerate(rows))
 
 
 def run(tree: Path, out: Path, data: Path, processes: int, overrides: list[str]) -> dict:
@@ -39,6 +57,8 @@ def run(tree: Path, out: Path, data: Path, processes: int, overrides: list[str])
                           env={**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"})
     if proc.returncode:
         raise SystemExit(f"{tree}: train.py failed:\n{proc.stderr[-3000:]}")
+    if "cv.fold=" in " ".join(overrides):  # one fold's run: train.py puts it in the fold's directory
+        out = next(out.glob("fold-*"), out)
     info = json.loads((out / "run_info.json").read_text())
     return {
         "weights": info["final_weights_sha256_per_rank"],
@@ -70,6 +90,7 @@ def main() -> int:
     sys.path.insert(0, str(args.after.resolve()))
     from dist_train.data.splits import materialize_digits
     materialize_digits(work / "digits")
+    write_grouped(work / "digits")
     same = True
     for name in args.cases or CASES:
         processes, overrides = CASES[name]

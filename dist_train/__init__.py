@@ -9,7 +9,14 @@ The packages, from the base up (a package imports only those below it; docs/arch
     loop/                    the training loop: parts built, the Run, its policies, fit()
     commands/                train/predict command lines, CV, --debug, export, the Trainer API, dist-train
 """
-from dist_train import compat
+import os
+
+# Before anything imports pyarrow (data/columns.py): its jemalloc would start a background thread as it loads, a rank
+# would never be one-threaded, and its loader workers' fork server a fresh interpreter importing torch again instead of
+# a fork of the rank (data/workers.py, 4.5 s of CPU a rank)
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
+
+from dist_train import compat  # noqa: E402
 
 compat.install()  # dist_train.checkpoint and the other paths from before the subpackages still import
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,8 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
+CACHE_ENV = "DIST_TRAIN_CACHE"
+"""data.cache_dir's default (data/table_cache.py): a directory of the test session's, not the user's ~/.cache."""
 GROUPS_ENV = "DIST_TRAIN_TEST_GROUPS"
 """The file where a `make test` worker writes each test's work unit for the scheduler (pytest-xdist's own marks,
 `xdist_group`, are lost under pytest 9.2: xdist 3.8 renames `item._nodeid`, which 9.2 no longer reads)."""
@@ -45,6 +48,8 @@ except ImportError:  # no psutil (a GPU machine's own Python): no guard
 def pytest_configure(config: pytest.Config) -> None:
     if strays is not None:
         strays.mark()  # in the controller and in each worker: what a test starts carries its worker's pid
+    if not hasattr(config, "workerinput"):  # the session's own table cache, shared by its workers (and their runs)
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="dist_train-test-cache-")
     if controls_workers(config):  # before it starts its workers, which inherit the variable
         fd, path = tempfile.mkstemp(prefix="dist_train-test-units-", suffix=".json")
         os.close(fd)
@@ -52,6 +57,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ.pop(CACHE_ENV), ignore_errors=True)
     if controls_workers(config):
         Path(os.environ.pop(GROUPS_ENV)).unlink(missing_ok=True)
 

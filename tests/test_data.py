@@ -54,9 +54,9 @@ def test_load_records_digits(digits_root):
     train, val, classes = load_records(DataConfig(root=str(digits_root)), seed=0)
     assert classes == [str(d) for d in range(10)]
     assert len(train.paths) == 1257 and len(val.paths) == 270
-    assert set(train.targets) == set(range(10))
+    assert set(train.targets.tolist()) == set(range(10))
     test = load_test_records(DataConfig(root=str(digits_root)))
-    assert len(test.ids) == 270 and set(test.targets) == {-1}
+    assert len(test.ids) == 270 and set(test.targets.tolist()) == {-1}
 
 
 def make_csv_dataset(tmp_path, labels, header=("id", "image", "label")):
@@ -76,7 +76,7 @@ def test_csv_source_with_holdout_and_string_labels(tmp_path):
     train, val, classes = load_records(cfg, seed=1)
     assert classes == ["cat", "dog"]
     assert len(train.paths) == 12 and len(val.paths) == 4
-    assert sorted(Counter(val.targets).values()) == [2, 2]  # stratified
+    assert sorted(Counter(val.targets.tolist()).values()) == [2, 2]  # stratified
     assert not set(train.ids) & set(val.ids)
     image, target, index = ImageDataset(train, build_transform(cfg, train=False), 3)[0]
     assert image.shape == (3, 6, 6) and image.dtype == torch.float32 and index == 0
@@ -118,7 +118,7 @@ def test_folder_source(tmp_path):
         Image.new("RGB", (9, 9)).save(tmp_path / "test" / name)
     cfg = DataConfig(source="folder", root=str(tmp_path), train="train", val="val", test="test")
     train, val, classes = load_records(cfg, seed=0)
-    assert classes == ["ants", "bees"] and train.targets == [0, 0, 0, 1, 1, 1] and val.targets == [0, 1]
+    assert classes == ["ants", "bees"] and train.targets.tolist() == [0, 0, 0, 1, 1, 1] and val.targets.tolist() == [0, 1]
     assert load_test_records(cfg).ids == ["a", "b"]
 
 

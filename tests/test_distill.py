@@ -342,10 +342,10 @@ def test_pseudo_labelled_rows_train_in_every_fold_and_validate_in_none(digits_ro
         data = load_data(config, Given())
         assert not set(data.val.ids) & set(confident) and data.pseudo["labelled_rows"] == len(table) - len(data.val.ids)
         assert data.train.ids[-len(confident):] == list(confident)  # in the test table's order, after the labelled rows
-        torch.testing.assert_close(torch.tensor(data.train.targets[-len(confident):]),
+        torch.testing.assert_close(data.train.targets[-len(confident):],
                                    torch.tensor([[p / sum(v) for p in v] for v in confident.values()]), atol=1e-6, rtol=0)
         first = data.train.targets[0]  # a labelled row: its class as a one-hot distribution
-        assert sum(first) == 1.0 and first.index(1.0) == int(data.train.labels["label"][0])
+        assert first.sum() == 1.0 and first.tolist().index(1.0) == int(data.train.labels["label"][0])
 
 
 def test_a_live_teacher_teaches_as_its_cached_outputs_do_and_runs_under_mixup(digits_root, cv_teacher, tmp_path):

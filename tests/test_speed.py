@@ -126,7 +126,7 @@ def test_device_decode_matches_the_workers_pillow_path(jpegs):
     images, targets = decoded_on_device(jpegs, cfg, "resize", 0.0)
     pillow = ImageDataset(jpegs, build_transform(cfg, train=False), 3)
     reference = torch.stack([pillow[i][0] for i in range(len(jpegs.paths))])
-    assert images.shape == reference.shape == (6, 3, 32, 32) and targets.tolist() == jpegs.targets
+    assert images.shape == reference.shape == (6, 3, 32, 32) and targets.tolist() == jpegs.targets.tolist()
     # two resamplers (roi_align's averaged bilinear samples vs Pillow-style antialiasing) on smooth images
     assert (images - reference).abs().mean() < 0.05, (images - reference).abs().mean()
     flipped, _ = decoded_on_device(jpegs, cfg, "resize", 1.0)

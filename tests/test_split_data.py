@@ -39,8 +39,8 @@ def test_the_layout_reads_through_the_config_alone(masks):
     assert len(table) == 280 and Counter(r["path"].rsplit("/", 1)[1] for r in table)["mask1.jpg"] == 40  # stems repeat
     train, val, classes, task = load_task(config(masks, "cv.fold=0"))
     # rows are named by their path relative to the image root, never by the stem alone
-    assert sorted(train.ids + val.ids) == sorted(r["path"] for r in table)
-    assert all(p == masks / "train" / i for p, i in zip(train.paths + val.paths, train.ids + val.ids))
+    assert sorted([*train.ids, *val.ids]) == sorted(r["path"] for r in table)
+    assert all(p == masks / "train" / i for p, i in zip([*train.paths, *val.paths], [*train.ids, *val.ids]))
     assert classes == [str(c) for c in range(18)] and task.num_outputs == 18
     # the test split: its own table, image root, image and id columns, in the table's order
     test = load_test_records(config(masks).data)
@@ -67,7 +67,7 @@ def test_a_labelled_table_with_an_id_column_keeps_its_ids(masks, tmp_path):
         writer.writeheader()
         writer.writerows({"id": f"row{i}", **r} for i, r in enumerate(table))
     train, val, _, _ = load_task(config(masks, f"data.train.table={tmp_path / 'labels.csv'}", "cv.fold=1"))
-    assert sorted(train.ids + val.ids, key=lambda i: int(i[3:])) == [f"row{i}" for i in range(len(table))]
+    assert sorted([*train.ids, *val.ids], key=lambda i: int(i[3:])) == [f"row{i}" for i in range(len(table))]
 
 
 def assert_grouped(train, val):

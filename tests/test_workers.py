@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import psutil
 import pytest
+import torch
 from conftest import ROOT, run_env
 
 SCRIPT = str(ROOT / "tests" / "worker_script.py")
@@ -117,19 +119,38 @@ def test_a_script_without_a_main_guard_starts_workers_by_fork_and_says_why(tmp_p
     assert (run.stdout.strip(), run.stderr.count("warning:")) == ("forkserver", 0), run.stderr
 
 
-def test_records_travel_to_workers_as_one_string_and_read_back_as_paths(tmp_path):
-    """What a fork-server worker gets: the paths as one string (ImageNet's 1.28 M Path objects took 8.4 s to
-    unpickle), each read back as the Path it was."""
+def test_records_travel_to_workers_by_reference_and_read_back_as_paths(tmp_path):
+    """What a fork-server worker gets: the table's columns as the cache file's path and a shared row index, whatever
+    the number of rows (ImageNet's 1.28 M Path objects took 8.4 s to unpickle, as one string 66 MB a worker); in-memory
+    columns (folders) as Arrow arrays; each path read back as the Path it was."""
     import pickle
+    from multiprocessing.reduction import ForkingPickler
     from pathlib import Path
 
-    from dist_train.data.tables import PathList, Records
+    from dist_train.config import DataConfig
+    from dist_train.data.columns import PathColumn
+    from dist_train.data.tables import Records, read_split
 
     paths = [tmp_path / f"class {i % 3}" / f"ünï {i}.jpg" for i in range(10)]
     records = Records(list(paths), list(range(10)), [f"id{i}" for i in range(10)])
     back = pickle.loads(pickle.dumps(records))
-    assert isinstance(back.paths, PathList) and len(back.paths) == 10
+    assert isinstance(back.paths, PathColumn) and len(back.paths) == 10
     assert [back.paths[i] for i in range(10)] == paths and all(isinstance(p, Path) for p in back.paths)
-    assert back.paths[2:4] == paths[2:4] and back.take([7, 1]).paths == [paths[7], paths[1]]
-    assert (back.targets, back.ids) == (records.targets, records.ids)
+    assert back.paths[2:4] == paths[2:4] and list(back.take([7, 1]).paths) == [paths[7], paths[1]]
+    assert back.targets.tolist() == list(range(10)) and list(back.ids) == list(records.ids)
     assert pickle.loads(pickle.dumps(back)).paths[9] == paths[9]  # and again, from a worker's own copy
+
+    (tmp_path / "a.png").write_bytes(b"")
+    sizes = {}
+    for rows in (10, 100_000):
+        table = tmp_path / f"t{rows}.csv"
+        table.write_text("id,image,label\n" + "".join(f"r{i},a.png,{i % 3}\n" for i in range(rows)))
+        split = read_split(DataConfig(source="csv", root=str(tmp_path), train=table.name, cache_dir=str(tmp_path / "cache")),
+                           "train", labelled=True)
+        split.targets = torch.arange(rows)
+        held = split.take(np.arange(rows - 1, -1, -2))
+        sizes[rows] = len(ForkingPickler.dumps(held))
+        worker = pickle.loads(ForkingPickler.dumps(held))  # as the fork server's worker unpickles it
+        assert (len(worker.paths), worker.ids[0], worker.paths[1], int(worker.targets[2])) == (
+            rows // 2, f"r{rows - 1}", tmp_path / "a.png", rows - 5)
+    assert max(sizes.values()) < 4096 and abs(sizes[100_000] - sizes[10]) < 64, sizes  # names of the shared memory

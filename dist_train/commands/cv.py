@@ -22,12 +22,10 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import default_collate
 
 from dist_train.commands.distill import prepare_teacher
 from dist_train.commands.inference import predict_split
 from dist_train.config import Config, fold_output_dir, resolve, to_dict
-from dist_train.data.datasets import as_target
 from dist_train.data.tables import ids_digest, split_source
 from dist_train.errors import ConfigError, DataError
 from dist_train.job.distributed import forget_process_group, is_main_process_env, say_main
@@ -130,8 +128,8 @@ def summarize(config: Config) -> dict:
     outputs = torch.full((len(records.paths), task.num_outputs), float("nan"))
     for fold in range(config.cv.folds):
         rows = np.flatnonzero(folds == fold)
-        outputs[torch.as_tensor(rows)] = _fold_outputs(config, fold, [records.ids[i] for i in rows])
-    targets = default_collate([as_target(t) for t in records.targets])
+        outputs[torch.as_tensor(rows)] = _fold_outputs(config, fold, records.ids.take(rows))
+    targets = records.targets
     losses = task.loss()(outputs, targets if targets.is_floating_point() else targets.clamp(min=0)).detach()
     per_fold = []
     for fold in range(config.cv.folds):
@@ -139,7 +137,7 @@ def summarize(config: Config) -> dict:
         info = json.loads((fold_output_dir(config.output_dir, fold) / RUN_INFO_FILE).read_text())
         held = records.take(rows)
         metrics = _scores(task, outputs[rows], targets[rows], losses[rows], held.groups)
-        per_fold.append({"fold": fold, "rows": len(rows), "groups": len(set(held.split_groups)) if held.split_groups else None,
+        per_fold.append({"fold": fold, "rows": len(rows), "groups": len(held.split_groups.distinct()) if held.split_groups else None,
                          "best_epoch": info["best"]["epoch"], "wall_seconds": round(info["wall_seconds"], 1), **metrics})
     names = [k for k in per_fold[0] if k.startswith("val_") and k != "val_samples"]
     summary = {

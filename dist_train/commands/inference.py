@@ -17,6 +17,7 @@ from torch import nn
 
 from dist_train.config import Config, fold_output_dir, model_shaping_differences, resolve
 from dist_train.custom import user_datasets
+from dist_train.data.columns import distinct_count
 from dist_train.data.datasets import ModelInput, build_dataset, decodes_on_device
 from dist_train.data.loaders import build_loader
 from dist_train.data.splits import load_test_records
@@ -124,7 +125,7 @@ def predict_split(config: Config, checkpoint: str | Path | list, split: str = "t
     with accelerator.main_process_first():
         task, dataset, row_ids, groups, on_device = prediction_data(config, checkpoints, weights, split, dataset, limit,
                                                                     accelerator.device)
-    if len(set(row_ids)) != len(row_ids):
+    if distinct_count(row_ids) != len(row_ids):
         raise DataError(f"the {split} rows share ids (data.id_column, else the image paths): the predictions need one row per id")
     channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
     loader = accelerator.prepare_data_loader(build_loader(dataset, config.data, train=False, seed=config.seed))

@@ -56,6 +56,11 @@ class DataConfig:
     cv folds are then grouped (and stratified by label where the task has classes). None: rows split freely."""
     classes: list[str] | None = None
     """Class names in output order; None: the sorted labels found in `train`."""
+    cache_dir: str | None = None
+    """Where CSV tables are kept once read (data/table_cache.py): parsed by one process per machine into an Arrow file
+    keyed by the table's content, memory-mapped by every rank and loader worker, read again only when the table
+    changes; their image files checked once. None: $DIST_TRAIN_CACHE, else ~/.cache/dist_train. A directory every
+    machine of a job can write (a shared file system) lets one machine build what the others map."""
     val_fraction: float = 0.1
     image_size: int | None = None
     """The model sees image_size x image_size images. None: the input size of the timm model's pretrained_cfg

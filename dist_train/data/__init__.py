@@ -26,7 +26,6 @@ OLD_NAMES = {
     "ImageDataset": "datasets",
     "JPEG_SUFFIXES": "decode",
     "ModelInput": "datasets",
-    "PathList": "tables",
     "Records": "tables",
     "SplitSource": "tables",
     "as_target": "datasets",

@@ -24,12 +24,18 @@ from dist_train.errors import ConfigError, SampleError
 
 
 def as_target(value):
-    """A record's target as the loader collates it: ints stay ints, tuples and floats become tensors."""
-    if isinstance(value, int):
+    """A record's target as the loader collates it: a tensor (Records hold them so) as it is; ints stay ints, tuples and
+    floats become tensors."""
+    if isinstance(value, (int, torch.Tensor)):
         return value
     if isinstance(value, float):
         return torch.tensor(value, dtype=torch.float32)
     return torch.tensor(value, dtype=torch.long if all(isinstance(v, int) for v in value) else torch.float32)
+
+
+def _bad(target):
+    """The target of an unreadable sample (data.bad_samples=skip): BAD_TARGET, shaped as the readable ones."""
+    return torch.full_like(target, BAD_TARGET) if isinstance(target, torch.Tensor) else BAD_TARGET
 
 
 class ImageDataset(Dataset):
@@ -69,7 +75,7 @@ class ImageDataset(Dataset):
             if self.bad_samples == "error":
                 raise SampleError(f"{where}; fix or remove it, or set data.bad_samples=skip") from None
             print(f"warning: {where}; skipped (data.bad_samples=skip)", file=sys.stderr, flush=True)
-            image, target = Image.new(self.mode, (self.image_size, self.image_size)), BAD_TARGET
+            image, target = Image.new(self.mode, (self.image_size, self.image_size)), _bad(target)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(self.sample_seed(index))  # torch.manual_seed costs ~70 us (all backends)
             return self.transform(image), target, index
@@ -102,7 +108,7 @@ class EncodedImageDataset(ImageDataset):
             if self.bad_samples == "error":
                 raise SampleError(f"{where}; fix or remove it, or set data.bad_samples=skip") from None
             print(f"warning: {where}; skipped (data.bad_samples=skip)", file=sys.stderr, flush=True)
-            data, width, height, target = torch.empty(0, dtype=torch.uint8), self.image_size, self.image_size, BAD_TARGET
+            data, width, height, target = torch.empty(0, dtype=torch.uint8), self.image_size, self.image_size, _bad(target)
         generator = torch.Generator().manual_seed(self.sample_seed(index))
         if self.crop == "random_resized_crop":
             box = random_resized_crop_box(width, height, self.scale, self.ratio, generator)
@@ -153,7 +159,7 @@ def decodes_on_device(cfg: DataConfig, device: torch.device, splits: list[Record
     if cfg.decode == "workers":
         return False
     unsupported = [str(spec.get("name")) for spec in cfg.train_augment if spec.get("name") not in DEVICE_AUGMENTATIONS]
-    other = next((p for records in splits for p in records.paths if p.suffix.lower() not in JPEG_SUFFIXES), None)
+    other = next(filter(None, (records.paths.first_without_suffix(JPEG_SUFFIXES) for records in splits)), None)
     if cfg.decode == "device":
         if unsupported:
             raise ConfigError(f"data.decode=device does the crop, {', '.join(sorted(DEVICE_AUGMENTATIONS))} and normalisation "

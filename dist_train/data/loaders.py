@@ -25,7 +25,8 @@ class ClassBalancedSampler(Sampler[int]):
     distributed loader's batch sharding splits it without overlap.
     """
 
-    def __init__(self, targets: list[int], seed: int):
+    def __init__(self, targets, seed: int):
+        targets = np.asarray(targets)
         counts = np.bincount(targets)
         self.weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
         self.seed = seed

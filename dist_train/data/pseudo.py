@@ -5,9 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
 from dist_train.config import DataConfig
+from dist_train.data.columns import Column, PathColumn
 from dist_train.data.splits import load_test_records
-from dist_train.data.tables import Records, read_csv
+from dist_train.data.table_cache import open_table
+from dist_train.data.tables import Records, check_columns
 from dist_train.errors import DataError
 
 
@@ -20,42 +27,55 @@ def pseudo_labelled(cfg: DataConfig, classes: list[str], id_column: str) -> tupl
         raise DataError(f"data.pseudo_labels: no predictions file at {path} (predict.py --checkpoint ... "
                         f"inference.probabilities=true --output {path} writes one)")
     columns = [f"prob_{c}" for c in classes]
-    rows = read_csv(path, [id_column, *columns])
+    table = open_table(path, cfg.cache_dir)
+    check_columns(path, table.names, [id_column, *columns])
     test = load_test_records(cfg)
-    where = {row_id: i for i, row_id in enumerate(test.ids)}
-    unknown = [row[id_column] for row in rows if row[id_column] not in where]
-    if unknown:
-        raise DataError(f"data.pseudo_labels {path}: {len(unknown)} ids are not in the test table (e.g. {unknown[0]!r}): "
+    ids = table.column(id_column).arrow()
+    where = pc.index_in(ids, value_set=test.ids.arrow())  # each predicted row's position in the test table
+    if where.null_count:
+        unknown = ids[pc.index(pc.is_null(where), True).as_py()].as_py()
+        raise DataError(f"data.pseudo_labels {path}: {where.null_count} ids are not in the test table (e.g. {unknown!r}): "
                         f"the file must be a prediction of data.test")
-    kept, targets = [], []
-    for line, row in enumerate(rows, 2):
-        try:
-            probabilities = [float(row[c]) for c in columns]
-        except ValueError:
-            raise DataError(f"data.pseudo_labels {path}: line {line} has a probability that is not a number") from None
-        total = sum(probabilities)
-        if not total > 0 or min(probabilities) < 0:
-            raise DataError(f"data.pseudo_labels {path}: line {line}'s probabilities are not a distribution")
-        if max(probabilities) >= cfg.pseudo_threshold:
-            kept.append(where[row[id_column]])
-            targets.append(tuple(p / total for p in probabilities))
-    records = test.take(kept)
-    records.targets = targets
-    records.labels = {cfg.label_column: [classes[max(range(len(t)), key=t.__getitem__)] for t in targets]}
-    info = {"file": str(path), "threshold": cfg.pseudo_threshold, "predicted_rows": len(rows), "added": len(kept),
-            "per_class": {c: sum(label == c for label in records.labels[cfg.label_column]) for c in classes}}
+    probabilities = np.stack([_numbers(table.column(c).arrow(), path) for c in columns], 1) if len(ids) else \
+        np.zeros((0, len(classes)))
+    total = probabilities.sum(1)
+    bad = np.flatnonzero(~(total > 0) | (probabilities.min(1, initial=0.0) < 0))
+    if len(bad):
+        raise DataError(f"data.pseudo_labels {path}: line {bad[0] + 2}'s probabilities are not a distribution")
+    kept = np.flatnonzero(probabilities.max(1, initial=0.0) >= cfg.pseudo_threshold)
+    records = test.take(where.to_numpy(zero_copy_only=False)[kept].astype(np.int64))
+    normalised = probabilities[kept] / total[kept, None]
+    records.targets = torch.from_numpy(normalised).float()
+    winners = normalised.argmax(1) if len(kept) else np.zeros(0, dtype=np.int64)
+    records.labels = {cfg.label_column: Column.of([classes[i] for i in winners])}
+    counts = np.bincount(winners, minlength=len(classes))
+    info = {"file": str(path), "threshold": cfg.pseudo_threshold, "predicted_rows": len(ids), "added": len(kept),
+            "per_class": {c: int(n) for c, n in zip(classes, counts)}}
     return records, info
+
+
+def _numbers(column, path: Path) -> np.ndarray:
+    try:
+        return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        for line, value in enumerate(column.to_pylist(), 2):
+            try:
+                float(value)
+            except ValueError:
+                raise DataError(f"data.pseudo_labels {path}: line {line} has a probability that is not a number") from None
+        return np.array([float(v) for v in column.to_pylist()])
 
 
 def with_pseudo_labels(train: Records, pseudo: Records, num_classes: int) -> Records:
     """The training rows followed by the pseudo-labelled ones; every target a distribution (a class as its one-hot row),
     so that one batch can hold both."""
-    onehot = [tuple(1.0 if c == t else 0.0 for c in range(num_classes)) for t in train.targets]
+    onehot = torch.nn.functional.one_hot(train.targets, num_classes).float()
     groups = None
     if train.split_groups is not None:
-        groups = [*train.split_groups, *[f"pseudo-label {row_id}" for row_id in pseudo.ids]]
+        groups = Column.concat(train.split_groups, Column(pc.binary_join_element_wise("pseudo-label ", pseudo.ids.arrow(), "")))
     labels = None
     if train.labels is not None:
-        labels = {k: [*v, *(pseudo.labels or {}).get(k, [""] * len(pseudo.ids))] for k, v in train.labels.items()}
-    return Records([*train.paths, *pseudo.paths], [*onehot, *pseudo.targets], [*train.ids, *pseudo.ids], labels,
-                   None, groups)
+        labels = {k: Column.concat(v, (pseudo.labels or {}).get(k) or Column.of([""] * len(pseudo.ids)))
+                  for k, v in train.labels.items()}
+    return Records(PathColumn.concat(train.paths, pseudo.paths), torch.cat([onehot, pseudo.targets]),
+                   Column.concat(train.ids, pseudo.ids), labels, None, groups)

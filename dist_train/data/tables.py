@@ -1,4 +1,5 @@
-"""Tables of samples: a split's rows (CSV table or class folders) read into Records of paths, labels, ids and groups."""
+"""Tables of samples: a split's rows (CSV table through the table cache, or class folders) read into Records of paths,
+labels, ids and groups."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
 from dist_train.config import DataConfig, SplitConfig
+from dist_train.data.columns import CHUNK, Column, PathColumn
+from dist_train.data.table_cache import Table, open_table
 from dist_train.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -17,55 +25,53 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass
 class Records:
-    """One split as plain lists: image paths, targets (-1 when unlabelled) and row ids.
+    """One split as columns: image paths, targets (-1 when unlabelled) and row ids (columns.py: Arrow arrays, mapped
+    from the table cache, and the rows this split takes of them).
 
-    A target is a class index, or a tuple (several heads, several values) or a float (tasks.py encodes
-    them from `labels`, the raw label columns). `groups`: each row's query (ranking). `split_groups`: each row's
-    data.group_column value (rows of a group stay on one side of a hold-out or a cv fold).
+    `targets`: a tensor, one row per sample: a class index (int64), several heads' indices (int64, one column each), or
+    values (float32: regression, soft targets); tasks.py encodes them from `labels`, the raw label columns. `groups`:
+    each row's query (ranking). `split_groups`: each row's data.group_column value (rows of a group stay on one side of
+    a hold-out or a cv fold). Lists given for any of them are made columns and tensors.
     """
 
-    paths: list[Path]
-    targets: list
-    ids: list[str]
-    labels: dict[str, list[str]] | None = None
-    groups: list[str] | None = None
-    split_groups: list[str] | None = None
+    paths: PathColumn
+    targets: torch.Tensor
+    ids: Column
+    labels: dict[str, Column] | None = None
+    groups: Column | None = None
+    split_groups: Column | None = None
 
-    def __reduce__(self):
-        """Pickled (to loader workers started by the fork server) with the paths as one string: see PathList. Made
-        one the first time, here: a loader pickles its dataset once per worker."""
-        self.paths = PathList.of(self.paths)
-        return Records, (self.paths, self.targets, self.ids, self.labels, self.groups, self.split_groups)
+    def __post_init__(self):
+        self.paths = PathColumn.of(self.paths)
+        self.ids = Column.of(self.ids)
+        self.targets = target_tensor(self.targets)
+        if self.labels is not None:
+            self.labels = {k: Column.of(v) for k, v in self.labels.items()}
+        self.groups = Column.of(self.groups) if self.groups is not None else None
+        self.split_groups = Column.of(self.split_groups) if self.split_groups is not None else None
 
     def take(self, idx) -> "Records":
-        pick = lambda values: [values[i] for i in idx] if values is not None else None  # noqa: E731
-        return Records(pick(self.paths), pick(self.targets) if self.targets else [], pick(self.ids),
-                       {k: pick(v) for k, v in self.labels.items()} if self.labels is not None else None,
+        """The rows `idx` (positions in this split), sharing the columns' strings."""
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64)) if not isinstance(idx, torch.Tensor) else idx
+        pick = lambda column: column.take(idx) if column is not None else None  # noqa: E731
+        return Records(self.paths.take(idx), self.targets[idx] if len(self.targets) else self.targets, self.ids.take(idx),
+                       {k: v.take(idx) for k, v in self.labels.items()} if self.labels is not None else None,
                        pick(self.groups), pick(self.split_groups))
 
 
-class PathList(Sequence):
-    """Paths held as one string, a Path made on each access: how Records travel to fork-server workers. ImageNet's
-    1.28 M Path objects took 3.4 s to pickle (per worker, in the rank) and 8.4 s to unpickle; as one string, BENCHMARKS.md."""
-
-    def __init__(self, text: str):
-        self._text = text
-        self._items = text.split("\0") if text else []
-
-    @classmethod
-    def of(cls, paths) -> "PathList":
-        return paths if isinstance(paths, PathList) else cls("\0".join(map(str, paths)))  # NUL: in no path
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [Path(p) for p in self._items[index]]
-        return Path(self._items[index])
-
-    def __reduce__(self):
-        return PathList, (self._text,)
+def target_tensor(values) -> torch.Tensor:
+    """Targets as one tensor: ints (class indices) int64, floats float32, tuples a row each (int64 when all ints)."""
+    if isinstance(values, torch.Tensor):
+        return values
+    values = list(values)
+    if not values:
+        return torch.empty(0, dtype=torch.int64)
+    first = values[0]
+    if isinstance(first, (tuple, list)):
+        ints = all(isinstance(v, int) for row in values for v in row)
+    else:
+        ints = all(isinstance(v, (int, np.integer)) for v in values)
+    return torch.tensor(values, dtype=torch.int64 if ints else torch.float32)
 
 
 def resolve(cfg: DataConfig, path: str) -> Path:
@@ -98,41 +104,47 @@ def split_source(cfg: DataConfig, name: str) -> SplitSource:
 
 
 def read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:
+    """A small table as a list of rows (dicts); the tables of samples go through the table cache instead."""
     if not path.is_file():
         raise DataError(f"CSV file not found: {path}")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        for column in required:
-            if column not in columns:
-                close = difflib.get_close_matches(column, columns, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise DataError(f"{path}: missing column {column!r}{hint}; columns found: {', '.join(columns) or 'none'}")
+        check_columns(path, reader.fieldnames or [], required)
         return list(reader)
 
 
-def _check_images_exist(paths: list[Path], where: str) -> None:
-    missing = [p for p in paths if not p.is_file()]
+def check_columns(path: Path, columns: list[str], required: list[str]) -> None:
+    for column in required:
+        if column not in columns:
+            close = difflib.get_close_matches(column, columns, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"{path}: missing column {column!r}{hint}; columns found: {', '.join(columns) or 'none'}")
+
+
+def _check_images_exist(table: Table, image_root: Path, image_column: str) -> None:
+    """Each distinct image file of the table stat'ed once per table version and image root, by one process (the table
+    cache records the result), not by every rank at every start; a missing one is a DataError naming it."""
+    missing, rows = table.missing_files(image_root, image_column)
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DataError(f"{where}: image file not found: {missing[0]}{more}")
+        more = f" and {rows - 1} more" if rows > 1 else ""
+        raise DataError(f"{table.source}: image file not found: {image_root / missing[0]}{more}")
 
 
-def encode_classes(labels: list[str], classes: list[str], where: str) -> list[int]:
-    """Class indices of `labels`; a label outside `classes` is a DataError naming its row."""
-    index = {c: i for i, c in enumerate(classes)}
-    for row, label in enumerate(labels):
-        if label not in index:
-            raise DataError(
-                f"{where}: row {row + 1} has label {label!r}, which is not one of the "
-                f"{len(classes)} classes ({', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''})"
-            )
-    return [index[label] for label in labels]
+def encode_classes(labels, classes: list[str], where: str) -> torch.Tensor:
+    """Class indices of `labels` (int64); a label outside `classes` is a DataError naming its row."""
+    codes = pc.index_in(Column.of(labels).arrow(), value_set=pa.array(classes, pa.string()))
+    if codes.null_count:
+        row = pc.index(pc.is_null(codes), True).as_py()
+        raise DataError(
+            f"{where}: row {row + 1} has label {Column.of(labels)[row]!r}, which is not one of the "
+            f"{len(classes)} classes ({', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''})"
+        )
+    return torch.from_numpy(codes.to_numpy(zero_copy_only=False).astype(np.int64))
 
 
-def sorted_labels(labels: list[str]) -> list[str]:
+def sorted_labels(labels) -> list[str]:
     """Unique labels, numerically sorted when all are integers (so "10" comes after "9")."""
-    unique = set(labels)
+    unique = set(labels.distinct()) if isinstance(labels, Column) else set(labels)
     if all(label.lstrip("-").isdigit() for label in unique):
         return sorted(unique, key=int)
     return sorted(unique)
@@ -147,25 +159,25 @@ def _csv_split(cfg: DataConfig, source: SplitSource, labelled: bool, columns: li
     columns = columns or [cfg.label_column]
     named_id = [source.id_column] if not labelled or source.id_named else []
     required = [source.image_column] + (columns if labelled else []) + named_id + ([query] if query else [])
-    rows = read_csv(path, required)
-    if not rows:
+    table = open_table(path, cfg.cache_dir)
+    check_columns(path, table.names, required)
+    if not table.num_rows:
         raise DataError(f"{path}: no rows")
-    paths = [source.image_root / row[source.image_column] for row in rows]
-    _check_images_exist(paths, str(path))
-    labels = {c: [row[c] for row in rows] for c in columns} if labelled else {}
+    _check_images_exist(table, source.image_root, source.image_column)
+    paths = PathColumn(table.column(source.image_column), str(source.image_root))
+    labels = {c: table.column(c) for c in columns} if labelled else {}
     if query:
-        labels[query] = [row[query] for row in rows]
-    if source.id_column in rows[0]:
-        ids = [row[source.id_column] for row in rows]
-    else:
-        ids = [row[source.image_column] for row in rows]
+        labels[query] = table.column(query)
+    ids = table.column(source.id_column if source.id_column in table.names else source.image_column)
     if not labelled:
         _check_unique(ids, f"{path}: column {source.id_column!r}")
-    groups = _groups(cfg, rows, source, path) if labelled and cfg.group_column else None
+    groups = _groups(cfg, table, source, path) if labelled and cfg.group_column else None
     return paths, labels, ids, groups
 
 
-def _check_unique(ids: list[str], where: str) -> None:
+def _check_unique(ids: Column, where: str) -> None:
+    if pc.count_distinct(ids.arrow()).as_py() == len(ids):
+        return
     seen: dict[str, int] = {}
     for row, value in enumerate(ids, 1):
         if value in seen:
@@ -174,16 +186,18 @@ def _check_unique(ids: list[str], where: str) -> None:
         seen[value] = row
 
 
-def _groups(cfg: DataConfig, rows: list[dict[str, str]], source: SplitSource, path: Path) -> list[str]:
+def _groups(cfg: DataConfig, table: Table, source: SplitSource, path: Path) -> Column:
     """Each row's data.group_column value: the column's, or (`parent_dir`) the folder of its image path."""
     column = cfg.group_column
-    if column in rows[0]:
-        return [row[column] for row in rows]
+    if column in table.names:
+        return table.column(column)
     if column == "parent_dir":
-        return [str(Path(row[source.image_column]).parent) for row in rows]
-    close = difflib.get_close_matches(column, list(rows[0]), n=1)
+        images = pc.dictionary_encode(table.column(source.image_column).arrow())
+        parents = pa.array([str(Path(p).parent) for p in images.dictionary.to_pylist()], pa.string())
+        return Column(parents.take(images.indices))
+    close = difflib.get_close_matches(column, table.names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise DataError(f"{path}: data.group_column {column!r} is not a column{hint}; columns found: {', '.join(rows[0])} "
+    raise DataError(f"{path}: data.group_column {column!r} is not a column{hint}; columns found: {', '.join(table.names)} "
                     f"(or set data.group_column: parent_dir to group the images by their folder)")
 
 
@@ -220,6 +234,11 @@ def read_split(cfg: DataConfig, name: str, labelled: bool, columns: list[str] | 
 
 
 def ids_digest(ids: Sequence[str]) -> str:
-    """sha256 of row ids in their order: what a file computed for some rows (a fold's predictions, a teacher's outputs)
-    records, so that it is refused for other rows."""
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    """sha256 of row ids in their order, "\\n"-joined: what a file computed for some rows (a fold's predictions, a
+    teacher's outputs) records, so that it is refused for other rows. Hashed a chunk at a time."""
+    digest, first = hashlib.sha256(), True
+    ids = Column.of(ids) if not isinstance(ids, Column) else ids
+    for start in range(0, len(ids), CHUNK):
+        digest.update(("" if first else "\n").encode() + "\n".join(ids.take(range(start, min(start + CHUNK, len(ids)))).to_list()).encode())
+        first = False
+    return digest.hexdigest()

@@ -12,6 +12,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dist_train.config import DataConfig, DistillConfig, config_from_dict
+from dist_train.data.columns import Column
 from dist_train.data.tables import ids_digest
 from dist_train.errors import ConfigError, DataError
 from dist_train.models.networks import build_model, read_weights
@@ -94,12 +97,14 @@ def read_cache(path: Path, ids: list[str], device: torch.device) -> torch.Tensor
         raise DataError(f"distill.teacher: no cached teacher outputs at {path}: train.py and Trainer.fit compute them "
                         f"before training (or dist_train.commands.distill.prepare_teacher(config))")
     saved = load_file(str(path))
-    position = {row: i for i, row in enumerate(bytes(saved["ids"].numpy()).decode().split("\n"))}
-    missing = [row for row in ids if row not in position]
-    if missing:
-        raise DataError(f"{path} holds the teacher's outputs of another training table: {len(missing)} training rows are "
-                        f"not in it (e.g. {missing[0]!r}); start afresh with --overwrite to compute them again")
-    return saved["outputs"][torch.tensor([position[row] for row in ids], dtype=torch.long)].to(device)
+    ids = Column.of(ids)
+    saved_ids = pa.array(bytes(saved["ids"].numpy()).decode().split("\n"), pa.string())
+    position = pc.index_in(ids.arrow(), value_set=saved_ids)  # each row's place in the cache, by id
+    if position.null_count:
+        first = ids[pc.index(pc.is_null(position), True).as_py()]
+        raise DataError(f"{path} holds the teacher's outputs of another training table: {position.null_count} training rows "
+                        f"are not in it (e.g. {first!r}); start afresh with --overwrite to compute them again")
+    return saved["outputs"][torch.from_numpy(position.to_numpy(zero_copy_only=False).astype("int64"))].to(device)
 
 
 class LiveTeacher(nn.Module):

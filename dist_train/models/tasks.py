@@ -8,11 +8,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
 from dist_train.config import Config, DataConfig, monitorable
 from dist_train.custom import class_names
+from dist_train.data.columns import Column
 from dist_train.data.splits import assign_folds, load_splits, load_training
 from dist_train.data.tables import Records, encode_classes, sorted_labels, split_source
 from dist_train.errors import ConfigError, DataError
@@ -68,7 +71,8 @@ def load_folds(config: Config) -> tuple[Records, list[str] | dict, "Task", np.nd
     label, built = _labeller(config)
     train, defined = load_training(config.data, label, label_columns(config), _query(config))
     seed = config.seed if config.cv.seed is None else config.cv.seed
-    folds = assign_folds(train, config.cv.folds, seed, _stratified(config), str(split_source(config.data, "train").table))
+    folds = assign_folds(train, config.cv.folds, seed, _stratified(config), str(split_source(config.data, "train").table),
+                         config.data.cache_dir)
     return train, defined, built(), folds
 
 
@@ -145,8 +149,9 @@ class Task:
     class_names: list[str] | None = None
     """Names of the predicted classes (combined for multihead); None for values and scores."""
 
-    def encode(self, columns: dict[str, list[str]], where: str) -> list:
-        """Targets of the rows: an int (one class) or a tuple (several heads, several values)."""
+    def encode(self, columns: dict[str, Column], where: str) -> torch.Tensor:
+        """Targets of the rows, one tensor row each: a class index (int64), several heads' indices (int64), or values
+        (float32)."""
         raise NotImplementedError
 
     def loss(self) -> nn.Module:
@@ -252,7 +257,7 @@ class MultiHead(Task):
     def encode(self, columns, where):
         per_head = [encode_classes(columns[h.column], classes, f"{where}, column {h.column!r}")
                     for h, classes in zip(self.heads, self.head_classes)]
-        return [tuple(values) for values in zip(*per_head)]
+        return torch.stack(per_head, 1)
 
     def loss(self):
         return _MultiHeadLoss(self)
@@ -320,8 +325,7 @@ class Regression(Task):
         self.config, self.columns, self.num_outputs = config, list(targets), len(targets)
 
     def encode(self, columns, where):
-        values = [_floats(columns[c], f"{where}, column {c!r}") for c in self.columns]
-        return [tuple(row) for row in zip(*values)]
+        return torch.stack([_floats(columns[c], f"{where}, column {c!r}") for c in self.columns], 1).float()
 
     def loss(self):
         return build_regression_loss(self.config.task.loss, self.config.task.huber_delta)
@@ -351,9 +355,9 @@ class Ranking(Task):
 
     def encode(self, columns, where):
         values = _floats(columns[self.config.data.label_column], f"{where}, column {self.config.data.label_column!r}")
-        if any(v < 0 for v in values):
+        if bool((values < 0).any()):
             raise DataError(f"{where}: relevance values must be >= 0")
-        return values
+        return values.float()
 
     def loss(self):
         return build_regression_loss(self.config.task.loss, self.config.task.huber_delta)
@@ -372,25 +376,33 @@ class Ranking(Task):
         return [f"{v:.6g}" for v in outputs.float().reshape(-1).tolist()]
 
 
-def group_ids(groups: list[str] | None) -> torch.Tensor | None:
-    """Query names as integer ids (ranking metrics group rows by them); None stays None."""
+def group_ids(groups) -> torch.Tensor | None:
+    """Query names as integer ids, numbered in the order they first appear (ranking metrics group rows by them); None
+    stays None."""
     if groups is None:
         return None
-    index = {}
-    return torch.tensor([index.setdefault(g, len(index)) for g in groups], dtype=torch.long)
+    return torch.from_numpy(Column.of(groups).first_codes())
 
 
-def _floats(values: list[str], where: str) -> list[float]:
-    out = []
-    for row, value in enumerate(values):
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number):
-            raise DataError(f"{where}: row {row + 1} has {value!r}, not a finite number")
-        out.append(number)
-    return out
+def _floats(values, where: str) -> torch.Tensor:
+    """The column's numbers (float64), as Python's float() reads them; a cell that is not a finite number is a DataError
+    naming its row."""
+    column = Column.of(values)
+    try:
+        numbers = pc.cast(column.arrow(), pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # what Arrow does not read (" 1.5", "1_000"): as Python reads
+        numbers = np.array([_float(v) for v in column], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(numbers))
+    if len(bad):
+        raise DataError(f"{where}: row {bad[0] + 1} has {column[int(bad[0])]!r}, not a finite number")
+    return torch.from_numpy(numbers)
+
+
+def _float(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
 
 
 def _product(lists: list[list[str]]) -> list[list[str]]:
