@@ -4,6 +4,8 @@ the largest process, for tables of 10^4 to 1.42 x 10^7 rows; and the k-fold assi
     python bench/scale.py tables DIR --rows 10000 100000 1281167      # write the tables (JPEGs once, paths repeat)
     python bench/scale.py run DIR --rows 10000 1281167 --processes 1 2 --workers 0 2 --trees /tmp/before .
     python bench/scale.py folds DIR --rows 1281167 --trees /tmp/before .   # 5-fold grouped CV assignment, in-process
+    python bench/scale.py workers DIR --rows 10000 1281167 --trees /tmp/before .  # a loader worker's own memory
+    python bench/scale.py model                   # save (sealed), resume, soup of a ~200 M-parameter timm model
 
 A table has `--files` distinct 48x48 JPEGs (bench/make_jpegs.py), each path repeated over the rows, unique ids,
 `--classes` labels (a row's label is its file's) and `--groups` groups (column `group`, spread over the classes). The
@@ -156,7 +158,7 @@ FOLDS_CODE = """
 import json, resource, sys, time
 from dist_train.config import load_config
 from dist_train.models.tasks import load_folds
-config = load_config(None, ["data.source=csv", "data.root={data}", "data.train={table}", "data.group_column=group",
+config = load_config(None, ["data.source=csv", "data.root={data}", "data.train={table}", "data.group_column=group", "data.val=null",
                             "cv.folds=5", "seed=0"{cache}])
 started = time.perf_counter()
 train, labels, task, folds = load_folds(config)
@@ -184,6 +186,116 @@ def folds(args) -> None:
                     print(json.dumps({"tree": str(tree), "rows": rows, **json.loads(proc.stdout.splitlines()[-1])}), flush=True)
 
 
+WORKERS_CODE = """
+import json, sys, time
+import psutil
+from dist_train.config import load_config
+from dist_train.models.tasks import load_task
+from dist_train.data.datasets import build_dataset
+from dist_train.data.loaders import build_loader
+config = load_config("configs/digits.yaml", ["data.source=csv", "data.root={data}", "data.train={table}",
+                     "data.val=scale_val.csv", "data.num_workers=2", "data.worker_start=forkserver"{cache}])
+train, val, labels, task = load_task(config)
+loader = build_loader(build_dataset(train, config.data, "train", 0), config.data, train=True, seed=0)
+batches = iter(loader)
+for _ in range(8):
+    next(batches)
+time.sleep(1)
+workers = [p for p in psutil.Process().children(recursive=True) if p.pid in {{w.pid for w in batches._workers}}]
+info = [w.memory_full_info() for w in workers]
+print(json.dumps({{"worker_uss_mib": [round(i.uss / 2**20) for i in info], "worker_pss_mib": [round(i.pss / 2**20) for i in info],
+                  "rank_uss_mib": round(psutil.Process().memory_full_info().uss / 2**20)}}))
+"""
+
+
+def workers(args) -> None:
+    """One rank's loader workers (2, from the fork server) after 8 batches: their private memory (USS) and PSS."""
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for rows in args.rows:
+            for i, tree in enumerate(args.trees):
+                cache = ""
+                if (tree / "dist_train" / "data" / "columns.py").is_file():
+                    cache = f', "data.cache_dir={tmp}/cache-{i}"'
+                    first_step(tree, args.dir, rows, 1, 0, Path(tmp) / "run", Path(tmp) / f"cache-{i}")  # warm
+                code = WORKERS_CODE.format(data=args.dir, table=table_name(rows), cache=cache)
+                proc = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"})
+                if proc.returncode:
+                    raise SystemExit(proc.stderr[-3000:])
+                print(json.dumps({"tree": str(tree), "rows": rows, **json.loads(proc.stdout.splitlines()[-1])}), flush=True)
+
+
+PLAIN_SAVE = """
+import json, resource, sys, time, timm, torch
+from safetensors.torch import save_file
+model = timm.create_model("{model}", num_classes=10, in_chans=1)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+model(torch.randn(2, 1, 32, 32)).sum().backward()
+optimizer.step()
+out = {{}}
+started = time.perf_counter()
+torch.save({{"model": model.state_dict(), "optimizer": optimizer.state_dict()}}, sys.argv[1] + "/plain.pt")
+out["torch.save model+optimizer s"] = time.perf_counter() - started
+started = time.perf_counter()
+save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, sys.argv[1] + "/plain.safetensors")
+out["safetensors model s"] = time.perf_counter() - started
+out["parameters"] = sum(p.numel() for p in model.parameters())
+out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps(out))
+"""
+
+
+def _timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float, str]:
+    """(seconds, peak RSS GiB of the process, its output) of one command, through /usr/bin/time -v."""
+    started = time.monotonic()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    rss = next(int(line.split()[-1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line)
+    return time.monotonic() - started, rss / 2**20, proc.stdout + proc.stderr
+
+
+def _save_seconds(checkpoint: Path) -> float:
+    """From the first file written to the manifest that seals it (files' mtimes)."""
+    times = [p.stat().st_mtime for p in checkpoint.iterdir() if p.is_file()]
+    return (checkpoint / "manifest.json").stat().st_mtime - min(times)
+
+
+def model_row(args) -> None:
+    """A ~200 M-parameter timm model: 3 cross-validation folds of one optimizer step each (each saves a sealed
+    checkpoint), a resume of fold 0 for one more step, `dist-train soup` of the 3 folds; and the plain torch.save /
+    safetensors.save_file of the same model and optimizer state."""
+    from dist_train.data.splits import materialize_digits
+
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        tmp = Path(tmp)
+        digits = tmp / "digits"
+        materialize_digits(digits)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+        plain = subprocess.run([sys.executable, "-c", PLAIN_SAVE.format(model=args.model), str(tmp)], capture_output=True,
+                               text=True, env=env, check=True)
+        print(json.dumps({"plain": json.loads(plain.stdout.splitlines()[-1])}), flush=True)
+        common = ["--config", str(ROOT / "configs" / "digits.yaml"), f"data.root={digits}", f"model.name=timm/{args.model}",
+                  "data.image_size=32", "data.batch_size=2", "data.num_workers=0", "data.val=null", "cv.folds=3",
+                  "train.max_steps=1", "checkpoint.every_n_steps=1", "tracking.images=false", f"output_dir={tmp / 'cv'}"]
+        seconds, rss, _ = _timed([sys.executable, str(ROOT / "train.py"), *common], ROOT, env)
+        saves = [_save_seconds(next((tmp / "cv" / f"fold-{k}" / "checkpoints").glob("step-*"))) for k in range(3)]
+        sizes = [sum(p.stat().st_size for p in next((tmp / "cv" / f"fold-{k}" / "checkpoints").glob("step-*")).iterdir())
+                 for k in range(3)]
+        print(json.dumps({"cv_3_folds": {"seconds": seconds, "peak_rss_gib": rss, "save_seconds": saves,
+                                         "checkpoint_gib": [s / 2**30 for s in sizes]}}), flush=True)
+        single = [a for a in common if not a.startswith(("cv.", "train.max_steps", "output_dir"))] + [f"output_dir={tmp / 'run'}"]
+        seconds, rss, _ = _timed([sys.executable, str(ROOT / "train.py"), *single, "train.max_steps=1"], ROOT, env)
+        print(json.dumps({"train_1_step": {"seconds": seconds, "peak_rss_gib": rss}}), flush=True)
+        seconds, rss, said = _timed([sys.executable, str(ROOT / "train.py"), *single, "train.max_steps=2", "--resume", "auto"],
+                                    ROOT, env)
+        assert (tmp / "run" / "checkpoints" / "step-00000002").is_dir() and "resumed from" in said, said[-2000:]
+        print(json.dumps({"resume_then_1_step": {"seconds": seconds, "peak_rss_gib": rss}}), flush=True)
+        seconds, rss, _ = _timed([str(Path(sys.executable).parent / "dist-train"), "soup", "--checkpoint",
+                                  str(tmp / "cv"), "--output", str(tmp / "soup")], ROOT, env)
+        print(json.dumps({"soup_3_folds": {"seconds": seconds, "peak_rss_gib": rss}}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,7 +305,7 @@ def main() -> None:
     tables.add_argument("--files", type=int, default=3000)
     tables.add_argument("--classes", type=int, default=10)
     tables.add_argument("--groups", type=int, default=100_000)
-    for name, fn in (("run", run), ("folds", folds)):
+    for name, fn in (("run", run), ("folds", folds), ("workers", workers)):
         p = sub.add_parser(name)
         p.set_defaults(fn=fn)
         p.add_argument("dir", type=Path)
@@ -205,8 +317,14 @@ def main() -> None:
             p.add_argument("--processes", type=int, nargs="+", default=[2])
             p.add_argument("--workers", type=int, nargs="+", default=[2])
             p.add_argument("--cold", action="store_true", help="time the first run on each table (its cache built)")
+    model = sub.add_parser("model", help="checkpoint save, resume and soup of a ~200 M-parameter timm model")
+    model.set_defaults(fn=model_row)
+    model.add_argument("--model", default="convnext_large")
+    model.add_argument("--tmp")
     args = parser.parse_args()
-    if args.command == "tables":
+    if args.command == "model":
+        args.fn(args)
+    elif args.command == "tables":
         write_tables(args.dir, args.rows, args.files, args.classes, args.groups)
     else:
         args.trees = [t.resolve() for t in args.trees]
