@@ -1,5 +1,5 @@
 # make install: .venv with the pinned, tested versions; make test: the suite (WORKERS=N tests at a time, default 2);
-# make demo: the digits run; make gpu-check OUT=DIR: the GPU check with the machine's own Python
+# make demo: the digits run; make docs: the site into site/; make gpu-check OUT=DIR: the GPU check with the machine's own Python
 # (bench/gpu_check.py), report in DIR.
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +9,7 @@ LAUNCH := $(BIN)/accelerate launch --config_file accelerate_config.yaml --num_pr
 RUN_DIR := runs/digits
 OUT ?= runs/gpu-check
 
-.PHONY: install test test-fast demo gpu-check clean slurm-deps
+.PHONY: install test test-fast demo gpu-check clean slurm-deps docs docs-serve
 
 install: $(STAMP)
 
@@ -44,6 +44,13 @@ demo: install
 	@echo "submission:       $(RUN_DIR)/submission.csv"
 	@echo "TensorBoard logs: $(RUN_DIR)/tensorboard   ($(BIN)/tensorboard --logdir $(RUN_DIR)/tensorboard)"
 	@echo "metrics:          $(RUN_DIR)/metrics.jsonl"
+
+# The docs site (mkdocs.yml): built into site/ in strict mode (a broken link fails), or served at http://127.0.0.1:8000
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8000
 
 # No venv and no install: a lent GPU machine has its own Python and no network. DRY=1 forces the dry mode;
 # WORK=DIR moves the logs, runs and benchmark JPEGs (default runs/gpu-check-work).

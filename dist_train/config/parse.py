@@ -38,9 +38,7 @@ def config_from_dict(raw: dict[str, Any], values: dict[str, Any] | None = None, 
     raw = copy.deepcopy(raw)
     for key, value in (values or {}).items():
         _set_dotted(raw, key, value)
-    if isinstance(raw.get("hpo"), dict) and isinstance(raw["hpo"].get("space"), dict):
-        raw["hpo"]["space"] = _space_keys(raw["hpo"]["space"])
-    config = _build(Config, raw, "")
+    config = parse_keys(raw)
     for section in (config.model, config.loss, config.data):
         if section.file is not None:
             section.file = str((Path(base_dir) / section.file).absolute())
@@ -48,6 +46,15 @@ def config_from_dict(raw: dict[str, Any], values: dict[str, Any] | None = None, 
     if config.hpo.trials > 0:  # each value of the search space through the checks above, before anything trains
         check_space(config, lambda value: config_from_dict(raw, {**value, "hpo.trials": 0}, base_dir))
     return config
+
+
+def parse_keys(raw: dict[str, Any]) -> Config:
+    """The Config of nested sections `raw`, its keys and types checked (an unknown key is named with the nearest valid
+    one), before the cross-field checks: also what a partial config (a snippet in the docs) is held to. `raw`'s
+    hpo.space is made dotted in place."""
+    if isinstance(raw.get("hpo"), dict) and isinstance(raw["hpo"].get("space"), dict):
+        raw["hpo"]["space"] = _space_keys(raw["hpo"]["space"])
+    return _build(Config, raw, "")
 
 
 def _space_keys(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
