@@ -3,11 +3,9 @@ snippet in it and in the README passes the config loader's key checks, and every
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml

@@ -105,7 +105,12 @@ def computed_once(cache_dir: str | None, name: str, key: str, compute) -> np.nda
         with _locked(directory / f"{name}-{key[:40]}.lock"):
             if not path.is_file():
                 value = compute()
-                _write_atomically(path, lambda tmp: np.save(open(tmp, "wb"), value))
+
+                def write(tmp: Path) -> None:
+                    with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+                        np.save(f, value)
+
+                _write_atomically(path, write)
                 return value
     except OSError:
         return compute()
