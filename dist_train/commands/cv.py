@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from dist_train.commands.distill import prepare_teacher
 from dist_train.commands.inference import predict_split
 from dist_train.config import Config, fold_output_dir, resolve, to_dict
+from dist_train.data.columns import distinct_count
 from dist_train.data.tables import ids_digest, split_source
 from dist_train.errors import ConfigError, DataError
 from dist_train.job.distributed import forget_process_group, is_main_process_env, say_main
@@ -137,7 +138,7 @@ def summarize(config: Config) -> dict:
         info = json.loads((fold_output_dir(config.output_dir, fold) / RUN_INFO_FILE).read_text())
         held = records.take(rows)
         metrics = _scores(task, outputs[rows], targets[rows], losses[rows], held.groups)
-        per_fold.append({"fold": fold, "rows": len(rows), "groups": len(held.split_groups.distinct()) if held.split_groups else None,
+        per_fold.append({"fold": fold, "rows": len(rows), "groups": distinct_count(held.split_groups) if held.split_groups else None,
                          "best_epoch": info["best"]["epoch"], "wall_seconds": round(info["wall_seconds"], 1), **metrics})
     names = [k for k in per_fold[0] if k.startswith("val_") and k != "val_samples"]
     summary = {

@@ -27,12 +27,24 @@ def mapped_table(path: str) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
 
 
-def _rows(idx) -> torch.Tensor:
+def row_index(idx) -> torch.Tensor:
+    """Row positions (a range, a list, an array or a tensor) as the int64 tensor columns take rows by."""
     if isinstance(idx, torch.Tensor):
         return idx.to(torch.int64)
     if isinstance(idx, range):
         return torch.arange(idx.start, idx.stop, idx.step, dtype=torch.int64)
     return torch.as_tensor(np.asarray(idx, dtype=np.int64))
+
+
+def sorted_rank(values: list[str]) -> np.ndarray:
+    """Each value's position in the sorted values (how np.unique numbers strings)."""
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[sorted(range(len(values)), key=values.__getitem__)] = np.arange(len(values))
+    return rank
+
+
+def _same_items(column: Sequence, other) -> bool:
+    return isinstance(other, Sequence) and len(column) == len(other) and list(column) == list(other)
 
 
 class Column(Sequence):
@@ -79,11 +91,11 @@ class Column(Sequence):
             yield from self.take(range(start, min(start + CHUNK, len(self)))).to_list()
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+        return _same_items(self, other)
 
     def take(self, idx) -> "Column":
         """The rows `idx` (positions in this column), sharing the strings."""
-        idx = _rows(idx)
+        idx = row_index(idx)
         return Column(self.array, idx if self.rows is None else self.rows[idx], self.source)
 
     def arrow(self) -> pa.Array:
@@ -99,10 +111,7 @@ class Column(Sequence):
         code array are the folds of the strings), in one pass over the rows and a sort of the distinct values."""
         encoded = pc.dictionary_encode(self.arrow())
         values = encoded.dictionary.to_pylist()
-        order = sorted(range(len(values)), key=values.__getitem__)
-        rank = np.empty(len(values), dtype=np.int64)
-        rank[order] = np.arange(len(values))
-        return rank[encoded.indices.to_numpy(zero_copy_only=False)], [values[i] for i in order]
+        return sorted_rank(values)[encoded.indices.to_numpy(zero_copy_only=False)], sorted(values)
 
     def first_codes(self) -> np.ndarray:
         """Each row's value numbered in the order the values first appear (0, 1, ...)."""
@@ -140,7 +149,7 @@ class PathColumn(Sequence):
         return (Path(self.root, p) for p in self.column)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+        return _same_items(self, other)
 
     def take(self, idx) -> "PathColumn":
         return PathColumn(self.column.take(idx), self.root)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from dist_train.config import CVConfig, DataConfig
-from dist_train.data.columns import Column
+from dist_train.data.columns import Column, sorted_rank
 from dist_train.data.table_cache import computed_once
 from dist_train.data.tables import Records, read_split, split_source
 from dist_train.errors import ConfigError, DataError
@@ -174,10 +174,7 @@ def _strata(columns: list[Column]) -> np.ndarray:
             key, code = divmod(key, len(values))
             parts.append(values[code])
         names.append("\x1f".join(reversed(parts)))
-    order = sorted(range(len(names)), key=names.__getitem__)
-    rank = np.empty(len(names), dtype=np.int64)
-    rank[order] = np.arange(len(names))
-    return rank[inverse]
+    return sorted_rank(names)[inverse]
 
 
 def materialize_digits(root: Path) -> None:

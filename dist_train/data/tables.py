@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import torch
 
 from dist_train.config import DataConfig, SplitConfig
-from dist_train.data.columns import CHUNK, Column, PathColumn
+from dist_train.data.columns import CHUNK, Column, PathColumn, distinct_count, row_index
 from dist_train.data.table_cache import Table, open_table
 from dist_train.errors import DataError
 
@@ -52,7 +52,7 @@ class Records:
 
     def take(self, idx) -> "Records":
         """The rows `idx` (positions in this split), sharing the columns' strings."""
-        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64)) if not isinstance(idx, torch.Tensor) else idx
+        idx = row_index(idx)
         pick = lambda column: column.take(idx) if column is not None else None  # noqa: E731
         return Records(self.paths.take(idx), self.targets[idx] if len(self.targets) else self.targets, self.ids.take(idx),
                        {k: v.take(idx) for k, v in self.labels.items()} if self.labels is not None else None,
@@ -176,7 +176,7 @@ def _csv_split(cfg: DataConfig, source: SplitSource, labelled: bool, columns: li
 
 
 def _check_unique(ids: Column, where: str) -> None:
-    if pc.count_distinct(ids.arrow()).as_py() == len(ids):
+    if distinct_count(ids) == len(ids):
         return
     seen: dict[str, int] = {}
     for row, value in enumerate(ids, 1):
