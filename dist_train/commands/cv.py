@@ -24,13 +24,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dist_train.commands.distill import prepare_teacher
-from dist_train.commands.inference import predict_split
+from dist_train.commands.inference import THRESHOLDS_FILE, predict_split
 from dist_train.config import Config, fold_output_dir, resolve, to_dict
 from dist_train.data.columns import distinct_count
 from dist_train.data.tables import ids_digest, split_source
 from dist_train.errors import ConfigError, DataError
 from dist_train.job.distributed import forget_process_group, is_main_process_env, say_main
 from dist_train.loop.trainer import fit
+from dist_train.models.metrics import tune_thresholds
 from dist_train.models.tasks import Task, group_ids, load_folds
 from dist_train.rundir.checkpoint import complete_checkpoints
 from dist_train.rundir.files import atomic_path, write_text_atomic
@@ -132,12 +133,14 @@ def summarize(config: Config) -> dict:
         outputs[torch.as_tensor(rows)] = _fold_outputs(config, fold, records.ids.take(rows))
     targets = records.targets
     losses = task.loss()(outputs, targets if targets.is_floating_point() else targets.clamp(min=0)).detach()
+    tuned = nested_thresholds(task, outputs, targets, folds, config.cv.folds)
     per_fold = []
     for fold in range(config.cv.folds):
         rows = np.flatnonzero(folds == fold)
         info = json.loads((fold_output_dir(config.output_dir, fold) / RUN_INFO_FILE).read_text())
         held = records.take(rows)
-        metrics = _scores(task, outputs[rows], targets[rows], losses[rows], held.groups)
+        metrics = _scores(task, outputs[rows], targets[rows], losses[rows], held.groups,
+                          tuned[0][fold] if tuned is not None else None)
         per_fold.append({"fold": fold, "rows": len(rows), "groups": distinct_count(held.split_groups) if held.split_groups else None,
                          "best_epoch": info["best"]["epoch"], "wall_seconds": round(info["wall_seconds"], 1), **metrics})
     names = [k for k in per_fold[0] if k.startswith("val_") and k != "val_samples"]
@@ -147,9 +150,22 @@ def summarize(config: Config) -> dict:
         "per_fold": per_fold,
         "mean": {k: float(np.mean([f[k] for f in per_fold])) for k in names},
         "std": {k: float(np.std([f[k] for f in per_fold])) for k in names},
-        "oof": _scores(task, outputs, targets, losses, records.groups),
+        "oof": _scores(task, outputs, targets, losses, records.groups, tuned[0][folds] if tuned is not None else None),
     }
     output_dir = Path(config.output_dir)
+    (output_dir / THRESHOLDS_FILE).unlink(missing_ok=True)  # (one of an earlier summary, under task.threshold=tune)
+    if tuned is not None:  # the thresholds predict.py uses: tuned on every out-of-fold row
+        summary["oof_thresholds_in_sample"] = _scores(task, outputs, targets, losses, records.groups, tuned[1])
+        summary["thresholds"] = {
+            "tuned_on": "oof", "beta": config.task.threshold_beta, "values": dict(zip(task.class_names, tuned[1].tolist())),
+            "note": "oof and per_fold score each fold's rows with thresholds tuned on the other folds' out-of-fold "
+                    "predictions (honest); oof_thresholds_in_sample with the thresholds tuned on all of them, which "
+                    "predict.py uses (optimistic on these rows)"}
+        task.use_thresholds(tuned[1])
+        write_text_atomic(output_dir / THRESHOLDS_FILE, json.dumps(
+            {"thresholds": tuned[1].tolist(), "classes": task.class_names,
+             "tuned_on": f"the out-of-fold predictions of {output_dir.resolve()}", "beta": config.task.threshold_beta},
+            indent=1))
     write_oof(output_dir / OOF_FILE, task, records.ids, folds, targets, outputs)
     write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     say_main(summary_table(summary, task.headline(), split_source(config.data, "train").table))
@@ -170,9 +186,25 @@ def _fold_outputs(config: Config, fold: int, ids: list[str]) -> torch.Tensor:
     return load_file(str(path))["outputs"]
 
 
-def _scores(task: Task, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, groups) -> dict:
-    metrics = task.metrics(outputs, targets, losses, group_ids(groups))
+def _scores(task: Task, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, groups, thresholds=None) -> dict:
+    if thresholds is None:
+        metrics = task.metrics(outputs, targets, losses, group_ids(groups))
+    else:
+        metrics = task.metrics_at(outputs, targets, losses, thresholds)
     return {k: v for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))}
+
+
+def nested_thresholds(task: Task, outputs: torch.Tensor, targets: torch.Tensor, folds: np.ndarray, count: int):
+    """task.threshold=tune (multi-label): ((folds, classes) thresholds of each fold tuned on the other folds' out-of-fold
+    rows, (classes,) thresholds tuned on all of them); None for any other task or a fixed threshold. A threshold tuned on
+    the rows it scores flatters them as a hold-out tuned to itself does: each fold is scored with the other folds'."""
+    if task.kind != "multilabel" or task.thresholds is not None:
+        return None
+    beta = task.config.task.threshold_beta
+    probabilities = outputs.float().sigmoid()
+    per_fold = np.stack([tune_thresholds(probabilities[torch.as_tensor(folds != k)], targets[torch.as_tensor(folds != k)], beta)
+                         for k in range(count)])
+    return per_fold, tune_thresholds(probabilities, targets, beta)
 
 
 def write_oof(path: Path, task: Task, ids: list[str], folds: np.ndarray, targets: torch.Tensor, outputs: torch.Tensor) -> None:

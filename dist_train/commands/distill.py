@@ -28,7 +28,7 @@ from dist_train.errors import ConfigError, DataError, DistTrainError
 from dist_train.job.distributed import forget_process_group, is_main_process_env, say_main
 from dist_train.loop.trainer import resume_argument
 from dist_train.models.distill import TEACHER_CACHE, TEACHER_SPEC, cache_metadata, write_cache
-from dist_train.models.tasks import load_table, load_task
+from dist_train.models.tasks import label_names, load_table, load_task
 from dist_train.rundir.checkpoint import CLASSES_FILE, sha256
 from dist_train.rundir.files import atomic_path
 
@@ -62,7 +62,7 @@ def prepare_teacher(config: Config, resume: str | None = None, overwrite: bool =
     resume_argument(output_dir, resume, overwrite)  # an existing run without --resume/--overwrite: refused before the teacher runs
     records, labels, task = load_table(config)
     teacher = find_teacher(config)
-    if teacher.labels != labels:
+    if label_names(teacher.labels) != label_names(labels):
         raise ConfigError(f"distill.teacher {teacher.source} predicts {_names(teacher.labels)}; the training table "
                           f"{_names(labels)}: a teacher must predict the student's classes")
     check_honest(config, teacher)
@@ -261,6 +261,8 @@ def _oof_outputs(path: Path, ids: list[str], task) -> torch.Tensor:
             columns.insert(0, torch.nn.functional.one_hot(combined % size, size).double())
             combined = combined // size
         probabilities = probabilities @ torch.cat(columns, dim=1)
+    if task.kind == "multilabel":  # each class's probability as its logit (a sigmoid gives it back)
+        return torch.logit(probabilities, eps=1e-7).float()
     return probabilities.clamp(min=1e-30).log().float()  # 6 significant digits written: a 0 stays finite
 
 
@@ -277,4 +279,6 @@ def sha256_text(text: str) -> str:
 
 
 def _names(labels) -> str:
-    return f"classes {labels}" if isinstance(labels, list) else f"heads {labels.get('heads', labels)}"
+    if isinstance(labels, list):
+        return f"classes {labels}"
+    return f"classes {labels['multilabel']}" if "multilabel" in labels else f"heads {labels.get('heads', labels)}"

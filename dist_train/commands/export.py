@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_train.commands.inference import resolve_weights
+from dist_train.commands.inference import resolve_weights, saved_thresholds
 from dist_train.config import Config, load_config, preprocessing
 from dist_train.custom import user_datasets
 from dist_train.data.datasets import build_dataset
@@ -29,7 +29,8 @@ from dist_train.rundir.files import atomic_path
 
 OPSET = 17
 """ONNX opset: LayerNormalization (ConvNeXt, ViT) needs 17; onnxruntime 1.16+ runs it."""
-INPUT, OUTPUT = "images", "logits"
+INPUT, OUTPUT, PROBABILITIES = "images", "logits", "probabilities"
+"""The graph's input and output names (PROBABILITIES: multi-label exports' second output, the logits' sigmoids)."""
 
 
 def missing_packages() -> list[str]:
@@ -58,6 +59,8 @@ def export(checkpoint: str | Path, output: str | Path | None = None, overrides: 
     config = load_config(directory / "config.yaml", list(overrides))
     weights = resolve_weights(directory, config.inference.weights)
     task = build_task(config, json.loads((directory / CLASSES_FILE).read_text()))
+    if task.kind == "multilabel" and task.thresholds is None:  # task.threshold=tune: the checkpoint's own
+        task.use_thresholds(saved_thresholds(directory, [directory], task.num_outputs)[0])
     torch_model = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False),
                               task.num_outputs, config.data.channels, config.data.image_size, given=model)
     torch_model.load_state_dict(read_weights(weights))
@@ -77,7 +80,7 @@ def export(checkpoint: str | Path, output: str | Path | None = None, overrides: 
         return check
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        write_onnx(torch_model, batch[:2], tmp)
+        write_onnx(WithProbabilities(torch_model).eval() if task.kind == "multilabel" else torch_model, batch[:2], tmp)
         check = compare(tmp, torch_model, batch, task, tolerance)
     info = {
         "format": "onnx",
@@ -121,6 +124,18 @@ def validation_images(config: Config, count: int, dataset=None) -> torch.Tensor:
     return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items]).float()
 
 
+class WithProbabilities(nn.Module):
+    """A multi-label model exported with two outputs: its logits and their sigmoids (each class's probability)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(images)
+        return logits, torch.sigmoid(logits)
+
+
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     # The TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript, which is not on every machine
     # (the GPU machines lack it). It is deprecated in torch 2.9+ but present through 2.14; its warning says so.
@@ -142,9 +157,10 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        names = [OUTPUT, PROBABILITIES] if isinstance(model, WithProbabilities) else [OUTPUT]
         try:
             torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=[INPUT],
-                              output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                              output_names=names, dynamic_axes={name: {0: "batch"} for name in [INPUT, *names]},
                               do_constant_folding=True)
         except Exception as exc:  # an operator ONNX cannot express, a model too large for one protobuf file, ...
             raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(exc).__name__}: "
@@ -162,7 +178,9 @@ def compare(path: Path, model: nn.Module, batch: torch.Tensor, task: Task, toler
     try:
         onnx.checker.check_model(str(path))
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        exported = torch.from_numpy(session.run([OUTPUT], {INPUT: batch.numpy()})[0])
+        names = [o.name for o in session.get_outputs()]
+        results = [torch.from_numpy(r) for r in session.run(names, {INPUT: batch.numpy()})]
+        exported = results[names.index(OUTPUT)]
     except Exception as exc:  # a truncated or altered file: onnx and onnxruntime raise their own kinds
         raise ExportError(f"{path}: onnx/onnxruntime cannot run it ({type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
@@ -174,15 +192,20 @@ def compare(path: Path, model: nn.Module, batch: torch.Tensor, task: Task, toler
     difference = (exported - expected).abs().max().item()
     check = {"images": len(batch), "max_abs_logit_difference": difference, "tolerance": tolerance,
              "onnxruntime": onnxruntime.__version__}
-    if task.class_names is not None:  # classes (combined, for multihead): the predicted class of each image
-        check["argmax_agreement"] = sum(a == b for a, b in zip(task.predictions(exported), task.predictions(expected)))
-    if not difference <= tolerance or check.get("argmax_agreement", len(batch)) != len(batch):
+    agreement = "label_set_agreement" if task.kind == "multilabel" else "argmax_agreement"
+    if task.class_names is not None:  # classes (combined, for multihead; the thresholded set, multilabel) of each image
+        check[agreement] = sum(a == b for a, b in zip(task.predictions(exported), task.predictions(expected)))
+    if PROBABILITIES in names:
+        check["max_abs_probability_difference"] = (results[names.index(PROBABILITIES)] - expected.sigmoid()).abs().max().item()
+        difference = max(difference, check["max_abs_probability_difference"])
+    if not difference <= tolerance or check.get(agreement, len(batch)) != len(batch):
         raise ExportError(f"{path} disagrees with the PyTorch model: {describe(check)}")
     return check
 
 
 def describe(check: dict) -> str:
-    agreement = (f", argmax agreement {check['argmax_agreement']}/{check['images']}" if "argmax_agreement" in check else "")
+    agreement = "".join(f", {key.replace('_', ' ')} {check[key]}/{check['images']}"
+                        for key in ("argmax_agreement", "label_set_agreement") if key in check)
     return (f"onnxruntime vs PyTorch on {check['images']} validation images: max |logit difference| "
             f"{check['max_abs_logit_difference']:.3g} (tolerance {check['tolerance']:g}){agreement}")
 
@@ -205,6 +228,10 @@ def outputs(task: Task) -> dict:
         return {"task": task.kind, "heads": [{"name": h.name, "columns": [s, s + n], "classes": c}
                                              for h, s, n, c in zip(task.heads, starts, task.sizes, task.head_classes)],
                 "combined_class": "mixed-radix number of the head classes, heads in this order"}
+    if task.kind == "multilabel":
+        return {"task": task.kind, "classes": task.class_names, "probabilities": f"the second output, {PROBABILITIES}: "
+                "sigmoid of each logit", "thresholds": dict(zip(task.class_names, task.thresholds.tolist())),
+                "decision": "a class is present where its probability >= its threshold"}
     if task.kind == "regression":
         return {"task": task.kind, "targets": task.columns}
     return {"task": task.kind, "score": "higher ranks first within a query"}

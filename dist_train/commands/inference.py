@@ -26,8 +26,8 @@ from dist_train.job.distributed import build_accelerator, is_main_process_env, m
 from dist_train.loop.ranks import check_each_once, predict_gathered
 from dist_train.models.losses import build_loss
 from dist_train.models.networks import build_model, read_weights
-from dist_train.models.tasks import Task, build_task, group_ids, load_table, load_task, task_for_datasets
-from dist_train.rundir.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify
+from dist_train.models.tasks import Task, build_task, group_ids, label_names, load_table, load_task, task_for_datasets
+from dist_train.rundir.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, verify
 from dist_train.rundir.report import best_trial_dir
 from dist_train.rundir.submission import write_submission
 
@@ -47,7 +47,7 @@ def resolve_weights(checkpoint: str | Path, which: str = "auto") -> Path:
     if not weights.is_file():
         raise CheckpointError(f"--checkpoint {checkpoint}: no weights at {weights}")
     if (weights.parent / MANIFEST_FILE).is_file():
-        verify(weights.parent, only=[weights.name, CLASSES_FILE])
+        verify(weights.parent, only=[weights.name, CLASSES_FILE, TRAINER_STATE_FILE])
     return weights
 
 
@@ -74,6 +74,8 @@ class Prediction:
     targets: torch.Tensor
     groups: torch.Tensor | None
     checkpoints: int
+    thresholds_from: str | None = None
+    """Multi-label, task.threshold=tune: where the decision thresholds come from (one line)."""
 
 
 def predict(config: Config, checkpoint: str | Path | list, output: str | Path | None = None, split: str = "test",
@@ -93,6 +95,8 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
     accelerator, task, outputs, targets = result.accelerator, result.task, result.outputs, result.targets
     path = Path(output or config.inference.output or Path(config.output_dir) / "submission.csv")
     if accelerator.is_main_process:
+        if result.thresholds_from is not None:
+            main_print(accelerator, result.thresholds_from)
         write_predictions(config, task, path, result.row_ids, outputs)
         main_print(accelerator, f"wrote {len(result.row_ids)} predictions from {accelerator.num_processes} process(es)"
                                 f"{f' averaging {result.checkpoints} checkpoints' if result.checkpoints > 1 else ''}"
@@ -125,6 +129,10 @@ def predict_split(config: Config, checkpoint: str | Path | list, split: str = "t
     with accelerator.main_process_first():
         task, dataset, row_ids, groups, on_device = prediction_data(config, checkpoints, weights, split, dataset, limit,
                                                                     accelerator.device)
+    thresholds_from = None
+    if task.kind == "multilabel" and task.thresholds is None:
+        thresholds, thresholds_from = saved_thresholds(checkpoint, checkpoints, task.num_outputs)
+        task.use_thresholds(thresholds)
     if distinct_count(row_ids) != len(row_ids):
         raise DataError(f"the {split} rows share ids (data.id_column, else the image paths): the predictions need one row per id")
     channels_last = config.train.channels_last if config.train.channels_last is not None else accelerator.device.type == "cuda"
@@ -150,7 +158,38 @@ def predict_split(config: Config, checkpoint: str | Path | list, split: str = "t
     loader = None
     accelerator.free_memory()  # (Accelerate keeps a reference to every loader it prepared)
     gc.collect()
-    return Prediction(accelerator, task, list(row_ids), outputs, targets, groups, len(weights))
+    return Prediction(accelerator, task, list(row_ids), outputs, targets, groups, len(weights), thresholds_from)
+
+
+THRESHOLDS_FILE = "thresholds.json"
+"""In a cross-validation run's directory (task.threshold=tune): the decision thresholds tuned on its OOF predictions."""
+
+
+def saved_thresholds(given, checkpoints: list, classes: int) -> tuple[list[float], str]:
+    """The decision thresholds of task.threshold=tune for the checkpoints predicting, and where they come from (one
+    line): a cross-validation run's own (tuned on its out-of-fold predictions: cv.py's thresholds.json), else each
+    checkpoint's (tuned on its validation split, trainer_state.json), averaged when several are. None saved: 0.5."""
+    given = given[0] if isinstance(given, (list, tuple)) and len(given) == 1 else given
+    if not isinstance(given, (list, tuple)) and Path(given).is_dir():
+        directory = best_trial_dir(Path(given)) or Path(given)
+        if (directory / THRESHOLDS_FILE).is_file():
+            saved = json.loads((directory / THRESHOLDS_FILE).read_text())
+            return saved["thresholds"], f"thresholds: tuned on {saved['tuned_on']} ({directory / THRESHOLDS_FILE})"
+    found = []
+    for checkpoint in checkpoints:
+        state = Path(checkpoint) / TRAINER_STATE_FILE if Path(checkpoint).is_dir() else None
+        saved = json.loads(state.read_text()).get("thresholds") if state is not None and state.is_file() else None
+        if saved is not None:
+            if len(saved) != classes:
+                raise CheckpointError(f"{state}: {len(saved)} thresholds for {classes} classes")
+            found.append(saved)
+    if not found or len(found) < len(checkpoints):
+        return [0.5] * classes, (f"thresholds: task.threshold=tune, but {'no' if not found else 'not every'} checkpoint "
+                                 f"saved tuned thresholds: 0.5 for every class (task.threshold=<value> chooses)")
+    if len(found) == 1:
+        return found[0], f"thresholds: tuned on the validation split of {checkpoints[0]}"
+    return (torch.tensor(found, dtype=torch.float64).mean(0).tolist(),
+            f"thresholds: the mean of the {len(found)} checkpoints' own (each tuned on its validation split)")
 
 
 def checkpoint_config_file(checkpoint: str | Path) -> Path | None:
@@ -214,8 +253,9 @@ def prediction_data(config: Config, checkpoints: list, weights: list[Path], spli
     decode on the device). The labels come from the checkpoints' classes.json (a bare weights file: the training
     data's, or the user's dataset's `classes`)."""
     saved = [json.loads((w.parent / CLASSES_FILE).read_text()) if (w.parent / CLASSES_FILE).is_file() else None for w in weights]
-    if any(s != saved[0] for s in saved):
-        other = saved.index(next(s for s in saved if s != saved[0]))
+    names = [label_names(s) if s is not None else None for s in saved]
+    if any(n != names[0] for n in names):
+        other = names.index(next(n for n in names if n != names[0]))
         raise CheckpointError(f"the checkpoints were trained on different labels ({checkpoints[0]}: {saved[0]}; "
                               f"{checkpoints[other]}: other labels)")
     labels = saved[0]

@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from dist_train.commands.inference import expand_checkpoints, predict_split, resolve_weights
+from dist_train.commands.inference import THRESHOLDS_FILE, expand_checkpoints, predict_split, resolve_weights
 from dist_train.config import MODEL_SHAPING, Config, CVConfig, flatten, load_config, to_dict
 from dist_train.data.datasets import build_dataset
 from dist_train.data.loaders import build_loader
@@ -67,7 +67,8 @@ def soup(checkpoint: str | Path, output: str | Path, overrides: list[str] = (), 
                         config.data.channels, config.data.image_size)
     model.load_state_dict(average_weights(weights))
     recomputed = recompute_batchnorm(model, config) if has_batchnorm(model) else 0
-    write_checkpoint(output, model, config, labels)
+    tuned = cv_dir / THRESHOLDS_FILE  # multi-label, task.threshold=tune: the folds' out-of-fold thresholds go with it
+    write_checkpoint(output, model, config, labels, {THRESHOLDS_FILE: tuned.read_text()} if tuned.is_file() else {})
     log(f"soup: the {len(folds)} folds of {cv_dir} averaged into {output}"
         + (f" (BatchNorm statistics recomputed on the {recomputed} rows of the training table)" if recomputed else ""))
     report = {"folds": [str(f) for f in folds], "weights": config.inference.weights, "batchnorm_rows": recomputed,
@@ -124,9 +125,9 @@ def recompute_batchnorm(model: torch.nn.Module, config: Config) -> int:
     return len(dataset)
 
 
-def write_checkpoint(output: Path, model: torch.nn.Module, config: Config, labels) -> None:
-    """A checkpoint directory as predict.py and export read one: config.yaml, classes.json, model.safetensors, sealed
-    by manifest.json (written into a temporary directory, then renamed into place)."""
+def write_checkpoint(output: Path, model: torch.nn.Module, config: Config, labels, extra: dict[str, str] | None = None) -> None:
+    """A checkpoint directory as predict.py and export read one: config.yaml, classes.json, model.safetensors (and the
+    `extra` files: name -> text), sealed by manifest.json (written into a temporary directory, then renamed into place)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,6 +136,8 @@ def write_checkpoint(output: Path, model: torch.nn.Module, config: Config, label
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         (tmp / CLASSES_FILE).write_text(json.dumps(labels))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
         write_manifest(tmp)
         shutil.rmtree(output, ignore_errors=True)
         os.rename(tmp, output)
@@ -154,7 +157,7 @@ def scores(cv_dir: Path, config: Config, folds: list[Path], output: Path) -> dic
     if config.data.val is None:
         return found
     held_out = {}
-    for name, checkpoints in [*[(f"fold {k}", [fold]) for k, fold in enumerate(folds)], ("ensemble", folds),
+    for name, checkpoints in [*[(f"fold {k}", [fold]) for k, fold in enumerate(folds)], ("ensemble", [cv_dir]),
                               ("soup", [output])]:
         try:
             prediction = predict_split(config, checkpoints, split="val")

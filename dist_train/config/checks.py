@@ -13,6 +13,8 @@ from dist_train.config.sections import Config, DataConfig, SplitConfig, flatten,
 from dist_train.errors import ConfigError
 
 CLASSIFICATION_METRICS = ("val_loss", "val_accuracy", "val_f1_macro", "val_precision_macro", "val_recall_macro")
+MULTILABEL_METRICS = ("val_loss", "val_map_macro", "val_map_micro", "val_f1_samples", "val_f1_macro", "val_f1_micro",
+                      "val_precision_macro", "val_recall_macro", "val_hamming_loss", "val_exact_match")
 LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse")
 
 
@@ -24,6 +26,8 @@ def monitorable(config: Config) -> list[str]:
         return [*CLASSIFICATION_METRICS, *per_head]
     if task.kind == "regression":
         return ["val_loss", "val_rmse", "val_mae", "val_mse"]
+    if task.kind == "multilabel":
+        return list(MULTILABEL_METRICS)
     if task.kind == "ranking":
         return ["val_loss", f"val_ndcg@{task.ndcg_k}", "val_mrr", "val_map"]
     return [*CLASSIFICATION_METRICS, *(["val_roc_auc"] if task.roc_auc else []), *[f"val_top{k}_accuracy" for k in task.top_k]]
@@ -131,26 +135,8 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    task = config.task
-    mixing = config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0
-    task_checks = [
-        (config.data.mixup_alpha >= 0 and config.data.cutmix_alpha >= 0, "data.mixup_alpha and data.cutmix_alpha must be >= 0"),
-        (0 <= config.data.mix_prob <= 1 and 0 <= config.data.mix_switch_prob <= 1, "data.mix_prob and data.mix_switch_prob must be in [0, 1]"),
-        (config.train.ema_decay is None or 0 < config.train.ema_decay < 1, "train.ema_decay must be in (0, 1) or null"),
-        (task.kind != "multihead" or len(task.heads) >= 2, "task.kind=multihead needs at least two task.heads"),
-        (len({h.name for h in task.heads}) == len(task.heads), "task.heads: head names must be unique"),
-        (all(h.weight >= 0 for h in task.heads), "task.heads: weights must be >= 0"),
-        (task.ndcg_k > 0 and task.huber_delta > 0 and all(k > 0 for k in task.top_k), "task.ndcg_k, task.huber_delta and task.top_k must be positive"),
-        (task.kind == "classification" or not mixing, f"data.mixup_alpha/cutmix_alpha: mixing needs task.kind=classification (not {task.kind})"),
-        (task.kind == "classification" or config.data.bad_samples == "error", f"data.bad_samples=skip is for task.kind=classification (not {task.kind})"),
-        (task.kind == "classification" or config.data.source == "csv", f"task.kind={task.kind} reads its labels from CSV tables: set data.source=csv"),
-        (task.kind == "classification" or not config.data.balanced_sampler, "data.balanced_sampler is for task.kind=classification"),
-        (task.kind == "classification" or config.loss.class_weights is None or task.kind == "multihead", "loss.class_weights is for classification"),
-    ]
-    for ok, message in task_checks:
-        if not ok:
-            raise ConfigError(message)
-    for head in task.heads:
+    validate_task(config)
+    for head in config.task.heads:
         if head.classes is not None and len(set(head.classes)) != len(head.classes):
             raise ConfigError(f"task.heads {head.name}: classes contain duplicates")
     if config.data.classes is not None and len(set(config.data.classes)) != len(config.data.classes):
@@ -163,6 +149,38 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: file not found: {path}")
     validate_splits(config)
     validate_teacher_and_pseudo_labels(config)
+
+
+def validate_task(config: Config) -> None:
+    """What the task (task.kind and its keys) can run with: mixing, bad samples, sources, samplers, losses, thresholds."""
+    task = config.task
+    mixing = config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0
+    task_checks = [
+        (config.data.mixup_alpha >= 0 and config.data.cutmix_alpha >= 0, "data.mixup_alpha and data.cutmix_alpha must be >= 0"),
+        (0 <= config.data.mix_prob <= 1 and 0 <= config.data.mix_switch_prob <= 1, "data.mix_prob and data.mix_switch_prob must be in [0, 1]"),
+        (config.train.ema_decay is None or 0 < config.train.ema_decay < 1, "train.ema_decay must be in (0, 1) or null"),
+        (task.kind != "multihead" or len(task.heads) >= 2, "task.kind=multihead needs at least two task.heads"),
+        (len({h.name for h in task.heads}) == len(task.heads), "task.heads: head names must be unique"),
+        (all(h.weight >= 0 for h in task.heads), "task.heads: weights must be >= 0"),
+        (task.ndcg_k > 0 and task.huber_delta > 0 and all(k > 0 for k in task.top_k), "task.ndcg_k, task.huber_delta and task.top_k must be positive"),
+        (task.kind in ("classification", "multilabel") or not mixing,
+         f"data.mixup_alpha/cutmix_alpha: mixing needs task.kind=classification or multilabel (not {task.kind})"),
+        (task.kind == "classification" or config.data.bad_samples == "error", f"data.bad_samples=skip is for task.kind=classification (not {task.kind})"),
+        (task.kind == "classification" or config.data.source == "csv", f"task.kind={task.kind} reads its labels from CSV tables: set data.source=csv"),
+        (task.kind == "classification" or not config.data.balanced_sampler, "data.balanced_sampler is for task.kind=classification"),
+        (task.kind in ("classification", "multihead", "multilabel") or config.loss.class_weights is None,
+         "loss.class_weights is for classification"),
+        (task.kind == "multilabel" or (config.loss.pos_weight is None and config.loss.name not in ("bce", "asl")),
+         f"loss.name={config.loss.name} / loss.pos_weight are multi-label losses: set task.kind=multilabel (it is {task.kind})"),
+        (task.kind != "multilabel" or config.loss.name != "f1", "loss.name=f1 is a soft macro-F1 of one class per row; "
+                                                                "task.kind=multilabel takes bce, focal or asl"),
+        (not isinstance(task.threshold, float) or 0.0 < task.threshold < 1.0, f"task.threshold must be in (0, 1) or tune, not {task.threshold}"),
+        (task.threshold_beta > 0, f"task.threshold_beta must be positive, not {task.threshold_beta}"),
+        (task.kind != "multilabel" or bool(task.label_separator), "task.label_separator must not be empty"),
+    ]
+    for ok, message in task_checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def validate_splits(config: Config) -> None:
@@ -199,7 +217,7 @@ def validate_teacher_and_pseudo_labels(config: Config) -> None:
     ]
     if distill.teacher is not None:
         checks += [
-            (kind in ("classification", "multihead"), f"distill.teacher: distillation matches class distributions; "
+            (kind in ("classification", "multihead", "multilabel"), f"distill.teacher: distillation matches class distributions; "
                                                       f"task.kind={kind} has none"),
             (data.file is None, "distill.teacher reads the built-in training table (its rows' ids key the teacher's "
                                 "outputs); data.file's datasets have none"),
@@ -210,8 +228,8 @@ def validate_teacher_and_pseudo_labels(config: Config) -> None:
         ]
     if data.pseudo_labels is not None:
         checks += [
-            (kind == "classification", f"data.pseudo_labels: soft targets of one class column; task.kind={kind} is not "
-                                       f"classification"),
+            (kind in ("classification", "multilabel"), f"data.pseudo_labels: soft targets of classes; task.kind={kind} "
+                                                       f"is not classification or multilabel"),
             (data.file is None, "data.pseudo_labels joins the built-in test table's images; data.file's datasets have none"),
             (not mixing, "data.pseudo_labels with mixup/CutMix is not supported (both make soft targets)"),
             (not data.balanced_sampler, "data.pseudo_labels: data.balanced_sampler needs one class per row"),
@@ -228,6 +246,8 @@ def _split_name(split: str | SplitConfig | None) -> str:
 
 MODEL_SHAPING = ("model.", "task.", "data.channels", "data.image_size")
 """Config keys (prefixes) whose value the trained weights depend on; model.pretrained and model.freeze do not."""
+NOT_SHAPING = ("model.pretrained", "model.freeze", "task.threshold", "task.threshold_beta")
+"""Keys under MODEL_SHAPING that leave the weights alone (a multi-label decision threshold is applied after them)."""
 
 
 def model_shaping_differences(saved: dict[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
@@ -235,7 +255,7 @@ def model_shaping_differences(saved: dict[str, Any], config: Config) -> list[tup
     checkpoint's config (its config.yaml, read) and `config`; keys the saved config lacks (older versions) are skipped."""
     ours, theirs = flatten(to_dict(config)), flatten(saved)
     return [(key, theirs[key], value) for key, value in ours.items()
-            if key.startswith(MODEL_SHAPING) and key not in ("model.pretrained", "model.freeze")
+            if key.startswith(MODEL_SHAPING) and key not in NOT_SHAPING
             and key in theirs and theirs[key] != value]
 
 

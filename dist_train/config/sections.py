@@ -173,14 +173,27 @@ class ModelConfig:
 class LossConfig:
     """The training objective."""
 
-    name: Literal["cross_entropy", "focal", "f1"] = "cross_entropy"
+    name: Literal["cross_entropy", "focal", "f1", "bce", "asl"] = "cross_entropy"
+    """One class per row: cross_entropy, focal or f1 (soft macro-F1). task.kind=multilabel: bce (binary cross-entropy
+    per class; cross_entropy means it there), focal (sigmoid focal, torchvision's) or asl (asymmetric loss, timm's
+    AsymmetricLossMultiLabel)."""
     label_smoothing: float = 0.0
-    """cross_entropy only: mass spread uniformly over all classes."""
+    """cross_entropy: mass spread uniformly over all classes; multilabel (bce, focal, asl): each target moved that
+    far towards 0.5."""
     focal_gamma: float = 2.0
     focal_alpha: float | None = None
     """focal only: weight of the true class's term (None: no weighting)."""
     class_weights: list[float] | None = None
-    """cross_entropy/focal: per-class weights, one per class."""
+    """cross_entropy/focal (and multilabel's losses): per-class weights, one per class."""
+    pos_weight: Literal["balanced"] | list[float] | None = None
+    """multilabel: weight of each class's positive term (torch's BCEWithLogitsLoss pos_weight), one per class, or
+    balanced: negatives / positives of each class in the training table. None: 1."""
+    asl_gamma_neg: float = 4.0
+    """asl: focusing of the negative terms (timm's gamma_neg)."""
+    asl_gamma_pos: float = 1.0
+    """asl: focusing of the positive terms (timm's gamma_pos)."""
+    asl_clip: float = 0.05
+    """asl: probability margin shifted onto the negatives (timm's clip; 0: off)."""
     file: str | None = None
     """Your own loss: a Python file defining `build_loss(cfg: LossConfig, num_classes: int) -> nn.Module`,
     used instead of `name`; it must return one loss per sample (a `reduction` attribute is set to "none").
@@ -206,16 +219,28 @@ class HeadConfig:
 class TaskConfig:
     """What the model predicts (the submission writes the predicted class, value or score)."""
 
-    kind: Literal["classification", "multihead", "regression", "ranking"] = "classification"
+    kind: Literal["classification", "multihead", "multilabel", "regression", "ranking"] = "classification"
     """classification: one class per image (data.label_column); multihead: several heads over one backbone
-    (task.heads), the predicted class is their combination; regression: numbers (task.targets columns);
-    ranking: a score per image, ranked within each query (task.query_column) against data.label_column's
-    relevance."""
+    (task.heads), the predicted class is their combination; multilabel: any number of classes per image (a
+    column of delimited class names, data.label_column, or one 0/1 column per class, task.targets); regression:
+    numbers (task.targets columns); ranking: a score per image, ranked within each query (task.query_column)
+    against data.label_column's relevance."""
     heads: list[HeadConfig] = field(default_factory=list)
     """multihead: the heads in order. Combined class = mixed-radix number of the head classes in this order,
     e.g. mask (3), gender (2), age (3): 6 * mask + 3 * gender + age."""
     targets: list[str] = field(default_factory=list)
-    """regression: the numeric target columns (default: [data.label_column]); one model output each."""
+    """regression: the numeric target columns (default: [data.label_column]); one model output each. multilabel:
+    one 0/1 column per class, the column names being the class names (default: none, data.label_column holds
+    the delimited class names)."""
+    label_separator: str = " "
+    """multilabel: what separates the class names in data.label_column's cells ("3 7 12"; an empty cell: no class)."""
+    threshold: float | Literal["tune"] = 0.5
+    """multilabel: a class is predicted where its probability reaches this; tune: one threshold per class, each
+    maximising that class's F-beta (task.threshold_beta) on the validation predictions -- under cv.folds on the
+    out-of-fold predictions (cv_summary.json also gives the OOF score with each fold's thresholds tuned on the
+    other folds). The thresholds go with the checkpoint (and the cross-validation directory) to predict.py."""
+    threshold_beta: float = 1.0
+    """multilabel, task.threshold=tune: the F-beta each class's threshold maximises (2: recall weighs more)."""
     loss: Literal["mse", "l1", "huber"] = "mse"
     """regression and ranking (pointwise on the relevance)."""
     huber_delta: float = 1.0

@@ -9,7 +9,10 @@ from dist_train.config import DataConfig
 
 
 def _soft_targets(targets: torch.Tensor, num_classes: int, lam: float, label_smoothing: float) -> torch.Tensor:
-    """lam of each sample's own class plus 1 - lam of its partner's, smoothed towards uniform."""
+    """lam of each sample's own class plus 1 - lam of its partner's, smoothed towards uniform. Targets that are rows of
+    per-class values already ((N, C) multi-hot: multi-label) are mixed as they are (timm's Mixup does the same)."""
+    if targets.is_floating_point() and targets.ndim == 2:
+        return targets.float() * lam + targets.float().flip(0) * (1.0 - lam)
     off = label_smoothing / num_classes
     onehot = F.one_hot(targets.long(), num_classes).float() * (1.0 - label_smoothing) + off
     return onehot * lam + onehot.flip(0) * (1.0 - lam)
@@ -42,7 +45,8 @@ def mix_batch(
     With probability `prob` the batch is mixed, by CutMix with probability `switch_prob` when both alphas
     are > 0 (an alpha of 0 turns that method off). CutMix's lambda is corrected to the area the clipped box
     really kept. Returns new images (the input itself when unmixed; it is never modified) and (N,
-    num_classes) float targets whose rows sum to 1, for `CrossEntropy`/`FocalLoss`.
+    num_classes) float targets whose rows sum to 1, for `CrossEntropy`/`FocalLoss` (multi-hot rows: mixed by lambda,
+    each class's target in [0, 1], for the binary losses).
 
     All randomness comes from `generator`, so seeding it from (seed, step, rank) makes a run replayable.
     `label_smoothing` here equals smoothing in the loss (both are linear): use one of the two, not both.

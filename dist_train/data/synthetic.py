@@ -3,6 +3,7 @@
     python -m dist_train.data.synthetic attributes data/attributes   # mask x gender x age, 18 combined classes
     python -m dist_train.data.synthetic regression data/brightness   # a number per image
     python -m dist_train.data.synthetic ranking data/ranking         # queries of images with a relevance each
+    python -m dist_train.data.synthetic multilabel data/multilabel   # 1-4 digits per image, the set of them the labels
     python -m dist_train.data.synthetic masks data/masks             # a mask / gender / age competition's layout
     python -m dist_train.data.synthetic score data/masks runs/masks/submission.csv   # its submission against the answers
 
@@ -86,6 +87,35 @@ def write_attributes(root: str | Path, count: int = 1800, seed: int = 0) -> Path
 
     def draw(row, rng):
         return attribute_image(MASK.index(row["mask"]), GENDER.index(row["gender"]), AGE.index(row["age"]), rng)
+
+    return _write(Path(root), _splits(count, make, rng), draw, seed + 1)
+
+
+def write_multilabel(root: str | Path, count: int = 2400, seed: int = 0) -> Path:
+    """Multi-label images: a 2 x 2 grid of 8 x 8 cells (16 x 16 pixels) holding 1-4 different digits of scikit-learn's
+    handwritten digits (offline), the set of them the labels -- `labels`, space-separated ("1 3 7"), the Kaggle layout.
+    The digits are not equally common (0 in about 2 of 3 images, 9 in about 1 in 8), as a product's tags are not."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pools = [np.flatnonzero(digits.target == d) for d in range(10)]
+    weights = 1.0 / np.arange(1, 11)
+    weights /= weights.sum()
+    rng = np.random.default_rng(seed)
+
+    def make(i, rng):
+        present = rng.choice(10, size=int(rng.integers(1, 5)), replace=False, p=weights)
+        return {"id": f"m{i:05d}", "labels": " ".join(str(d) for d in sorted(present))}
+
+    def draw(row, rng):
+        image = np.zeros((16, 16), dtype=np.float32)
+        labels = [int(d) for d in row["labels"].split()]
+        for digit, cell in zip(labels, rng.permutation(4)):
+            tile = digits.images[rng.choice(pools[digit])] * 15.0
+            top, left = 8 * (cell // 2), 8 * (cell % 2)
+            image[top:top + 8, left:left + 8] = tile
+        image = image + rng.normal(0, 20, image.shape)
+        return np.repeat(image.clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
 
     return _write(Path(root), _splits(count, make, rng), draw, seed + 1)
 
@@ -238,7 +268,7 @@ def _csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["attributes", "regression", "ranking", "masks", "score"])
+    parser.add_argument("kind", choices=["attributes", "multilabel", "regression", "ranking", "masks", "score"])
     parser.add_argument("root")
     parser.add_argument("submission", nargs="?", help="score: the submission CSV to score against <root>/eval/answers.csv")
     parser.add_argument("--people", type=int, default=360, help="masks: training people (7 photos each)")
@@ -254,7 +284,8 @@ def main() -> None:
         scores = score_masks(args.root, args.submission)
         print(f"{args.submission}: {scores['rows']} rows, accuracy {scores['accuracy']:.4f}, macro-F1 {scores['f1_macro']:.4f}")
         return
-    writer = {"attributes": write_attributes, "regression": write_regression, "ranking": write_ranking}[args.kind]
+    writer = {"attributes": write_attributes, "multilabel": write_multilabel, "regression": write_regression,
+              "ranking": write_ranking}[args.kind]
     print(f"wrote {writer(args.root)}")
 
 

@@ -4,6 +4,7 @@ labels, ids and groups."""
 from __future__ import annotations
 
 import csv
+import math
 import difflib
 import hashlib
 from collections.abc import Sequence
@@ -140,6 +141,69 @@ def encode_classes(labels, classes: list[str], where: str) -> torch.Tensor:
             f"{len(classes)} classes ({', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''})"
         )
     return torch.from_numpy(codes.to_numpy(zero_copy_only=False).astype(np.int64))
+
+
+def float_column(values, where: str) -> torch.Tensor:
+    """The column's numbers (float64), as Python's float() reads them; a cell that is not a finite number is a DataError
+    naming its row."""
+    column = Column.of(values)
+    try:
+        numbers = pc.cast(column.arrow(), pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # what Arrow does not read (" 1.5", "1_000"): as Python reads
+        numbers = np.array([_float(v) for v in column], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(numbers))
+    if len(bad):
+        raise DataError(f"{where}: row {bad[0] + 1} has {column[int(bad[0])]!r}, not a finite number")
+    return torch.from_numpy(np.require(numbers, requirements="W"))  # (Arrow's zero-copy arrays are read-only)
+
+
+def _float(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
+
+
+def label_sets(values, separator: str) -> tuple[np.ndarray, pa.Array]:
+    """The class names in each cell of a column of delimited names: (each name's row, the names), names trimmed of
+    surrounding spaces, empty ones (an empty cell, doubled separators) dropped."""
+    cells = Column.of(values).arrow()
+    if isinstance(cells, pa.ChunkedArray):
+        cells = cells.combine_chunks()
+    lists = pc.split_pattern(cells, pattern=separator)
+    tokens = pc.utf8_trim_whitespace(pc.list_flatten(lists))
+    rows = pc.list_parent_indices(lists)
+    kept = pc.not_equal(tokens, "")
+    return pc.filter(rows, kept).to_numpy(zero_copy_only=False).astype(np.int64), pc.filter(tokens, kept)
+
+
+def encode_label_sets(values, classes: list[str], separator: str, where: str) -> torch.Tensor:
+    """(rows, classes) 0/1 float32 targets of a column of delimited class names ("3 7 12"; an empty cell: none); a name
+    outside `classes` is a DataError naming its row."""
+    rows, names = label_sets(values, separator)
+    codes = pc.index_in(names, value_set=pa.array(classes, pa.string()))
+    if codes.null_count:
+        first = pc.index(pc.is_null(codes), True).as_py()
+        raise DataError(f"{where}: row {rows[first] + 1} has class {names[first].as_py()!r}, which is not one of the "
+                        f"{len(classes)} classes ({', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''})")
+    targets = torch.zeros(len(Column.of(values)), len(classes))
+    targets[torch.from_numpy(rows), torch.from_numpy(codes.to_numpy(zero_copy_only=False).astype(np.int64))] = 1.0
+    return targets
+
+
+def label_set_names(values, separator: str) -> Column:
+    """The distinct class names of a column of delimited names."""
+    return Column(pc.unique(label_sets(values, separator)[1]))
+
+
+def binary_column(values, where: str) -> torch.Tensor:
+    """A 0/1 column as float32; any other value is a DataError naming its row."""
+    numbers = float_column(values, where)
+    bad = torch.nonzero((numbers != 0) & (numbers != 1)).flatten()
+    if len(bad):
+        row = int(bad[0])
+        raise DataError(f"{where}: row {row + 1} has {Column.of(values)[row]!r}, not 0 or 1")
+    return numbers.float()
 
 
 def sorted_labels(labels) -> list[str]:

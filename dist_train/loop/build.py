@@ -195,7 +195,7 @@ def load_data(config: Config, given: Given, limits: Limits | None = None) -> Dat
         if limits is not None:
             train, val = train.take(range(min(limits.train, len(train.paths)))), val.take(range(min(limits.val, len(val.paths))))
         if config.data.pseudo_labels is not None:  # after the validation rows are chosen: never one of them
-            rows, pseudo = pseudo_labelled(config.data, labels, config.inference.id_column)
+            rows, pseudo = pseudo_labelled(config.data, task.class_names, config.inference.id_column, task.kind == "multilabel")
             return Data(task, labels, with_pseudo_labels(train, rows, task.num_outputs), val,
                         {**pseudo, "labelled_rows": len(train.paths)})
     else:
@@ -237,11 +237,13 @@ def build_distillation(accelerator: Accelerator, config: Config, data: Data) -> 
         if not path.is_file():
             raise ConfigError(f"distill.live: no {path}: train.py writes it before training")
         spec = json.loads(path.read_text())
-        distill = Distillation(config.distill, sizes, weights, teacher=live_teacher(spec, config.data, accelerator.device))
+        distill = Distillation(config.distill, sizes, weights, teacher=live_teacher(spec, config.data, accelerator.device),
+                               binary=data.task.kind == "multilabel")
         distill.describe = {**describe, "outputs": "live", "fingerprint": spec["fingerprint"], "weights": spec["weights"]}
         return distill
     path = Path(config.output_dir) / TEACHER_CACHE
-    distill = Distillation(config.distill, sizes, weights, cached=read_cache(path, data.train.ids, accelerator.device))
+    distill = Distillation(config.distill, sizes, weights, cached=read_cache(path, data.train.ids, accelerator.device),
+                           binary=data.task.kind == "multilabel")
     distill.describe = {**describe, "outputs": "cached", "cache": str(path),
                         "fingerprint": cache_metadata(path).get("fingerprint"), "rows": len(data.train.ids)}
     return distill

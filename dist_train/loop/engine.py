@@ -45,9 +45,15 @@ class RunState:
     """[processes, per-process batch, accumulation] of this run (a loaded state keeps this run's)."""
     history: list[dict] = field(default_factory=list)
     """Per epoch: what each rank saw (batches, samples) -- the run's own record of its sharding."""
+    thresholds: list[float] | None = None
+    """task.kind=multilabel: the decision thresholds of the latest evaluation (tuned on it under task.threshold=tune),
+    which predict.py applies to this checkpoint's predictions."""
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        state = asdict(self)
+        if state["thresholds"] is None:  # (a task without thresholds saves what it saved before)
+            del state["thresholds"]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for name in (f.name for f in fields(self) if f.name != "layout"):
@@ -402,6 +408,10 @@ class Run:
         self.reporter.epoch(record, metrics, state.global_step)
         if self.parts.task.kind == "classification":
             self.reporter.figures(state.global_step, metrics, self.parts.labels, self.parts.val_set, outputs)
+        if self.parts.task.kind == "multilabel":
+            state.thresholds = metrics["thresholds"]
+            self.reporter.scalars({f"val_ap/{name}": ap for name, ap in zip(self.parts.task.class_names, metrics["per_class_ap"])
+                                   if ap is not None}, state.global_step)
         if result.skipped_samples:
             self.reporter.say(f"epoch {state.epoch}: skipped {result.skipped_samples} unreadable training images "
                               f"(data.bad_samples=skip; {state.skipped_samples} in all)")

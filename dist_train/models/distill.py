@@ -4,7 +4,9 @@ teacher itself run on each batch (distill.live).
 
     loss = alpha * task loss + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-per sample; multihead: the KL term of each head (softmax over its own classes), weighted as its task loss is.
+per sample; multihead: the KL term of each head (softmax over its own classes), weighted as its task loss is;
+multilabel: each class a sigmoid, the KL of the teacher's Bernoulli to the student's, averaged over the classes (its
+gradient is binary cross-entropy's against the teacher's probabilities at temperature T).
 """
 from __future__ import annotations
 
@@ -45,15 +47,24 @@ def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     return temperature * temperature * total
 
 
+def binary_kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per sample: T^2 * the mean over classes of KL(Bernoulli(sigmoid(teacher / T)) || Bernoulli(sigmoid(student / T))):
+    binary cross-entropy against the teacher's probabilities less their entropy, so 0 where the two agree."""
+    s, t = student.float() / temperature, teacher.float() / temperature
+    p = torch.sigmoid(t)
+    kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1.0 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return temperature * temperature * kl.mean(1)
+
+
 class Distillation:
     """The teacher's side of the loss in the loop: `targets(indices, images)` gives the teacher's outputs for a batch
     (from the cached outputs, indexed by the rows' positions in the training split, or from the live teacher on the
     images as the student sees them), `loss(task_losses, student, teacher)` mixes them into the per-sample loss."""
 
     def __init__(self, cfg: DistillConfig, sizes: list[int], weights: list[float], cached: torch.Tensor | None = None,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, binary: bool = False):
         self.alpha, self.temperature = cfg.alpha, cfg.temperature
-        self.sizes, self.weights = sizes, weights
+        self.sizes, self.weights, self.binary = sizes, weights, binary
         self.cached, self.teacher = cached, teacher
         self.describe: dict = {}
         """What run_info.json says of the teacher (loop/build.py fills it in)."""
@@ -66,7 +77,8 @@ class Distillation:
         return self.teacher(images).float()
 
     def loss(self, task_losses: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        kd = kl_to_teacher(student, teacher, self.temperature, self.sizes, self.weights)
+        kd = (binary_kl_to_teacher(student, teacher, self.temperature) if self.binary else
+              kl_to_teacher(student, teacher, self.temperature, self.sizes, self.weights))
         return self.alpha * task_losses + (1.0 - self.alpha) * kd
 
 

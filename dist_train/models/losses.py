@@ -1,4 +1,5 @@
-"""Training losses, per sample: cross-entropy (label smoothing), focal, soft macro-F1 on logits; MSE, L1, Huber."""
+"""Training losses, per sample: cross-entropy (label smoothing), focal, soft macro-F1 on logits; multi-label binary
+cross-entropy, sigmoid focal and asymmetric (ASL) losses; MSE, L1, Huber."""
 from __future__ import annotations
 
 from typing import Literal, get_args
@@ -105,7 +106,86 @@ def build_loss(cfg: LossConfig, num_classes: int, given: nn.Module | None = None
         return CrossEntropy(cfg.label_smoothing, weights)
     if cfg.name == "focal":
         return FocalLoss(cfg.focal_gamma, cfg.focal_alpha, weights)
-    return SoftF1Loss(num_classes)
+    if cfg.name == "f1":
+        return SoftF1Loss(num_classes)
+    raise ConfigError(f"loss.name={cfg.name} is a multi-label loss (task.kind=multilabel); one class per row takes "
+                      f"cross_entropy, focal or f1")
+
+
+class BinaryLoss(nn.Module):
+    """Multi-label, per sample: a binary loss of each class's logit against its (N, C) target in [0, 1] (multi-hot, or
+    soft: mixup, a teacher, pseudo-labels), averaged over the classes as torch's `BCEWithLogitsLoss` and torchvision's
+    `sigmoid_focal_loss` average (`reduction="mean"`); ASL is summed over the classes, as its paper and timm's
+    `reduction="batchmean"` do. `label_smoothing` moves every target towards 0.5 (timm's smoothing for ASL);
+    `pos_weight` scales each class's positive term, `class_weights` each class's whole term."""
+
+    def __init__(self, name: str, label_smoothing: float = 0.0, pos_weight: torch.Tensor | None = None,
+                 class_weights: torch.Tensor | None = None, focal_gamma: float = 2.0, focal_alpha: float | None = None,
+                 asl: dict | None = None):
+        super().__init__()
+        self.name, self.label_smoothing = name, label_smoothing
+        self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
+        self.register_buffer("pos_weight", pos_weight, persistent=False)
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.asl = None
+        if name == "asl":
+            from timm.loss import AsymmetricLossMultiLabel
+
+            self.asl = AsymmetricLossMultiLabel(**(asl or {}), smoothing=label_smoothing, reduction="none",
+                                                weight=class_weights, pos_weight=pos_weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, targets = logits.float(), targets.float()
+        if self.asl is not None:
+            return self.asl(logits, targets).sum(1)
+        if self.label_smoothing:
+            targets = targets * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        if self.name == "focal":
+            from torchvision.ops import sigmoid_focal_loss
+
+            alpha = -1.0 if self.focal_alpha is None else self.focal_alpha  # torchvision: alpha < 0 weighs nothing
+            loss = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=self.focal_gamma, reduction="none")
+            if self.pos_weight is not None:  # (torchvision's has no pos_weight: the positive term scaled as BCE's is)
+                loss = loss * (1.0 + (self.pos_weight - 1.0) * targets)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
+        if self.class_weights is not None:
+            loss = loss * self.class_weights
+        return loss.mean(1)
+
+
+MULTILABEL_LOSSES = ("bce", "focal", "asl")
+
+
+def build_multilabel_loss(cfg: LossConfig, num_classes: int, positives: list[int] | None = None,
+                          rows: int | None = None) -> nn.Module:
+    """A module mapping (logits, (N, C) targets) to per-sample losses. loss.name cross_entropy means bce here (a
+    sigmoid's cross-entropy per class). loss.pos_weight: a list (one per class), or balanced: negatives / positives of
+    each class in the training table (`positives`, `rows`: classes.json's counts), a class without positives 1."""
+    if cfg.file is not None:
+        return build_loss(cfg, num_classes)
+    name = "bce" if cfg.name == "cross_entropy" else cfg.name
+    if name not in MULTILABEL_LOSSES:
+        raise ConfigError(f"loss.name={cfg.name}: task.kind=multilabel takes {', '.join(MULTILABEL_LOSSES)} (or "
+                          f"cross_entropy, meaning bce)")
+    weights = None
+    if cfg.class_weights is not None:
+        if len(cfg.class_weights) != num_classes:
+            raise ConfigError(f"loss.class_weights has {len(cfg.class_weights)} values for {num_classes} classes")
+        weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    pos_weight = None
+    if cfg.pos_weight == "balanced":
+        if positives is None or rows is None:
+            raise ConfigError("loss.pos_weight=balanced needs the training table's class counts (the built-in tables); "
+                              "with your own datasets give one value per class")
+        counts = torch.tensor(positives, dtype=torch.float64)
+        pos_weight = torch.where(counts > 0, (rows - counts) / counts.clamp(min=1), torch.ones_like(counts)).float()
+    elif cfg.pos_weight is not None:
+        if len(cfg.pos_weight) != num_classes:
+            raise ConfigError(f"loss.pos_weight has {len(cfg.pos_weight)} values for {num_classes} classes")
+        pos_weight = torch.tensor(cfg.pos_weight, dtype=torch.float32)
+    asl = {"gamma_neg": cfg.asl_gamma_neg, "gamma_pos": cfg.asl_gamma_pos, "clip": cfg.asl_clip}
+    return BinaryLoss(name, cfg.label_smoothing, pos_weight, weights, cfg.focal_gamma, cfg.focal_alpha, asl)
 
 
 RegressionLossName = Literal["mse", "l1", "huber"]

@@ -154,3 +154,71 @@ def _chunks(queries: np.ndarray, sizes: np.ndarray, cells: int = 1 << 22):
             end += 1
         yield queries[start:end]
         start = end
+
+
+def multilabel_metrics(probabilities: torch.Tensor, targets: torch.Tensor, thresholds) -> dict:
+    """Multi-label scores of (N, C) probabilities against (N, C) 0/1 targets, a class predicted where its probability
+    reaches its threshold (`thresholds`: one per class, or one row of them per row: a cross-validation's rows each scored
+    with their fold's).
+
+    - val_map_macro: scikit-learn's `average_precision_score` per class, averaged over the classes that have a positive
+      row (a class without one has no precision-recall curve: left out, as `roc_auc` leaves such classes out);
+      val_map_micro: over every (row, class) cell at once (`average="micro"`). Neither depends on the thresholds.
+    - val_f1_macro / val_f1_micro / val_precision_macro / val_recall_macro: scikit-learn's, `zero_division=0`;
+      val_f1_samples: per row, averaged, where a row with no true and no predicted class scores 1 (nothing missed,
+      nothing wrong: `zero_division=1`, which only that row's F1 reaches).
+    - val_hamming_loss: the fraction of wrong cells; val_exact_match: the fraction of rows whose set is exactly right.
+    - per_class_ap (None for a class without positives), per_class_f1, thresholds: lists, one entry per class.
+    """
+    y = (targets.double().numpy() > 0.5).astype(np.int64)
+    p = probabilities.double().numpy()
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    predicted = (p >= (thresholds if thresholds.ndim == 2 else thresholds.reshape(1, -1))).astype(np.int64)
+    present = y.sum(0) > 0
+    ap = [float(sk.average_precision_score(y[:, c], p[:, c])) if present[c] else None for c in range(y.shape[1])]
+    known = [a for a in ap if a is not None]
+    f1 = sk.f1_score(y, predicted, average=None, zero_division=0)
+    return {
+        "val_map_macro": float(np.mean(known)) if known else float("nan"),
+        "val_map_micro": float(sk.average_precision_score(y.ravel(), p.ravel())) if present.any() else float("nan"),
+        "val_f1_macro": float(f1.mean()),
+        "val_f1_micro": float(sk.f1_score(y, predicted, average="micro", zero_division=0)),
+        "val_f1_samples": float(sk.f1_score(y, predicted, average="samples", zero_division=1)),
+        "val_precision_macro": float(sk.precision_score(y, predicted, average="macro", zero_division=0)),
+        "val_recall_macro": float(sk.recall_score(y, predicted, average="macro", zero_division=0)),
+        "val_hamming_loss": float(sk.hamming_loss(y, predicted)),
+        "val_exact_match": float(sk.accuracy_score(y, predicted)),
+        "val_samples": int(len(y)),
+        "per_class_ap": ap,
+        "per_class_f1": f1.tolist(),
+        **({"thresholds": thresholds.tolist()} if thresholds.ndim == 1 else {}),
+    }
+
+
+def tune_thresholds(probabilities: torch.Tensor, targets: torch.Tensor, beta: float = 1.0, default: float = 0.5) -> np.ndarray:
+    """One threshold per class, the one maximising that class's F-beta on these rows (a class is predicted where its
+    probability is >= its threshold).
+
+    Every way of cutting a class's sorted probabilities is tried at once (cumulative true and false positives; tied
+    probabilities cut together); of equal scores the highest cut wins (the fewest predicted rows). The threshold is
+    the midpoint between the lowest probability kept and the next lower one (half the lowest when every row is kept),
+    so that a row between the two goes the way of its neighbours. A class without a positive row gets `default`.
+    scikit-learn has no such search (its TunedThresholdClassifierCV tunes one binary estimator at a time by refitting it).
+    """
+    y = targets.double().numpy() > 0.5
+    p = probabilities.double().numpy()
+    thresholds = np.full(p.shape[1], float(default))
+    b2 = beta * beta
+    for c in range(p.shape[1]):
+        positives = y[:, c].sum()
+        if positives == 0:
+            continue
+        order = np.argsort(-p[:, c], kind="stable")
+        scores, truth = p[order, c], y[order, c]
+        tp, fp = np.cumsum(truth), np.cumsum(~truth)
+        ends = np.flatnonzero(np.r_[scores[1:] != scores[:-1], True])  # the last row of each tied group
+        f = (1 + b2) * tp[ends] / ((1 + b2) * tp[ends] + b2 * (positives - tp[ends]) + fp[ends])
+        best = ends[int(np.argmax(f))]
+        below = scores[best + 1] if best + 1 < len(scores) else 0.0
+        thresholds[c] = (scores[best] + below) / 2
+    return thresholds

@@ -1,15 +1,12 @@
-"""What the model predicts: one class, several heads combined into one class, values (regression), or ranking scores.
+"""What the model predicts: one class, several heads combined into one class, any number of classes (multi-label),
+values (regression), or ranking scores.
 
 A task turns label columns into targets, names the model's output size, its per-sample loss, its metrics
 on the gathered outputs, and what the submission writes. Everything the loop does is the same for all.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import nn
 
@@ -17,10 +14,12 @@ from dist_train.config import Config, DataConfig, monitorable
 from dist_train.custom import class_names
 from dist_train.data.columns import Column
 from dist_train.data.splits import assign_folds, load_splits, load_training
-from dist_train.data.tables import Records, encode_classes, sorted_labels, split_source
+from dist_train.data.tables import (Records, binary_column, encode_classes, encode_label_sets, float_column, label_set_names,
+                                    sorted_labels, split_source)
 from dist_train.errors import ConfigError, DataError
-from dist_train.models.losses import build_loss, build_regression_loss
-from dist_train.models.metrics import classification_metrics, ranking_metrics, regression_metrics
+from dist_train.models.losses import build_loss, build_multilabel_loss, build_regression_loss
+from dist_train.models.metrics import (classification_metrics, multilabel_metrics, ranking_metrics, regression_metrics,
+                                       tune_thresholds)
 
 
 def label_columns(config: Config) -> list[str]:
@@ -28,7 +27,7 @@ def label_columns(config: Config) -> list[str]:
     task = config.task
     if task.kind == "multihead":
         return [head.column for head in task.heads]
-    if task.kind == "regression":
+    if task.kind in ("regression", "multilabel"):
         return list(task.targets) or [config.data.label_column]
     return [config.data.label_column]
 
@@ -36,7 +35,8 @@ def label_columns(config: Config) -> list[str]:
 def fit_labels(config: Config, columns: dict[str, list[str]]) -> list[str] | dict:
     """What the training labels define, saved with every checkpoint (classes.json) so that inference
     rebuilds the same task: the class names (classification), each head's class names (multihead), the
-    target columns (regression) or the relevance column (ranking)."""
+    target columns (regression) or the relevance column (ranking); multilabel: the class names (and, added once the
+    table is encoded, each class's positive rows and the number of rows: loss.pos_weight=balanced)."""
     task = config.task
     if task.kind == "classification":
         labels = columns[config.data.label_column]
@@ -44,9 +44,18 @@ def fit_labels(config: Config, columns: dict[str, list[str]]) -> list[str] | dic
     if task.kind == "multihead":
         return {"heads": {head.name: list(head.classes) if head.classes is not None else sorted_labels(columns[head.column])
                           for head in task.heads}}
+    if task.kind == "multilabel":
+        return {"multilabel": multilabel_classes(config, columns)}
     if task.kind == "regression":
         return {"targets": label_columns(config)}
     return {"relevance": config.data.label_column, "query": task.query_column}
+
+
+def label_names(labels: list[str] | dict) -> list[str] | dict:
+    """classes.json without a multi-label table's class counts: two checkpoints predict the same when theirs are equal."""
+    if isinstance(labels, dict) and "multilabel" in labels:
+        return {"multilabel": labels["multilabel"]}
+    return labels
 
 
 def load_task(config: Config) -> tuple[Records, Records, list[str] | dict, "Task"]:
@@ -81,7 +90,8 @@ def _query(config: Config) -> str | None:
 
 
 def _stratified(config: Config) -> bool:
-    """Splits keep the label proportions where the task has classes."""
+    """Splits keep the label proportions where the task has one class per row (per head); multi-label rows are split
+    as they come (scikit-learn has no multi-label stratification, and label sets as strata would be mostly singletons)."""
     return config.task.kind in ("classification", "multihead")
 
 
@@ -92,14 +102,20 @@ def _labeller(config: Config):
 
     def label(columns, where, defined):
         nonlocal task
-        if defined is None:
+        first = defined is None
+        if first:
             defined = fit_labels(config, columns)
             sizes = {"": defined} if isinstance(defined, list) else defined.get("heads", {})
             for head, classes in sizes.items():
                 if len(classes) < 2:
                     raise DataError(f"{where}{f', head {head}' if head else ''}: found {len(classes)} class; need at least 2")
+            if isinstance(defined, dict) and defined.get("multilabel") == []:
+                raise DataError(f"{where}: no class names in column {config.data.label_column!r} (task.kind=multilabel)")
             task = build_task(config, defined)
-        return task.encode(columns, where), defined
+        targets = task.encode(columns, where)
+        if first and task.kind == "multilabel":
+            defined = task.count(targets)
+        return targets, defined
 
     return label, lambda: task
 
@@ -116,6 +132,8 @@ def task_for_datasets(config: Config, train_set) -> tuple[list[str] | dict, "Tas
     kind = config.task.kind
     if kind == "classification":
         labels = class_names(train_set, config.model.num_classes)
+    elif kind == "multilabel":
+        labels = {"multilabel": class_names(train_set, config.model.num_classes)}
     elif kind == "multihead":
         missing = [h.name for h in config.task.heads if h.classes is None]
         if missing:
@@ -134,6 +152,11 @@ def build_task(config: Config, labels: list[str] | dict) -> "Task":
         return Classification(config, labels)
     if not isinstance(labels, dict):
         raise ConfigError(f"task.kind={kind}, but the checkpoint was trained for single-label classification")
+    key = {"multihead": "heads", "multilabel": "multilabel", "regression": "targets"}.get(kind)
+    if key is not None and key not in labels:
+        raise ConfigError(f"task.kind={kind}, but the checkpoint was trained for another task ({', '.join(labels)})")
+    if kind == "multilabel":
+        return MultiLabel(config, labels)
     if kind == "multihead":
         return MultiHead(config, labels["heads"])
     if kind == "regression":
@@ -316,6 +339,90 @@ class _MultiHeadLoss(nn.Module):
         return total
 
 
+class MultiLabel(Task):
+    """Any number of classes per row, each present or not: one logit per class, a sigmoid each, a binary loss (bce, focal,
+    asl), threshold-free mAP and F1 at the decision thresholds -- task.threshold for every class, or (tune) one per class
+    tuned on the validation predictions (thresholds_for). The submission writes each row's predicted classes, joined by
+    task.label_separator (the Kaggle layout: `id,label` / `p001,3 7 12`)."""
+
+    kind = "multilabel"
+
+    def __init__(self, config: Config, labels: dict):
+        self.config, self.class_names = config, list(labels["multilabel"])
+        self.num_outputs = len(self.class_names)
+        self.positives, self.rows = labels.get("positives"), labels.get("rows")
+        threshold = config.task.threshold
+        # one per class; None (task.threshold=tune) until tuned ones are given, metrics() tuning them on what it scores
+        self.thresholds = None if threshold == "tune" else np.full(self.num_outputs, float(threshold))
+
+    def use_thresholds(self, thresholds) -> None:
+        values = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+        if len(values) != self.num_outputs:
+            raise ConfigError(f"{len(values)} thresholds for {self.num_outputs} classes")
+        self.thresholds = values
+
+    def thresholds_for(self, outputs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """The thresholds to score these rows with: the fixed or given ones, else tuned on them (task.threshold=tune)."""
+        if self.thresholds is not None:
+            return self.thresholds
+        return tune_thresholds(outputs.float().sigmoid(), targets, self.config.task.threshold_beta)
+
+    def encode(self, columns, where):
+        if self.config.task.targets:
+            return torch.stack([binary_column(columns[c], f"{where}, column {c!r}") for c in self.config.task.targets], 1)
+        column = self.config.data.label_column
+        return encode_label_sets(columns[column], self.class_names, self.config.task.label_separator,
+                                 f"{where}, column {column!r}")
+
+    def count(self, targets: torch.Tensor) -> dict:
+        """What the training table's labels define: the classes, each one's positive rows and the number of rows."""
+        self.positives, self.rows = [int(n) for n in (targets > 0.5).sum(0).tolist()], len(targets)
+        return {"multilabel": self.class_names, "positives": self.positives, "rows": self.rows}
+
+    def loss(self):
+        return build_multilabel_loss(self.config.loss, self.num_outputs, self.positives, self.rows)
+
+    def metrics(self, outputs, targets, losses, groups=None):
+        return self.metrics_at(outputs, targets, losses, self.thresholds_for(outputs, targets))
+
+    def metrics_at(self, outputs, targets, losses, thresholds) -> dict:
+        """metrics() at these thresholds (one per class, or a row of them per row)."""
+        return {"val_loss": losses.double().mean().item(),
+                **multilabel_metrics(outputs.float().sigmoid(), targets, thresholds)}
+
+    def headline(self):
+        return ["val_loss", "val_map_macro", "val_f1_samples"]
+
+    def average(self, outputs):
+        """The classes' probabilities averaged, as logits again (so that a sigmoid still gives them)."""
+        return torch.logit(torch.stack([o.float().sigmoid() for o in outputs]).mean(0), eps=1e-7)
+
+    def predictions(self, outputs):
+        if self.thresholds is None:
+            raise ValueError("multilabel predictions need thresholds: tuned ones given (use_thresholds) or task.threshold")
+        return self._joined(outputs.float().sigmoid().numpy() >= self.thresholds[None, :])
+
+    def target_labels(self, targets):
+        return self._joined(targets.numpy() > 0.5)
+
+    def probabilities(self, outputs):
+        return outputs.float().sigmoid()
+
+    def _joined(self, present: np.ndarray) -> list[str]:
+        names, separator = self.class_names, self.config.task.label_separator
+        return [separator.join(names[c] for c in np.flatnonzero(row)) for row in present]
+
+
+def multilabel_classes(config: Config, columns: dict) -> list[str]:
+    """The classes of a multi-label task: task.targets (one 0/1 column per class), else data.classes, else the sorted
+    union of the class names in the training table's data.label_column."""
+    if config.task.targets:
+        return list(config.task.targets)
+    if config.data.classes is not None:
+        return list(config.data.classes)
+    return sorted_labels(label_set_names(columns[config.data.label_column], config.task.label_separator))
+
+
 class Regression(Task):
     """One or more numeric columns; the model's outputs are the values (an MSE, L1 or Huber loss)."""
 
@@ -325,7 +432,7 @@ class Regression(Task):
         self.config, self.columns, self.num_outputs = config, list(targets), len(targets)
 
     def encode(self, columns, where):
-        return torch.stack([_floats(columns[c], f"{where}, column {c!r}") for c in self.columns], 1).float()
+        return torch.stack([float_column(columns[c], f"{where}, column {c!r}") for c in self.columns], 1).float()
 
     def loss(self):
         return build_regression_loss(self.config.task.loss, self.config.task.huber_delta)
@@ -354,7 +461,7 @@ class Ranking(Task):
         self.config = config
 
     def encode(self, columns, where):
-        values = _floats(columns[self.config.data.label_column], f"{where}, column {self.config.data.label_column!r}")
+        values = float_column(columns[self.config.data.label_column], f"{where}, column {self.config.data.label_column!r}")
         if bool((values < 0).any()):
             raise DataError(f"{where}: relevance values must be >= 0")
         return values.float()
@@ -382,27 +489,6 @@ def group_ids(groups) -> torch.Tensor | None:
     if groups is None:
         return None
     return torch.from_numpy(Column.of(groups).first_codes())
-
-
-def _floats(values, where: str) -> torch.Tensor:
-    """The column's numbers (float64), as Python's float() reads them; a cell that is not a finite number is a DataError
-    naming its row."""
-    column = Column.of(values)
-    try:
-        numbers = pc.cast(column.arrow(), pa.float64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # what Arrow does not read (" 1.5", "1_000"): as Python reads
-        numbers = np.array([_float(v) for v in column], dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(numbers))
-    if len(bad):
-        raise DataError(f"{where}: row {bad[0] + 1} has {column[int(bad[0])]!r}, not a finite number")
-    return torch.from_numpy(numbers)
-
-
-def _float(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        return math.nan
 
 
 def _product(lists: list[list[str]]) -> list[list[str]]:
