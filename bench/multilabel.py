@@ -80,7 +80,7 @@ def main() -> None:
     classes = json.loads((holdout / "checkpoints" / "best" / "classes.json").read_text())["multilabel"]
     print(f"\nheld-out rows ({root / 'info.csv'}, scored against {root / 'test_labels.csv'}):")
     print(f"| {'thresholds':<30} | {'mAP (macro)':>11} | {'sample-F1':>9} | {'macro-F1':>8} |")
-    print(f"|{'-' * 32}|{'-' * 13}:|{'-' * 10}:|{'-' * 9}:|")
+    print(f"|{'-' * 32}|{'-' * 12}:|{'-' * 10}:|{'-' * 9}:|")
     for name, path in submissions.items():
         s = score(path, root / "test_labels.csv", classes)
         print(f"| {name:<30} | {s['map_macro']:>11.4f} | {s['f1_samples']:>9.4f} | {s['f1_macro']:>8.4f} |")

@@ -169,6 +169,12 @@ def summarize(config: Config) -> dict:
     write_oof(output_dir / OOF_FILE, task, records.ids, folds, targets, outputs)
     write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     say_main(summary_table(summary, task.headline(), split_source(config.data, "train").table))
+    if tuned is not None:
+        in_sample = summary["oof_thresholds_in_sample"]
+        say_main(f"cv: thresholds (task.threshold=tune): each fold above is scored at thresholds tuned on the other folds' "
+                 f"out-of-fold rows; tuned on all of them (for predict.py: {output_dir / THRESHOLDS_FILE}) the out-of-fold "
+                 f"rows score val_f1_samples {in_sample['val_f1_samples']:.4f}, val_f1_macro {in_sample['val_f1_macro']:.4f} "
+                 f"(in-sample: optimistic)")
     say_main(f"cv: wrote {output_dir / OOF_FILE} and {output_dir / SUMMARY_FILE}; a submission from every fold's best: "
              f"predict.py --checkpoint {output_dir}")
     return summary
