@@ -62,7 +62,7 @@ def test_existing_run_is_not_overwritten_silently(capsys, tmp_path):
 
 def test_predict_without_checkpoint(capsys, tmp_path):
     line = error_of(predict_main, ["--checkpoint", str(tmp_path / "nope")], capsys)
-    assert line == f"error: --checkpoint {tmp_path / 'nope'}: no weights at {tmp_path / 'nope'}"
+    assert line == f"error: --checkpoint {tmp_path / 'nope'}: no such file or directory"
 
 
 def test_real_process_prints_no_traceback(tmp_path):

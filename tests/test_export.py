@@ -97,7 +97,9 @@ def test_a_tampered_or_truncated_export_is_reported(small_cnn, tmp_path, capsys)
     assert capsys.readouterr().err.startswith(f"error: {path}: onnx/onnxruntime cannot run it")
     with pytest.raises(SystemExit):
         export_main(["--checkpoint", str(tmp_path), "--output", str(path)])
-    assert capsys.readouterr().err == f"error: --checkpoint {tmp_path}: not a checkpoint directory (no config.yaml)\n"
+    assert capsys.readouterr().err == (f"error: --checkpoint {tmp_path}: not a checkpoint, a run, a cross-validation run or a "
+                                       f"study directory (no manifest.json, checkpoints/, config.yaml with cv.folds, or "
+                                       f"hpo_summary.json)\n")
 
 
 def test_torchvision_resnet18_export_matches_pytorch(digits_root, tmp_path):

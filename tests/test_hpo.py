@@ -114,7 +114,8 @@ def test_best_yaml_trains_and_predict_takes_the_study(study, tmp_path):
         (best["params"]["model.width"] + 1) * 10  # the MLP of the best trial's width
     # the study's directory predicts with its best trial's fold ensemble, as that trial's directory does
     proc = run_cli("predict.py", ["--checkpoint", str(out), "--output", str(tmp_path / "study.csv"), "data.num_workers=0"])
-    assert f"predicting with its best trial, {out / best['dir']}" in proc.stdout and "averaging 2 checkpoints" in proc.stdout
+    assert f"--checkpoint {out}: a study: its best trial, {out / best['dir']}" in proc.stdout
+    assert "averaging 2 checkpoints" in proc.stdout
     run_cli("predict.py", ["--checkpoint", str(out / best["dir"]), "--output", str(tmp_path / "trial.csv"), "data.num_workers=0"])
     assert (tmp_path / "study.csv").read_bytes() == (tmp_path / "trial.csv").read_bytes()
     assert len((tmp_path / "study.csv").read_text().splitlines()) == 271

@@ -17,16 +17,52 @@ from dist_train.job.faults import (PREEMPTED_EXIT_CODE, Preempted, die_with_laun
 OVERRIDES_HELP = "dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64 output_dir=/tmp/run1 seed=7"
 
 
-def _parser(description: str, config_help: str = "YAML or JSON config (default: built-in defaults = the digits run)"
-            ) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+CHECKPOINT_FORMS = ("a checkpoint directory (e.g. runs/x/checkpoints/best), a run directory (its best checkpoint), a "
+                    "cross-validation run's directory (every fold's best) or a study's directory (its best trial)")
+LAST_HELP = "a run's (and each fold's) last checkpoint instead of its best"
+
+
+def version_line() -> str:
+    """dist_train's version with torch's, Accelerate's, Python's and the platform, one line for a bug report (read from
+    the installed packages' metadata: nothing heavy is imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from dist_train import __version__
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"dist_train {__version__} (torch {of('torch')}, torchvision {of('torchvision')}, accelerate {of('accelerate')}, "
+            f"Python {platform.python_version()}, {platform.system()} {platform.machine()})")
+
+
+class PrintVersion(argparse.Action):
+    """--version: version_line() as it is (argparse's own version action wraps it to the terminal's width), then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print dist_train's, torch's, Accelerate's and Python's versions in one line, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line(), flush=True)
+        parser.exit()
+
+
+def _parser(description: str, config_help: str = "YAML or JSON config (default: built-in defaults = the digits run)",
+            prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-c", "--config", help=config_help)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    parser.add_argument("--version", action=PrintVersion)
     return parser
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    parser = _parser("Train a classifier (accelerate launch train.py ... for several processes).")
+def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = _parser("Train a classifier (accelerate launch train.py ... for several processes).", prog=prog)
     parser.add_argument("--resume", metavar="auto|DIR", help="continue from <output_dir>/checkpoints/last (auto) or a checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if output_dir already holds a run")
     parser.add_argument("--debug", action="store_true",
@@ -84,14 +120,14 @@ def one_fold(config):
     return replace(config, cv=replace(config.cv, fold=0))
 
 
-def predict_main(argv: list[str] | None = None) -> int:
+def predict_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = _parser("Write a submission CSV from a checkpoint (sharded over all launched processes).",
                      "YAML or JSON config (default: the checkpoint's own config.yaml); it may change data and inference "
-                     "keys, not those that shape the model")
+                     "keys, not those that shape the model", prog=prog)
     parser.add_argument("--checkpoint", required=True, nargs="+",
-                        help="checkpoint directory (e.g. runs/digits/checkpoints/best), a run directory (its best), a "
-                             "cross-validation run's directory (its folds' best) or a .safetensors file; several: "
-                             "their predictions are averaged into one submission")
+                        help=f"{CHECKPOINT_FORMS}, or a weights file; several: their predictions are averaged into one "
+                             f"submission")
+    parser.add_argument("--last", action="store_true", help=LAST_HELP)
     parser.add_argument("--output", help="submission path (default: inference.output or <output_dir>/submission.csv)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="val: predict the labelled validation split and write its metrics beside the CSV")
@@ -115,7 +151,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         config = load_config(config_file, [*args.overrides, *moved])
         prestart_worker_server(config.data)
 
-        predict(config, checkpoints, args.output, args.split)
+        predict(config, checkpoints, args.output, args.split, last=args.last)
     except DistTrainError as exc:
         fail(exc)
     except Exception as exc:
@@ -129,7 +165,10 @@ def export_main(argv: list[str] | None = None) -> int:
         prog="dist-train export",
         description="Export a checkpoint's model (EMA weights when it has them, as inference.weights says) with its "
                     "preprocessing in a JSON beside it, then check the file with onnxruntime against PyTorch.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/x/checkpoints/best)")
+    parser.add_argument("--checkpoint", required=True,
+                        help=f"{CHECKPOINT_FORMS}; a cross-validation run is exported as one graph averaging its folds "
+                             f"(with the flip TTA when its inference.tta is hflip)")
+    parser.add_argument("--last", action="store_true", help=LAST_HELP)
     parser.add_argument("--format", choices=["onnx"], default="onnx")
     parser.add_argument("--output", help="the file to write (default: <run>/export/<checkpoint step>.onnx); its .json beside it")
     parser.add_argument("--images", type=int, default=32, help="validation images the check runs (default 32)")
@@ -142,7 +181,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         from dist_train.commands.export import export
 
-        export(args.checkpoint, args.output, args.overrides, args.images, args.tolerance, args.check_only)
+        export(args.checkpoint, args.output, args.overrides, args.images, args.tolerance, args.check_only, last=args.last)
     except DistTrainError as exc:
         fail(exc)
     return 0
@@ -154,7 +193,9 @@ def soup_main(argv: list[str] | None = None) -> int:
         description="Average the folds of a cross-validation run into one model (a uniform weight soup; BatchNorm "
                     "statistics recomputed on the training table), written as a checkpoint that predict.py and "
                     "dist-train export take; scored beside the fold ensemble and each fold.")
-    parser.add_argument("--checkpoint", required=True, help="the cross-validation run's directory (its folds' best)")
+    parser.add_argument("--checkpoint", required=True, help="the cross-validation run's directory (its folds' best), or "
+                                                             "a study's whose best trial is one")
+    parser.add_argument("--last", action="store_true", help="the folds' last checkpoints instead of their best")
     parser.add_argument("--output", required=True, help="the checkpoint directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -164,7 +205,7 @@ def soup_main(argv: list[str] | None = None) -> int:
     try:
         from dist_train.commands.soup import soup
 
-        soup(args.checkpoint, args.output, args.overrides, overwrite=args.overwrite)
+        soup(args.checkpoint, args.output, args.overrides, overwrite=args.overwrite, last=args.last)
     except DistTrainError as exc:
         fail(exc)
     return 0

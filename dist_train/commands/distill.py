@@ -21,8 +21,9 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from dist_train.commands.inference import checkpoint_config_file, expand_checkpoints, predict_split, resolve_weights
+from dist_train.commands.inference import checkpoint_config_file, predict_split, resolve_weights
 from dist_train.config import Config, config_from_dict, fold_output_dir, resolve, to_dict
+from dist_train.config.locate import locate
 from dist_train.data.tables import ids_digest
 from dist_train.errors import ConfigError, DataError, DistTrainError
 from dist_train.job.distributed import forget_process_group, is_main_process_env, say_main
@@ -90,14 +91,13 @@ def prepare_teacher(config: Config, resume: str | None = None, overwrite: bool =
 def find_teacher(config: Config) -> Teacher:
     """distill.teacher resolved: a cross-validation run's directory is its folds' ensemble (under cv.folds: the fold
     of the student's fold, or its oof.csv); a run directory its best checkpoint; a checkpoint itself."""
-    source = Path(config.distill.teacher)
-    file = checkpoint_config_file(source)
-    if file is None:
-        raise ConfigError(f"distill.teacher {source}: no config.yaml in or beside it; name a checkpoint, a run directory "
-                          f"or a cross-validation run's directory")
-    saved = yaml.safe_load(file.read_text()) or {}
-    cv = saved.get("cv") or {}
-    cv_dir = source.is_dir() and bool(cv.get("folds")) and cv.get("fold") is None
+    found = locate(config.distill.teacher, accept=("checkpoint", "run", "cv"), what="distill.teacher",
+                   wants="a checkpoint, a run, a cross-validation run or a study directory (a weights file has no config.yaml)")
+    cv_dir = found.inner.form == "cv"
+    source = found.inner.home if cv_dir else Path(config.distill.teacher)  # (a study's best trial, when it is a CV run)
+    file = found.inner.home / "config.yaml"
+    if not file.is_file():
+        raise ConfigError(f"distill.teacher {config.distill.teacher}: no config.yaml in {found.inner.home}")
     oof = None
     if config.cv.folds and cv_dir and config.distill.cv_targets == "oof":
         oof, checkpoints = source / OOF_FILE, []
@@ -110,7 +110,8 @@ def find_teacher(config: Config) -> Teacher:
             raise ConfigError(f"distill.teacher {source}: its fold {config.cv.fold} has no best checkpoint "
                               f"({checkpoints[0]}); train it first")
     else:
-        checkpoints = expand_checkpoints([source])
+        checkpoints = list(found.checkpoints)
+    say_main(found.line("distill.teacher"))
     first = checkpoint_config_file(checkpoints[0]) if checkpoints else file
     own = yaml.safe_load(first.read_text()) or {}
     labels = (json.loads((resolve_weights(checkpoints[0]).parent / CLASSES_FILE).read_text()) if checkpoints

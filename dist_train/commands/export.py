@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_train.commands.inference import resolve_weights, saved_thresholds
+from dist_train.commands.inference import FlipAverage, resolve_weights, saved_thresholds
 from dist_train.config import Config, load_config, preprocessing
+from dist_train.config.locate import Located, locate
 from dist_train.custom import user_datasets
 from dist_train.data.datasets import build_dataset
 from dist_train.errors import CheckpointError, ConfigError, ExportError
 from dist_train.models.networks import build_model, read_weights
-from dist_train.models.tasks import Task, build_task, load_task
+from dist_train.models.tasks import Task, build_task, label_names, load_task
 from dist_train.rundir.checkpoint import CLASSES_FILE, sha256, verify
 from dist_train.rundir.files import atomic_path
 
@@ -40,33 +41,28 @@ def missing_packages() -> list[str]:
 
 def export(checkpoint: str | Path, output: str | Path | None = None, overrides: list[str] = (), images: int = 32,
            tolerance: float = 1e-4, check_only: bool = False, *, model: nn.Module | None = None, dataset=None,
-           log=print) -> dict:
-    """Write `output` (default <run>/export/<checkpoint name>.onnx) and its .json, checked; returns the JSON's content.
+           log=print, last: bool = False) -> dict:
+    """Write `output` (default <run>/export/<checkpoint name>.onnx; a cross-validation run's: <cv dir>/export/
+    ensemble.onnx) and its .json, checked; returns the JSON's content.
 
-    `overrides`: config keys changed from the checkpoint's config.yaml (e.g. data.root where the data now is).
-    `images`: how many validation images the check runs. `check_only`: check an existing export again (the file
-    named by `output`) instead of writing one. `model` / `dataset` (as dist_train.Trainer's): your own network to
-    load the weights into and your own validation dataset.
+    `checkpoint`: a checkpoint, a run (its best; `last`: its last), a cross-validation run (every fold's best, exported
+    as one graph that averages them as predict.py does, with the flip TTA when inference.tta=hflip) or a study (its
+    best trial): config.locate. `overrides`: config keys changed from the checkpoint's config.yaml (e.g. data.root where
+    the data now is). `images`: how many validation images the check runs. `check_only`: check an existing export
+    again (the file named by `output`) instead of writing one. `model` / `dataset` (as dist_train.Trainer's): your own
+    network to load the weights into and your own validation dataset.
     """
     missing = missing_packages()
     if missing:
         raise ExportError(f"export needs {' and '.join(missing)}, not installed here: pip install -e '.[export]' "
                           f"(the versions in constraints.txt)")
-    directory = Path(checkpoint)
-    if not (directory / "config.yaml").is_file():
-        raise CheckpointError(f"--checkpoint {checkpoint}: not a checkpoint directory (no config.yaml)")
-    verify(directory, only=["config.yaml", CLASSES_FILE])
-    config = load_config(directory / "config.yaml", list(overrides))
-    weights = resolve_weights(directory, config.inference.weights)
-    task = build_task(config, json.loads((directory / CLASSES_FILE).read_text()))
-    if task.kind == "multilabel" and task.thresholds is None:  # task.threshold=tune: the checkpoint's own
-        task.use_thresholds(saved_thresholds(directory, [directory], task.num_outputs)[0])
-    torch_model = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False),
-                              task.num_outputs, config.data.channels, config.data.image_size, given=model)
-    torch_model.load_state_dict(read_weights(weights))
-    torch_model.eval()
+    found = locate(checkpoint, last=last, accept=("checkpoint", "run", "cv"),
+                   wants="a checkpoint, a run, a cross-validation run or a study directory (a weights file: export the "
+                         "checkpoint directory holding it, with its config.yaml)")
+    log(found.line())
+    config, task, torch_model, source = exported_model(found, list(overrides), model)
     batch = validation_images(config, images, dataset)
-    path = Path(output) if output is not None else default_output(directory)
+    path = Path(output) if output is not None else default_output(found)
     sidecar = path.with_suffix(".json")
     if check_only:
         if not path.is_file():
@@ -91,20 +87,70 @@ def export(checkpoint: str | Path, output: str | Path | None = None, overrides: 
                   "dtype": "float32", "layout": "NCHW"},
         "preprocessing": {**preprocessing(config.data), **resize_recipe(config), "color": "L" if config.data.channels == 1 else "RGB",
                           "scale": "pixel values / 255, then (x - mean) / std per channel"},
-        "output": {"name": OUTPUT, "shape": ["batch", task.num_outputs], **outputs(task)},
-        "source": {"checkpoint": str(directory.resolve()), "weights": weights.name, "model": config.model.name,
-                   "torch": torch.__version__},
+        "output": {"name": OUTPUT, "shape": ["batch", task.num_outputs], **outputs(task),
+                   **({"ensemble": source["ensemble"]} if "ensemble" in source else {})},
+        "source": {**{k: v for k, v in source.items() if k != "ensemble"}, "model": config.model.name, "torch": torch.__version__},
         "check": check,
     }
     sidecar.write_text(json.dumps(info, indent=1))
-    log(f"exported {path} ({path.stat().st_size / 2**20:.1f} MB, {weights.name} of {directory}) and {sidecar.name}; "
-        f"{describe(check)}")
+    what = (f"the {len(found.checkpoints)} folds of {found.inner.home}" if found.inner.form == "cv"
+            else f"{source['weights']} of {found.checkpoints[0]}")
+    log(f"exported {path} ({path.stat().st_size / 2**20:.1f} MB, {what}) and {sidecar.name}; {describe(check)}")
     return info
 
 
-def default_output(directory: Path) -> Path:
-    """<run>/export/<step>.onnx for <run>/checkpoints/<step> (`best`/`last` resolved), else beside the checkpoint."""
-    directory = directory.resolve()
+class Ensemble(nn.Module):
+    """A cross-validation run's folds as one network: each fold's output (its flip TTA averaged in, as predict.py does
+    under inference.tta=hflip), the folds averaged by the task (classes: the log of the mean probabilities)."""
+
+    def __init__(self, networks: list[nn.Module], task: Task, tta: bool):
+        super().__init__()
+        self.networks = nn.ModuleList(FlipAverage(n, task) if tta else n for n in networks)
+        self.task = task
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.task.average([network(images) for network in self.networks])
+
+
+def exported_model(found: Located, overrides: list[str], model: nn.Module | None) -> tuple[Config, Task, nn.Module, dict]:
+    """(config, task, the PyTorch model the graph is made of -- one network, or the folds' Ensemble --, what it is made
+    of for the JSON). A cross-validation run's config is its first fold's (whose held-out rows the check runs on)."""
+    checkpoints = list(found.checkpoints)
+    for directory in checkpoints:
+        if not (directory / "config.yaml").is_file():
+            raise CheckpointError(f"--checkpoint {directory}: not a checkpoint directory (no config.yaml)")
+        verify(directory, only=["config.yaml", CLASSES_FILE])
+    config = load_config(checkpoints[0] / "config.yaml", overrides)
+    labels = [json.loads((c / CLASSES_FILE).read_text()) for c in checkpoints]
+    if any(label_names(other) != label_names(labels[0]) for other in labels[1:]):
+        raise CheckpointError(f"the folds of {found.inner.home} were trained on different labels")
+    task = build_task(config, labels[0])
+    if task.kind == "multilabel" and task.thresholds is None:  # task.threshold=tune: the run's own (CV: out of fold)
+        task.use_thresholds(saved_thresholds([found], checkpoints, task.num_outputs)[0])
+    weights = [resolve_weights(c, config.inference.weights) for c in checkpoints]
+    networks = []
+    for path in weights:
+        network = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False),
+                              task.num_outputs, config.data.channels, config.data.image_size, given=model)
+        network.load_state_dict(read_weights(path))
+        networks.append(network.eval())
+    if found.inner.form != "cv":
+        return config, task, networks[0], {"checkpoint": str(checkpoints[0].resolve()), "weights": weights[0].name}
+    tta = config.inference.tta == "hflip"
+    source = {"checkpoint": str(found.inner.home.resolve()), "weights": weights[0].name,
+              "ensemble": {"folds": [str(c.resolve()) for c in checkpoints], "tta": config.inference.tta,
+                           "averaging": ("the folds' probabilities averaged (each fold's image and mirror image first, "
+                                         "under tta hflip), as predict.py does; the output is their log"
+                                         if task.class_names is not None else "the folds' outputs averaged")}}
+    return config, task, Ensemble(networks, task, tta).eval(), source
+
+
+def default_output(found: Located) -> Path:
+    """<run>/export/<step>.onnx for <run>/checkpoints/<step> (`best`/`last` resolved), else beside the checkpoint; a
+    cross-validation run's: <cv dir>/export/ensemble.onnx."""
+    if found.inner.form == "cv":
+        return found.inner.home / "export" / "ensemble.onnx"
+    directory = found.checkpoints[0].resolve()
     run = directory.parent.parent if directory.parent.name == "checkpoints" else directory.parent
     return run / "export" / f"{directory.name}.onnx"
 

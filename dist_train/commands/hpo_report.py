@@ -13,7 +13,7 @@ import yaml
 
 from dist_train.config import Config, hpo_objective, to_dict
 from dist_train.rundir.files import write_text_atomic
-from dist_train.rundir.report import HPO_SUMMARY_FILE
+from dist_train.config.locate import HPO_SUMMARY_FILE
 
 JOURNAL_FILE = "hpo.journal"
 """The study: Optuna's journal (JournalFileBackend), a file every worker appends to; no server."""

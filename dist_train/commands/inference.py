@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,19 +16,19 @@ from accelerate import Accelerator
 from torch import nn
 
 from dist_train.config import Config, fold_output_dir, model_shaping_differences, resolve
+from dist_train.config.locate import Located, locate
 from dist_train.custom import user_datasets
 from dist_train.data.columns import distinct_count
 from dist_train.data.datasets import ModelInput, build_dataset, decodes_on_device
 from dist_train.data.loaders import build_loader
 from dist_train.data.splits import load_test_records
 from dist_train.errors import CheckpointError, ConfigError, DataError
-from dist_train.job.distributed import build_accelerator, is_main_process_env, main_print
+from dist_train.job.distributed import build_accelerator, main_print
 from dist_train.loop.ranks import check_each_once, predict_gathered
 from dist_train.models.losses import build_loss
 from dist_train.models.networks import build_model, read_weights
 from dist_train.models.tasks import Task, build_task, group_ids, label_names, load_table, load_task, task_for_datasets
 from dist_train.rundir.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, verify
-from dist_train.rundir.report import best_trial_dir
 from dist_train.rundir.submission import write_submission
 
 
@@ -76,27 +76,29 @@ class Prediction:
     checkpoints: int
     thresholds_from: str | None = None
     """Multi-label, task.threshold=tune: where the decision thresholds come from (one line)."""
+    located: list[str] = field(default_factory=list)
+    """What each --checkpoint was read as (config.locate), a line each."""
 
 
 def predict(config: Config, checkpoint: str | Path | list, output: str | Path | None = None, split: str = "test",
             limit: int | None = None, *, model: nn.Module | None = None, loss: nn.Module | None = None,
-            dataset=None) -> Path | None:
+            dataset=None, last: bool = False) -> Path | None:
     """Write the submission CSV; returns its path on the main process (None elsewhere).
 
     `checkpoint`: one checkpoint (directory or weights file) or a list of them, whose predictions are averaged
     (probabilities for classes, values otherwise); a run directory stands for its `best` checkpoint, a cross-validation
-    run's for its folds' (expand_checkpoints). split="val" predicts the labelled validation split instead
+    run's for its folds', a study's for its best trial's (config.locate; `last`: the `last` checkpoints instead). split="val" predicts the labelled validation split instead
     and also writes its metrics to `<output stem>.metrics.json`: the scores of a checkpoint, whatever the
     number of processes. `limit`: only the first that many samples (train.py --debug). `model` / `loss` /
     `dataset` (dist_train.Trainer) take the place of what the config builds; the weights are loaded into that model.
     """
     config = resolve(config)
-    result = predict_split(config, checkpoint, split, limit, model=model, dataset=dataset)
+    result = predict_split(config, checkpoint, split, limit, model=model, dataset=dataset, last=last)
     accelerator, task, outputs, targets = result.accelerator, result.task, result.outputs, result.targets
     path = Path(output or config.inference.output or Path(config.output_dir) / "submission.csv")
     if accelerator.is_main_process:
-        if result.thresholds_from is not None:
-            main_print(accelerator, result.thresholds_from)
+        for line in [*result.located, *([result.thresholds_from] if result.thresholds_from else [])]:
+            main_print(accelerator, line)
         write_predictions(config, task, path, result.row_ids, outputs)
         main_print(accelerator, f"wrote {len(result.row_ids)} predictions from {accelerator.num_processes} process(es)"
                                 f"{f' averaging {result.checkpoints} checkpoints' if result.checkpoints > 1 else ''}"
@@ -112,14 +114,15 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
 
 
 def predict_split(config: Config, checkpoint: str | Path | list, split: str = "test", limit: int | None = None, *,
-                  model: nn.Module | None = None, dataset=None) -> Prediction:
+                  model: nn.Module | None = None, dataset=None, last: bool = False) -> Prediction:
     """Predict `split` (test, val, or table: every row of the training table) with the checkpoint(s), sharded over the
     launched processes and gathered on every rank (predict() writes it). A key of `config` that shapes the model must be
     the checkpoints' own (check_model_keys)."""
     if split == "val" and config.cv.folds and config.cv.fold is None:
         raise ConfigError(f"--split val of a cross-validation run: its out-of-fold predictions are "
                           f"{Path(config.output_dir) / 'oof.csv'}; a fold's own: --checkpoint {fold_output_dir(config.output_dir, 0)}")
-    checkpoints = expand_checkpoints(checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])
+    located = [locate(c, last=last) for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
+    checkpoints = [path for found in located for path in found.checkpoints]
     if model is None:
         check_model_keys(config, checkpoints)
     weights = [resolve_weights(c, config.inference.weights) for c in checkpoints]
@@ -131,7 +134,7 @@ def predict_split(config: Config, checkpoint: str | Path | list, split: str = "t
                                                                     accelerator.device)
     thresholds_from = None
     if task.kind == "multilabel" and task.thresholds is None:
-        thresholds, thresholds_from = saved_thresholds(checkpoint, checkpoints, task.num_outputs)
+        thresholds, thresholds_from = saved_thresholds(located, checkpoints, task.num_outputs)
         task.use_thresholds(thresholds)
     if distinct_count(row_ids) != len(row_ids):
         raise DataError(f"the {split} rows share ids (data.id_column, else the image paths): the predictions need one row per id")
@@ -158,23 +161,22 @@ def predict_split(config: Config, checkpoint: str | Path | list, split: str = "t
     loader = None
     accelerator.free_memory()  # (Accelerate keeps a reference to every loader it prepared)
     gc.collect()
-    return Prediction(accelerator, task, list(row_ids), outputs, targets, groups, len(weights), thresholds_from)
+    return Prediction(accelerator, task, list(row_ids), outputs, targets, groups, len(weights), thresholds_from,
+                      [found.line() for found in located])
 
 
 THRESHOLDS_FILE = "thresholds.json"
 """In a cross-validation run's directory (task.threshold=tune): the decision thresholds tuned on its OOF predictions."""
 
 
-def saved_thresholds(given, checkpoints: list, classes: int) -> tuple[list[float], str]:
+def saved_thresholds(located: list[Located], checkpoints: list, classes: int) -> tuple[list[float], str]:
     """The decision thresholds of task.threshold=tune for the checkpoints predicting, and where they come from (one
-    line): a cross-validation run's own (tuned on its out-of-fold predictions: cv.py's thresholds.json), else each
-    checkpoint's (tuned on its validation split, trainer_state.json), averaged when several are. None saved: 0.5."""
-    given = given[0] if isinstance(given, (list, tuple)) and len(given) == 1 else given
-    if not isinstance(given, (list, tuple)) and Path(given).is_dir():
-        directory = best_trial_dir(Path(given)) or Path(given)
-        if (directory / THRESHOLDS_FILE).is_file():
-            saved = json.loads((directory / THRESHOLDS_FILE).read_text())
-            return saved["thresholds"], f"thresholds: tuned on {saved['tuned_on']} ({directory / THRESHOLDS_FILE})"
+    line): a cross-validation run's own (tuned on its out-of-fold predictions: cv.py's thresholds.json; a soup of its
+    folds carries them), else each checkpoint's (tuned on its validation split, trainer_state.json), averaged when
+    several are. None saved: 0.5."""
+    if len(located) == 1 and (located[0].home / THRESHOLDS_FILE).is_file():
+        file = located[0].home / THRESHOLDS_FILE
+        return json.loads(file.read_text())["thresholds"], f"thresholds: tuned on {json.loads(file.read_text())['tuned_on']} ({file})"
     found = []
     for checkpoint in checkpoints:
         state = Path(checkpoint) / TRAINER_STATE_FILE if Path(checkpoint).is_dir() else None
@@ -193,40 +195,17 @@ def saved_thresholds(given, checkpoints: list, classes: int) -> tuple[list[float
 
 
 def checkpoint_config_file(checkpoint: str | Path) -> Path | None:
-    """The config.yaml a checkpoint was trained with: inside a checkpoint or run directory (a cross-validation run's
-    own), or beside a weights file; None when there is none."""
-    path = Path(checkpoint)
-    path = best_trial_dir(path) or path if path.is_dir() else path  # a study's directory: its best trial's
-    file = (path if path.is_dir() else path.parent) / "config.yaml"
+    """The config.yaml of what `checkpoint` names (config.locate): a checkpoint's, a run's, a cross-validation run's own,
+    a study's best trial's, or the one beside a weights file; None when there is none."""
+    found = locate(checkpoint)
+    file = found.home / "config.yaml"
     return file if file.is_file() else None
 
 
-def expand_checkpoints(checkpoints: list) -> list:
-    """The checkpoints to average: a cross-validation run's directory (its config.yaml has cv.folds and no cv.fold)
-    stands for the `best` checkpoint of each of its folds, a run directory for its own `best`, a study's directory
-    (hpo.trials) for its best trial's run; the rest as given."""
-    expanded = []
-    for checkpoint in checkpoints:
-        trial = best_trial_dir(Path(checkpoint)) if Path(checkpoint).is_dir() else None
-        if trial is not None:
-            if is_main_process_env():
-                print(f"{checkpoint} is a study: predicting with its best trial, {trial}", flush=True)
-            checkpoint = trial
-        path, saved = Path(checkpoint), _saved_config(checkpoint)
-        cv = saved.get("cv") or {}
-        if path.is_dir() and cv.get("folds") and cv.get("fold") is None:
-            best = [fold_output_dir(path, k) / "checkpoints" / "best" for k in range(cv["folds"])]
-            missing = [str(b) for b in best if not b.is_dir()]
-            if missing:
-                raise CheckpointError(f"--checkpoint {checkpoint}: a cross-validation run of {cv['folds']} folds, but "
-                                      f"{len(missing)} fold(s) have no best checkpoint ({', '.join(missing)}); train them "
-                                      f"(train.py ... --resume auto), or name the folds' checkpoints yourself")
-            expanded += best
-        elif path.is_dir() and (path / "checkpoints" / "best").is_dir():
-            expanded.append(path / "checkpoints" / "best")
-        else:
-            expanded.append(checkpoint)
-    return expanded
+def expand_checkpoints(checkpoints: list, last: bool = False) -> list[Path]:
+    """The checkpoints to average: each path as config.locate reads it (a cross-validation run's directory stands for
+    every fold's `best` checkpoint, a run directory for its own, a study's for its best trial's; `last`: theirs)."""
+    return [path for checkpoint in checkpoints for path in locate(checkpoint, last=last).checkpoints]
 
 
 def check_model_keys(config: Config, checkpoints: list) -> None:

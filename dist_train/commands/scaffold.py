@@ -1,8 +1,8 @@
 """The `dist-train` command (also `python -m dist_train`): `new DIR` writes a ready project of your own model,
 dataset and loss; `train ...` / `predict ...` are train.py / predict.py, so that
 `accelerate launch ... -m dist_train train --config X` works wherever dist_train is installed; `export ...` writes a
-checkpoint's model as ONNX (export.py); `soup ...` averages a cross-validation run's folds into one checkpoint
-(soup.py)."""
+checkpoint's model (or a cross-validation run's folds) as ONNX (export.py); `soup ...` averages a cross-validation run's
+folds into one checkpoint (soup.py); `--version` prints the versions, one line."""
 from __future__ import annotations
 
 import argparse
@@ -32,12 +32,23 @@ def new_project(directory: Path) -> list[str]:
     return [*FILES, "data/"]
 
 
+COMMANDS = {
+    "new": "write a ready project: config.yaml, model.py, dataset.py, loss.py, a smoke test, a README and example data",
+    "train": "train, cross-validate or search (train.py's arguments; accelerate launch ... -m dist_train train ...)",
+    "predict": "write one submission from a checkpoint, a run, a cross-validation run or a study (predict.py's arguments)",
+    "export": "a checkpoint's model, or a cross-validation run's folds as one ensemble, as ONNX checked against PyTorch",
+    "soup": "average a cross-validation run's folds into one checkpoint (a weight soup), scored beside the ensemble",
+}
+"""Every command of `dist-train`, with the line its --help lists."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["train"], ["predict"]):
         from dist_train.commands.cli import exit_process, predict_main, train_main
 
-        exit_process((train_main if argv[0] == "train" else predict_main)(argv[1:]))
+        run = train_main if argv[0] == "train" else predict_main
+        exit_process(run(argv[1:], prog=f"dist-train {argv[0]}"))
     if argv[:1] == ["export"]:
         from dist_train.commands.cli import export_main
 
@@ -46,14 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         from dist_train.commands.cli import soup_main
 
         return soup_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="dist-train", description="dist_train's project tools: new DIR | train ... | "
-                                                                    "predict ... (train.py / predict.py's arguments) | "
-                                                                    "export --checkpoint DIR ... | soup --checkpoint CV_DIR "
-                                                                    "--output DIR")
-    commands = parser.add_subparsers(dest="command", required=True)
-    new = commands.add_parser("new", help="write a ready project: config.yaml, model.py, dataset.py, loss.py, a smoke "
-                                          "test, a README and example data")
-    new.add_argument("directory", help="the project directory to create (new or empty)")
+    from dist_train.commands.cli import PrintVersion
+
+    parser = argparse.ArgumentParser(prog="dist-train", description="dist_train's commands; `dist-train COMMAND --help` "
+                                                                    "says each one's arguments.")
+    parser.add_argument("--version", action=PrintVersion)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, line in COMMANDS.items():
+        command = commands.add_parser(name, help=line, description=line, add_help=name == "new")
+        if name == "new":
+            command.add_argument("directory", help="the project directory to create (new or empty)")
     args = parser.parse_args(argv)
 
     from dist_train.errors import DistTrainError

@@ -24,8 +24,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from dist_train.commands.inference import THRESHOLDS_FILE, expand_checkpoints, predict_split, resolve_weights
+from dist_train.commands.inference import THRESHOLDS_FILE, predict_split, resolve_weights
 from dist_train.config import MODEL_SHAPING, Config, CVConfig, flatten, load_config, to_dict
+from dist_train.config.locate import locate
 from dist_train.data.datasets import build_dataset
 from dist_train.data.loaders import build_loader
 from dist_train.data.tables import split_source
@@ -41,22 +42,22 @@ SAME_INIT = ("seed", "model.pretrained")
 """Besides the keys that shape the model: what makes the folds start from the same weights."""
 
 
-def soup(checkpoint: str | Path, output: str | Path, overrides: list[str] = (), overwrite: bool = False, log=print) -> dict:
+def soup(checkpoint: str | Path, output: str | Path, overrides: list[str] = (), overwrite: bool = False, log=print,
+         last: bool = False) -> dict:
     """Average the folds of the cross-validation run `checkpoint` into a checkpoint directory `output` (config.yaml,
     classes.json, model.safetensors, manifest.json, soup.json); returns soup.json's content. `overrides`: changes to
     the run's config (data.root where the data is now; data.val=TABLE to score on rows none of the folds trained on).
-    An `output` that exists and is not empty is refused unless `overwrite`."""
-    cv_dir, output = Path(checkpoint), Path(output)
-    saved = yaml.safe_load((cv_dir / "config.yaml").read_text()) if (cv_dir / "config.yaml").is_file() else {}
-    cv = (saved or {}).get("cv") or {}
-    if not cv.get("folds") or cv.get("fold") is not None:
-        raise ConfigError(f"--checkpoint {checkpoint}: not a cross-validation run's directory (its config.yaml has no "
-                          f"cv.folds): a soup averages the folds of one")
+    An `output` that exists and is not empty is refused unless `overwrite`. `checkpoint` may be a study whose best trial
+    is a cross-validation run; `last`: the folds' `last` checkpoints instead of their `best`."""
+    found = locate(checkpoint, last=last, accept=("cv",), wants="a cross-validation run's directory (a soup averages its "
+                                                               "folds), or a study's whose best trial is one")
+    cv_dir, output = found.inner.home, Path(output)
+    log(found.line())
     if output.resolve() == cv_dir.resolve() or cv_dir.resolve() in output.resolve().parents:
         raise ConfigError(f"--output {output}: inside the cross-validation run {cv_dir}; choose a directory of its own")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ConfigError(f"--output {output} exists and is not empty; choose another directory, or pass --overwrite")
-    folds = expand_checkpoints([cv_dir])
+    folds = list(found.checkpoints)
     config = load_config(cv_dir / "config.yaml", ["cv.folds=0", "cv.fold=null", *overrides])
     config = replace(config, output_dir=str(output), cv=CVConfig())
     check_same_architecture(folds)

@@ -9,6 +9,7 @@ import difflib
 import json
 from pathlib import Path
 
+from dist_train.config.locate import locate
 from dist_train.errors import CheckpointError, ConfigError
 
 PREFIX = "timm/"
@@ -39,8 +40,14 @@ def check_name(arch: str) -> None:
 
 def weights_file(pretrained: str | Path) -> Path:
     """The weights file `model.pretrained` names: the file itself, or in a folder its model.safetensors (else
-    pytorch_model.bin), as timm caches a Hugging Face hub model."""
+    pytorch_model.bin), as timm caches a Hugging Face hub model; one of our runs (or a study of them) stands for its
+    best checkpoint's (config.locate), a cross-validation run is refused (which of its models?)."""
     path = Path(pretrained)
+    if path.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
+        found = locate(path, accept=("checkpoint", "run"), what="model.pretrained",
+                       wants="weights (a file, or a folder holding model.safetensors), a checkpoint or a run directory "
+                             "(its best); of a cross-validation run name one fold (<dir>/fold-0) or its soup (dist-train soup)")
+        path = found.checkpoints[0]
     if path.is_dir():
         found = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
         if found is None:

@@ -92,7 +92,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
     else:
         model = torchvision_model(cfg, num_classes, in_channels)
     if cfg.pretrained and arch is None:
-        load_pretrained(model, cfg.pretrained)
+        load_pretrained(model, timm_backbones.weights_file(cfg.pretrained))
     if cfg.freeze:
         freeze(model, cfg.freeze)
     if cfg.grad_checkpointing:

@@ -15,15 +15,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dist_train.config import Config, preprocessing, preprocessing_summary, to_dict
-from dist_train.errors import CheckpointError
 from dist_train.job.distributed import main_print
 from dist_train.rundir.files import write_text_atomic
 from dist_train.rundir.tracking import Tracking, flat_hparams
 
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "run_info.json"
-HPO_SUMMARY_FILE = "hpo_summary.json"
-"""In a study's directory (hpo.trials): every trial and the best one (commands/hpo.py writes it)."""
 
 
 def progress(iterable, desc: str, accelerator: Accelerator) -> tqdm:
@@ -161,15 +158,3 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl, one record per evaluation ([] before the first)."""
     path = run_dir / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def best_trial_dir(directory: Path) -> Path | None:
-    """The run directory of a study's best trial when `directory` is a study's (it holds hpo_summary.json); None for
-    any other directory. A study without a complete trial yet is an error."""
-    path = Path(directory) / HPO_SUMMARY_FILE
-    if not path.is_file():
-        return None
-    best = json.loads(path.read_text()).get("best")
-    if not best:
-        raise CheckpointError(f"{directory} is a study without a complete trial yet ({path}): nothing to predict with")
-    return Path(directory) / best["dir"]
