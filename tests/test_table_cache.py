@@ -182,3 +182,33 @@ def test_folds_from_codes_are_the_folds_of_the_strings_and_a_large_grouped_split
     monkeypatch.setattr(splits, "_split", lambda *args: pytest.fail("computed again"))
     if grouped:
         assert splits.assign_folds(records, 4, 3, True, "t", str(tmp_path / "cache")).tolist() == computed.tolist()
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "in_memory"])
+def test_a_column_of_picked_rows_reads_the_same_after_a_loader_worker_was_sent_it(tmp_path, mapped):
+    """Sending a column to a loader worker (torch's pickler) moves its row tensor into shared memory; the column (and any
+    other sharing those rows) must go on reading the same rows. It once kept a numpy view of the old memory: garbage
+    indices after the first worker started (an ArrowIndexError in a 5-fold run with data.num_workers=1)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import pyarrow as pa
+    import torch.multiprocessing  # noqa: F401 (registers torch's reductions with the ForkingPickler)
+
+    from dist_train.data.columns import Column
+
+    values = [f"row{i}" for i in range(1000)]
+    if mapped:
+        path = tmp_path / "table.arrow"
+        with pa.ipc.new_file(str(path), pa.schema([("name", pa.string())])) as writer:
+            writer.write_table(pa.table({"name": values}))
+        column = Column.mapped(str(path), "name").take(range(100, 900, 3))
+    else:
+        column = Column.of(values).take(range(100, 900, 3))
+    other = Column(column.array, column.rows, column.source)  # (the ids and paths of a split share their rows)
+    expected = values[100:900:3]
+    sent = ForkingPickler.loads(ForkingPickler.dumps(column))
+    for _ in range(3):  # what the allocator does with the freed pages varies
+        torch_garbage = [bytearray(1 << 16) for _ in range(64)]
+        assert column.to_list() == other.to_list() == expected and column[5] == expected[5]
+        del torch_garbage
+    assert list(sent) == expected

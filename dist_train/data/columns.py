@@ -55,7 +55,12 @@ class Column(Sequence):
         self.rows = rows
         self.source = source
         """(table cache file, column name) when `array` is mapped from it: what pickling sends instead of the strings."""
-        self._index = rows.numpy() if rows is not None else None
+
+    @property
+    def _index(self) -> np.ndarray | None:
+        """The rows as numpy, viewed afresh each time: sending the column to a loader worker moves `rows` into shared
+        memory (torch's pickler), and a view taken before would read the freed pages."""
+        return self.rows.numpy() if self.rows is not None else None
 
     @classmethod
     def of(cls, values) -> "Column":
