@@ -144,7 +144,8 @@ def cli_reference() -> str:
         ("predict.py", "Predict a table into one submission CSV, sharded over the processes.", cli.predict_main, []),
         ("dist-train", "The project command: its sub-commands.", scaffold.main, []),
         ("dist-train new", "Write a new project (config, model, dataset, loss, a smoke test).", scaffold.main, ["new"]),
-        ("dist-train export", "Export a checkpoint to ONNX, checked against PyTorch.", cli.export_main, []),
+        ("dist-train export", "Export a checkpoint (or a cross-validation run as one ensemble) to ONNX, checked against PyTorch.",
+         cli.export_main, []),
         ("dist-train soup", "Average the folds' weights of a cross-validation run into one model.", cli.soup_main, []),
     ]
     out = ["# Command lines", "", "The `--help` of each command, generated from its own parser at build time.", ""]

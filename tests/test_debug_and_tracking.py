@@ -4,11 +4,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import struct
 
 import pytest
 from conftest import config_path, read_jsonl, run_cli, tiny_overrides
 
+from dist_train.rundir import report
 from dist_train.rundir.report import progress
 
 
@@ -100,7 +102,11 @@ class Rank:
         self.is_main_process = main
 
 
-def test_progress_bar_on_the_main_process_only(capsys):
+def test_progress_bar_on_the_main_process_only_and_only_on_a_terminal(capsys, monkeypatch):
+    for _ in progress(range(3), "epoch 1", Rank(main=True)):  # (pytest's capture is not a terminal)
+        pass
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(report, "bars", lambda: True)
     for _ in progress(range(3), "epoch 1", Rank(main=False)):
         pass
     assert capsys.readouterr().err == ""
@@ -110,3 +116,17 @@ def test_progress_bar_on_the_main_process_only(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "epoch 1" in err and "/3" in err and "it/s" in err
+
+
+def test_a_run_written_to_a_file_prints_step_lines_and_no_carriage_return(digits_root, tmp_path):
+    proc = run_cli("train.py", ["--config", config_path("digits.yaml"),
+                                *tiny_overrides(digits_root, tmp_path, **{"train.log_every_n_steps": 10, "train.epochs": 2})],
+                   processes=2)
+    assert "\r" not in proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    # 1257 rows, 32 per process on 2: 20 steps an epoch; a line every 10 steps
+    assert [line.split()[1] for line in lines] == ["10/40", "20/40", "30/40", "40/40"], proc.stdout
+    assert re.fullmatch(r"step 20/40  epoch 1/2 100%  loss \d\.\d{4}  lr \S+  [\d,]+ samples/s  eta epoch 0:00:00, "
+                        r"run \d:\d\d:\d\d", lines[1]), lines[1]
+    assert lines[3].endswith("eta epoch 0:00:00, run 0:00:00")
+    assert sum(line.startswith("epoch ") for line in proc.stdout.splitlines()) == 2  # the epochs' lines, as before

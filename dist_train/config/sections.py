@@ -313,7 +313,12 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model (inductor): slower start, faster steps."""
     log_every_n_steps: int = 10
-    """Training loss, LR and gradient norm go to TensorBoard every this many optimizer steps."""
+    """Training loss, LR and gradient norm go to TensorBoard every this many optimizer steps; when the output is not a
+    terminal (a SLURM .out file, `make demo > log`), a line with them, the epoch's progress and an ETA is printed too,
+    in place of the progress bars."""
+    log_every_n_seconds: float | None = None
+    """Output not a terminal: print those step lines at most this often (e.g. 60 for a long epoch in a batch job's
+    log); None: every train.log_every_n_steps."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without improvement of `checkpoint.monitor`; 0 disables."""
     deterministic: bool = False

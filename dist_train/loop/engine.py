@@ -20,7 +20,7 @@ from dist_train.loop.build import Parts
 from dist_train.loop.policy import EvalRules, StepRules
 from dist_train.loop.ranks import Ranks, check_each_once
 from dist_train.rundir.checkpoint import Checkpointer, Resumable, checkpoint_name
-from dist_train.rundir.report import Reporter, describe_run, epoch_line, progress
+from dist_train.rundir.report import Reporter, bars, describe_run, epoch_line, progress, step_line
 
 
 @dataclass
@@ -194,6 +194,7 @@ class Run:
         self.signals = signals or SignalFlag(signals=())
         self.started = started if started is not None else time.time()
         self.last_save = time.monotonic()
+        self.last_step_line = -float("inf")  # (time.perf_counter of the last step line printed)
         self.judge = judge
         self.info: dict = {}
 
@@ -361,10 +362,27 @@ class Run:
                 values["train/grad_norm"] = float(epoch.grad_norm)
             self.reporter.scalars(values, step)
             epoch.window_start, epoch.window_samples = now, 0
+            self._say_step(epoch, values, now)
             # shown at the bar's next redraw (refreshing now would print a stale count into log files)
             epoch.bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}", refresh=False)
         epoch.step_loss.zero_()
         epoch.step_count = 0
+
+    def _say_step(self, epoch: Epoch, values: dict, now: float) -> None:
+        """Output not a terminal: the step's line (at most every train.log_every_n_seconds), flushed; the ETA from this
+        epoch's pace so far (evaluations not counted)."""
+        every = self.config.train.log_every_n_seconds
+        if bars() or (every is not None and now - self.last_step_line < every):
+            return
+        self.last_step_line = now
+        per_epoch = self.layout.batches_per_process
+        done = max(epoch.local_batches - epoch.first_batch, 1)
+        per_batch = (now - epoch.started) / done
+        epoch_left = (per_epoch - epoch.local_batches) * per_batch
+        total = self.layout.total_steps(self.config.train.epochs, self.config.train.max_steps)
+        run_left = (total - self.state.global_step) * self.config.train.grad_accum_steps * per_batch
+        self.reporter.say(step_line(self.state.global_step, total, epoch.number, self.config.train.epochs,
+                                    epoch.local_batches / max(per_epoch, 1), values, epoch_left, run_left))
 
     def _end_training(self, epoch: Epoch) -> EpochResult:
         """The epoch's training figures, all ranks."""

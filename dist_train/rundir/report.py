@@ -23,12 +23,29 @@ METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "run_info.json"
 
 
+def bars() -> bool:
+    """Progress bars where they can be redrawn: stderr is a terminal. Anywhere else (a file, a pipe) a bar is a line of
+    carriage returns; the training loop prints step lines there instead (step_line)."""
+    return sys.stderr.isatty()
+
+
 def progress(iterable, desc: str, accelerator: Accelerator) -> tqdm:
-    """A bar on the main process only; redrawn rarely when the output is a log file, not a terminal."""
-    return tqdm(
-        iterable, desc=desc, disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
+    """A bar on the main process only, on a terminal (bars()); elsewhere nothing is drawn."""
+    return tqdm(iterable, desc=desc, disable=not (accelerator.is_main_process and bars()), leave=False, dynamic_ncols=True,
+                mininterval=0.5)
+
+
+def step_line(step: int, total_steps: int, epoch: int, epochs: int, fraction: float, values: dict, epoch_left_s: float,
+              run_left_s: float) -> str:
+    """A training step's line for a log file: where the run is, its loss, LR and speed, and how long is left."""
+    return (f"step {step}/{total_steps}  epoch {epoch}/{epochs} {100 * fraction:3.0f}%  loss {values['train/loss']:.4f}  "
+            f"lr {values['train/lr']:.2e}  {values['train/samples_per_sec']:,.0f} samples/s  eta epoch {_clock(epoch_left_s)}, "
+            f"run {_clock(run_left_s)}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class Reporter:
