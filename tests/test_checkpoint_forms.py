@@ -66,6 +66,19 @@ def test_each_form_is_read_the_same_way(runs):
         locate(runs["run"] / "nothing")
 
 
+def test_a_study_without_a_trial_and_a_directory_of_two_runs_are_named(runs, tmp_path):
+    study, both = tmp_path / "study", tmp_path / "both"
+    study.mkdir()
+    (study / "config.yaml").write_text((runs["study"] / "config.yaml").read_text())  # what a study writes first
+    with pytest.raises(DistTrainError, match=r"is a study without a complete trial yet \(no hpo_summary.json\)"):
+        locate(study)
+    both.mkdir()
+    (both / "checkpoints").mkdir()  # an output_dir used for a hold-out run, then for cv.folds
+    (both / "config.yaml").write_text((runs["cv"] / "config.yaml").read_text())
+    with pytest.raises(DistTrainError, match=r"holds a run's checkpoints/ and a cross-validation run's config.yaml"):
+        locate(both)
+
+
 @pytest.mark.parametrize("form", ["checkpoint", "run", "cv", "study", "weights"])
 def test_predict_takes_every_form_and_says_what_it_read(runs, digits_root, form, tmp_path, capsys):
     config = load_config(config_path("digits.yaml"), tiny_overrides(digits_root, tmp_path, **TINY))
@@ -83,8 +96,7 @@ COMMAND_FORMS = {  # command -> form -> None (taken) or the refusal's words
              "run": "is a run directory; this takes a cross-validation run's directory",
              "study": "is a study's directory (its best trial is a run directory); this takes a cross-validation run's",
              "weights": "is a weights file; this takes a cross-validation run's directory", "cv": None},
-    "distill.teacher": {"checkpoint": None, "run": None, "cv": None, "study": None,
-                        "weights": "is a weights file; this takes a checkpoint, a run, a cross-validation run or a study"},
+    "distill.teacher": {"checkpoint": None, "run": None, "cv": None, "study": None, "weights": None},  # (its config.yaml beside it)
     "model.pretrained": {"checkpoint": None, "run": None, "study": None, "weights": None,
                          "cv": "is a cross-validation run's directory; this takes weights (a file, or a folder holding "
                                "model.safetensors), a checkpoint or a run directory (its best); of a cross-validation run "
@@ -123,6 +135,14 @@ def test_every_command_takes_its_forms_and_refuses_the_others_in_one_line(runs, 
         else:
             with pytest.raises(ConfigError, match=re.escape(refusal)):
                 call()
+    if command == "distill.teacher":  # a weights file without its config.yaml: nothing says what model it is
+        bare = tmp_path / "bare" / "teacher.safetensors"
+        bare.parent.mkdir()
+        bare.write_bytes(runs["weights"].read_bytes())
+        config = load_config(config_path("digits.yaml"), tiny_overrides(digits_root, tmp_path, **TINY,
+                                                                        **{"distill.teacher": bare}))
+        with pytest.raises(ConfigError, match=re.escape(f"distill.teacher {bare}: no config.yaml in {bare.parent}")):
+            find_teacher(config)
     if command == "model.pretrained":
         study = json.loads((runs["study"] / "hpo_summary.json").read_text())["best"]["dir"]
         assert weights_file(runs["study"]) == runs["study"] / study / "checkpoints" / "best" / "model.safetensors"

@@ -74,6 +74,10 @@ def test_a_class_without_positives_is_left_out_of_map_and_an_empty_row_predicted
     metrics = multilabel_metrics(probabilities, targets, [0.5, 0.5, 0.5])
     assert metrics["per_class_ap"] == [1.0, 1.0, None] and metrics["val_map_macro"] == 1.0
     assert metrics["val_f1_samples"] == 1.0 and metrics["val_exact_match"] == 1.0
+    # a class absent from the truth and never predicted has nothing to score; predicted, it scores 0
+    assert metrics["val_f1_macro"] == metrics["val_precision_macro"] == metrics["val_recall_macro"] == 1.0
+    predicted = multilabel_metrics(probabilities, targets, [0.5, 0.5, 0.25])
+    assert predicted["val_f1_macro"] == pytest.approx(2 / 3) and predicted["val_precision_macro"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("beta", [1.0, 2.0])
@@ -179,8 +183,10 @@ def test_config_checks_name_the_key():
     config = load_config(None, [*ROOT_CONFIG, "task.threshold=tune"])
     assert (config.checkpoint.monitor, config.checkpoint.mode) == ("val_map_macro", "max")
     assert load_config(None, [*ROOT_CONFIG, "checkpoint.monitor=val_hamming_loss"]).checkpoint.mode == "min"
-    saved = {"task": {"kind": "multilabel", "threshold": 0.5}}  # a threshold is applied after the weights: not shaping
-    assert not [d for d in model_shaping_differences(saved, config) if d[0].startswith("task.threshold")]
+    saved = {"task": {"kind": "multilabel", "threshold": 0.5, "label_separator": "|"}}  # applied after the weights
+    assert not model_shaping_differences(saved, config)
+    with pytest.raises(ConfigError, match="task.kind=multilabel needs at least 2 classes, not \\['defect'\\]"):
+        build_task(config, {"multilabel": ["defect"]})
 
 
 # --- real runs ------------------------------------------------------------------------------------
@@ -285,6 +291,9 @@ def test_cross_validation_tunes_thresholds_on_the_out_of_fold_rows_and_scores_ea
     assert summary["oof_thresholds_in_sample"]["val_f1_samples"] == pytest.approx(in_sample["val_f1_samples"], abs=1e-4)
     assert summary["oof_thresholds_in_sample"]["val_f1_macro"] >= summary["oof"]["val_f1_macro"]  # tuned on itself
     assert summary["oof"]["val_map_macro"] == pytest.approx(honest["val_map_macro"], abs=1e-4)
+    # oof.csv's predictions are the honest ones: each row at its fold's thresholds
+    assert [set(r["prediction"].split()) for r in rows] == [{c for c, p, t in zip(classes, row, limits) if p >= t}
+                                                           for row, limits in zip(probabilities.tolist(), per_row)]
 
 
 def test_predict_averages_the_folds_and_uses_the_out_of_fold_thresholds_and_so_does_their_soup(tiles, folds, tmp_path):

@@ -143,7 +143,7 @@ def predict_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         config_file = args.config
         if config_file is None:
-            config_file = checkpoint_config_file(checkpoints[0])
+            config_file = checkpoint_config_file(checkpoints[0], last=args.last)
             if config_file is None:
                 resolve_weights(checkpoints[0])  # says so when there is nothing at all
                 raise ConfigError(f"--checkpoint {checkpoints[0]} has no config.yaml beside it (a bare weights file): name "

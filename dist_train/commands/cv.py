@@ -27,12 +27,12 @@ from dist_train.commands.distill import prepare_teacher
 from dist_train.commands.inference import THRESHOLDS_FILE, predict_split
 from dist_train.config import Config, fold_output_dir, resolve, to_dict
 from dist_train.data.columns import distinct_count
-from dist_train.data.tables import ids_digest, split_source
+from dist_train.data.tables import group_ids, ids_digest, split_source
 from dist_train.errors import ConfigError, DataError
 from dist_train.job.distributed import forget_process_group, is_main_process_env, say_main
 from dist_train.loop.trainer import fit
 from dist_train.models.metrics import tune_thresholds
-from dist_train.models.tasks import Task, group_ids, load_folds
+from dist_train.models.tasks import Task, load_folds
 from dist_train.rundir.checkpoint import complete_checkpoints
 from dist_train.rundir.files import atomic_path, write_text_atomic
 from dist_train.rundir.report import RUN_INFO_FILE
@@ -166,7 +166,8 @@ def summarize(config: Config) -> dict:
             {"thresholds": tuned[1].tolist(), "classes": task.class_names,
              "tuned_on": f"the out-of-fold predictions of {output_dir.resolve()}", "beta": config.task.threshold_beta},
             indent=1))
-    write_oof(output_dir / OOF_FILE, task, records.ids, folds, targets, outputs)
+    write_oof(output_dir / OOF_FILE, task, records.ids, folds, targets, outputs,
+              task.predictions_at(outputs, tuned[0][folds]) if tuned is not None else None)
     write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     say_main(summary_table(summary, task.headline(), split_source(config.data, "train").table))
     if tuned is not None:
@@ -213,9 +214,13 @@ def nested_thresholds(task: Task, outputs: torch.Tensor, targets: torch.Tensor, 
     return per_fold, tune_thresholds(probabilities, targets, beta)
 
 
-def write_oof(path: Path, task: Task, ids: list[str], folds: np.ndarray, targets: torch.Tensor, outputs: torch.Tensor) -> None:
-    """id, fold, target, prediction (as the submission writes them) and, for classes, prob_<class>, in table order."""
-    columns = {"id": ids, "fold": folds.tolist(), "target": task.target_labels(targets), "prediction": task.predictions(outputs)}
+def write_oof(path: Path, task: Task, ids: list[str], folds: np.ndarray, targets: torch.Tensor, outputs: torch.Tensor,
+              predictions: list[str] | None = None) -> None:
+    """id, fold, target, prediction (as the submission writes them; multi-label under task.threshold=tune: at its
+    fold's thresholds, tuned on the other folds, as cv_summary.json's oof scores them) and, for classes,
+    prob_<class>, in table order."""
+    columns = {"id": ids, "fold": folds.tolist(), "target": task.target_labels(targets),
+               "prediction": predictions if predictions is not None else task.predictions(outputs)}
     if task.class_names is not None:
         probabilities = task.probabilities(outputs)
         columns.update({f"prob_{name}": [f"{p:.6g}" for p in probabilities[:, c].tolist()]

@@ -91,13 +91,13 @@ def prepare_teacher(config: Config, resume: str | None = None, overwrite: bool =
 def find_teacher(config: Config) -> Teacher:
     """distill.teacher resolved: a cross-validation run's directory is its folds' ensemble (under cv.folds: the fold
     of the student's fold, or its oof.csv); a run directory its best checkpoint; a checkpoint itself."""
-    found = locate(config.distill.teacher, accept=("checkpoint", "run", "cv"), what="distill.teacher",
-                   wants="a checkpoint, a run, a cross-validation run or a study directory (a weights file has no config.yaml)")
+    found = locate(config.distill.teacher, accept=("checkpoint", "run", "cv", "weights"), what="distill.teacher")
     cv_dir = found.inner.form == "cv"
     source = found.inner.home if cv_dir else Path(config.distill.teacher)  # (a study's best trial, when it is a CV run)
     file = found.inner.home / "config.yaml"
     if not file.is_file():
-        raise ConfigError(f"distill.teacher {config.distill.teacher}: no config.yaml in {found.inner.home}")
+        raise ConfigError(f"distill.teacher {config.distill.teacher}: no config.yaml in {found.inner.home} (the teacher's "
+                          f"model and preprocessing): name its checkpoint or run directory")
     oof = None
     if config.cv.folds and cv_dir and config.distill.cv_targets == "oof":
         oof, checkpoints = source / OOF_FILE, []

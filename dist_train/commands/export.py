@@ -8,6 +8,7 @@ tolerance, or a different predicted class, is an error and leaves no file behind
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import warnings
@@ -131,7 +132,8 @@ def exported_model(found: Located, overrides: list[str], model: nn.Module | None
     networks = []
     for path in weights:
         network = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False),
-                              task.num_outputs, config.data.channels, config.data.image_size, given=model)
+                              task.num_outputs, config.data.channels, config.data.image_size,
+                              given=copy.deepcopy(model) if model is not None and len(weights) > 1 else model)
         network.load_state_dict(read_weights(path))
         networks.append(network.eval())
     if found.inner.form != "cv":

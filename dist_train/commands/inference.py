@@ -22,12 +22,13 @@ from dist_train.data.columns import distinct_count
 from dist_train.data.datasets import ModelInput, build_dataset, decodes_on_device
 from dist_train.data.loaders import build_loader
 from dist_train.data.splits import load_test_records
+from dist_train.data.tables import group_ids
 from dist_train.errors import CheckpointError, ConfigError, DataError
 from dist_train.job.distributed import build_accelerator, main_print
 from dist_train.loop.ranks import check_each_once, predict_gathered
 from dist_train.models.losses import build_loss
 from dist_train.models.networks import build_model, read_weights
-from dist_train.models.tasks import Task, build_task, group_ids, label_names, load_table, load_task, task_for_datasets
+from dist_train.models.tasks import Task, build_task, label_names, load_table, load_task, task_for_datasets
 from dist_train.rundir.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, verify
 from dist_train.rundir.submission import write_submission
 
@@ -194,10 +195,10 @@ def saved_thresholds(located: list[Located], checkpoints: list, classes: int) ->
             f"thresholds: the mean of the {len(found)} checkpoints' own (each tuned on its validation split)")
 
 
-def checkpoint_config_file(checkpoint: str | Path) -> Path | None:
+def checkpoint_config_file(checkpoint: str | Path, last: bool = False) -> Path | None:
     """The config.yaml of what `checkpoint` names (config.locate): a checkpoint's, a run's, a cross-validation run's own,
     a study's best trial's, or the one beside a weights file; None when there is none."""
-    found = locate(checkpoint)
+    found = locate(checkpoint, last=last)
     file = found.home / "config.yaml"
     return file if file.is_file() else None
 

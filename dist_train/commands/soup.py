@@ -73,7 +73,7 @@ def soup(checkpoint: str | Path, output: str | Path, overrides: list[str] = (), 
     log(f"soup: the {len(folds)} folds of {cv_dir} averaged into {output}"
         + (f" (BatchNorm statistics recomputed on the {recomputed} rows of the training table)" if recomputed else ""))
     report = {"folds": [str(f) for f in folds], "weights": config.inference.weights, "batchnorm_rows": recomputed,
-              **scores(cv_dir, config, folds, output)}
+              **scores(cv_dir, config, folds, output, last)}
     (output / SOUP_FILE).write_text(json.dumps(report, indent=1))
     log(score_table(report, task.headline()))
     return report
@@ -146,7 +146,7 @@ def write_checkpoint(output: Path, model: torch.nn.Module, config: Config, label
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def scores(cv_dir: Path, config: Config, folds: list[Path], output: Path) -> dict:
+def scores(cv_dir: Path, config: Config, folds: list[Path], output: Path, last: bool = False) -> dict:
     """The folds' and the ensemble's out-of-fold scores (cv_summary.json), and, when data.val names a labelled table,
     every fold's, the ensemble's and the soup's on it."""
     found = {}
@@ -158,7 +158,8 @@ def scores(cv_dir: Path, config: Config, folds: list[Path], output: Path) -> dic
     if config.data.val is None:
         return found
     held_out = {}
-    for name, checkpoints in [*[(f"fold {k}", [fold]) for k, fold in enumerate(folds)], ("ensemble", [cv_dir]),
+    ensemble = folds if last else [cv_dir]  # (the directory: with its out-of-fold thresholds, multi-label)
+    for name, checkpoints in [*[(f"fold {k}", [fold]) for k, fold in enumerate(folds)], ("ensemble", ensemble),
                               ("soup", [output])]:
         try:
             prediction = predict_split(config, checkpoints, split="val")

@@ -246,8 +246,9 @@ def _split_name(split: str | SplitConfig | None) -> str:
 
 MODEL_SHAPING = ("model.", "task.", "data.channels", "data.image_size")
 """Config keys (prefixes) whose value the trained weights depend on; model.pretrained and model.freeze do not."""
-NOT_SHAPING = ("model.pretrained", "model.freeze", "task.threshold", "task.threshold_beta")
-"""Keys under MODEL_SHAPING that leave the weights alone (a multi-label decision threshold is applied after them)."""
+NOT_SHAPING = ("model.pretrained", "model.freeze", "task.threshold", "task.threshold_beta", "task.label_separator")
+"""Keys under MODEL_SHAPING that leave the weights alone (a multi-label decision threshold, and how the submission
+joins the class names, are applied after them)."""
 
 
 def model_shaping_differences(saved: dict[str, Any], config: Config) -> list[tuple[str, Any, Any]]:

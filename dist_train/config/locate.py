@@ -80,8 +80,15 @@ def _read(path: Path, given: str, last: bool, what: str) -> Located:
         said = (f"a study: its best trial, {trial.given} ({summary.get('objective')} {best['value']:.4f}), "
                 f"{trial.said}")
         return Located(given, "study", trial.checkpoints, trial.home, trial, said)
-    cv = (_saved_config(path).get("cv") or {}) if (path / "config.yaml").is_file() else {}
-    if cv.get("folds") and cv.get("fold") is None and not (path / "checkpoints").is_dir():
+    saved = _saved_config(path) if (path / "config.yaml").is_file() else {}
+    if (saved.get("hpo") or {}).get("trials"):
+        raise CheckpointError(f"{what} {given} is a study without a complete trial yet (no {HPO_SUMMARY_FILE})")
+    cv = saved.get("cv") or {}
+    if cv.get("folds") and cv.get("fold") is None and (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{what} {given} holds a run's checkpoints/ and a cross-validation run's config.yaml (one "
+                              f"output_dir used for both): name the checkpoint ({path / 'checkpoints' / 'best'}) or a "
+                              f"fold ({fold_output_dir(path, 0)}), or give each run its own output_dir")
+    if cv.get("folds") and cv.get("fold") is None:
         folds = [fold_output_dir(path, k) / "checkpoints" / which for k in range(cv["folds"])]
         missing = [str(f) for f in folds if not f.is_dir()]
         if missing:
@@ -93,7 +100,8 @@ def _read(path: Path, given: str, last: bool, what: str) -> Located:
     if (path / "checkpoints").is_dir():
         checkpoint = path / "checkpoints" / which
         if not checkpoint.is_dir():
-            raise CheckpointError(f"{what} {given}: a run without a {which} checkpoint yet ({checkpoint})")
+            raise CheckpointError(f"{what} {given}: a run without a {which} checkpoint yet ({checkpoint})"
+                                  f"{'; --last takes its last one' if not last else ''}")
         return Located(given, "run", (checkpoint,), checkpoint, said=f"a run: its {which} checkpoint, "
                                                                      f"{checkpoint.resolve().name}")
     if (path / "manifest.json").is_file() or (path / "model.safetensors").is_file():

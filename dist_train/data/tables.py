@@ -206,6 +206,14 @@ def binary_column(values, where: str) -> torch.Tensor:
     return numbers.float()
 
 
+def group_ids(groups) -> torch.Tensor | None:
+    """Query names as integer ids, numbered in the order they first appear (ranking metrics group rows by them); None
+    stays None."""
+    if groups is None:
+        return None
+    return torch.from_numpy(Column.of(groups).first_codes())
+
+
 def sorted_labels(labels) -> list[str]:
     """Unique labels, numerically sorted when all are integers (so "10" comes after "9")."""
     unique = set(labels.distinct()) if isinstance(labels, Column) else set(labels)

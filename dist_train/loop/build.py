@@ -20,7 +20,7 @@ from dist_train.data.datasets import ModelInput, build_dataset, decodes_on_devic
 from dist_train.data.loaders import build_loader
 from dist_train.data.mixing import BatchMixer
 from dist_train.data.pseudo import pseudo_labelled, with_pseudo_labels
-from dist_train.data.tables import Records
+from dist_train.data.tables import Records, group_ids
 from dist_train.errors import ConfigError, DistributedSetupError, is_out_of_memory
 from dist_train.job import faults
 from dist_train.job.distributed import main_print, unwrap
@@ -42,7 +42,7 @@ from dist_train.models.ema import ModelEMA
 from dist_train.models.losses import build_loss
 from dist_train.models.networks import build_model, has_batchnorm, parameter_counts
 from dist_train.models.optim import Schedule, build_optimizer
-from dist_train.models.tasks import Task, group_ids, load_task, task_for_datasets
+from dist_train.models.tasks import Task, load_task, task_for_datasets
 from dist_train.rundir.checkpoint import describe_last
 
 

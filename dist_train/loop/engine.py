@@ -427,7 +427,7 @@ class Run:
         if self.parts.task.kind == "classification":
             self.reporter.figures(state.global_step, metrics, self.parts.labels, self.parts.val_set, outputs)
         if self.parts.task.kind == "multilabel":
-            state.thresholds = metrics["thresholds"]
+            state.thresholds = metrics["thresholds"] if self.config.task.threshold == "tune" else None
             self.reporter.scalars({f"val_ap/{name}": ap for name, ap in zip(self.parts.task.class_names, metrics["per_class_ap"])
                                    if ap is not None}, state.global_step)
         if result.skipped_samples:

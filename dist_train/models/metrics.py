@@ -164,9 +164,10 @@ def multilabel_metrics(probabilities: torch.Tensor, targets: torch.Tensor, thres
     - val_map_macro: scikit-learn's `average_precision_score` per class, averaged over the classes that have a positive
       row (a class without one has no precision-recall curve: left out, as `roc_auc` leaves such classes out);
       val_map_micro: over every (row, class) cell at once (`average="micro"`). Neither depends on the thresholds.
-    - val_f1_macro / val_f1_micro / val_precision_macro / val_recall_macro: scikit-learn's, `zero_division=0`;
-      val_f1_samples: per row, averaged, where a row with no true and no predicted class scores 1 (nothing missed,
-      nothing wrong: `zero_division=1`, which only that row's F1 reaches).
+    - val_f1_macro / val_precision_macro / val_recall_macro: scikit-learn's, `zero_division=0`, averaged over the classes
+      that have a positive row or a predicted one (a class absent from both has nothing to score: left out, as from
+      mAP); val_f1_micro over every cell; val_f1_samples: per row, averaged, where a row with no true and no predicted
+      class scores 1 (nothing missed, nothing wrong: `zero_division=1`, which only that row's F1 reaches).
     - val_hamming_loss: the fraction of wrong cells; val_exact_match: the fraction of rows whose set is exactly right.
     - per_class_ap (None for a class without positives), per_class_f1, thresholds: lists, one entry per class.
     """
@@ -178,14 +179,16 @@ def multilabel_metrics(probabilities: torch.Tensor, targets: torch.Tensor, thres
     ap = [float(sk.average_precision_score(y[:, c], p[:, c])) if present[c] else None for c in range(y.shape[1])]
     known = [a for a in ap if a is not None]
     f1 = sk.f1_score(y, predicted, average=None, zero_division=0)
+    scored = np.flatnonzero(present | predicted.any(0))
+    macro = {"labels": scored, "average": "macro", "zero_division": 0}
     return {
         "val_map_macro": float(np.mean(known)) if known else float("nan"),
         "val_map_micro": float(sk.average_precision_score(y.ravel(), p.ravel())) if present.any() else float("nan"),
-        "val_f1_macro": float(f1.mean()),
+        "val_f1_macro": float(f1[scored].mean()) if len(scored) else 1.0,
         "val_f1_micro": float(sk.f1_score(y, predicted, average="micro", zero_division=0)),
         "val_f1_samples": float(sk.f1_score(y, predicted, average="samples", zero_division=1)),
-        "val_precision_macro": float(sk.precision_score(y, predicted, average="macro", zero_division=0)),
-        "val_recall_macro": float(sk.recall_score(y, predicted, average="macro", zero_division=0)),
+        "val_precision_macro": float(sk.precision_score(y, predicted, **macro)) if len(scored) else 1.0,
+        "val_recall_macro": float(sk.recall_score(y, predicted, **macro)) if len(scored) else 1.0,
         "val_hamming_loss": float(sk.hamming_loss(y, predicted)),
         "val_exact_match": float(sk.accuracy_score(y, predicted)),
         "val_samples": int(len(y)),

@@ -109,8 +109,9 @@ def _labeller(config: Config):
             for head, classes in sizes.items():
                 if len(classes) < 2:
                     raise DataError(f"{where}{f', head {head}' if head else ''}: found {len(classes)} class; need at least 2")
-            if isinstance(defined, dict) and defined.get("multilabel") == []:
-                raise DataError(f"{where}: no class names in column {config.data.label_column!r} (task.kind=multilabel)")
+            if isinstance(defined, dict) and "multilabel" in defined and len(defined["multilabel"]) < 2:
+                raise DataError(f"{where}: {len(defined['multilabel'])} class name(s) in column {config.data.label_column!r}; "
+                                f"task.kind=multilabel needs at least 2")
             task = build_task(config, defined)
         targets = task.encode(columns, where)
         if first and task.kind == "multilabel":
@@ -350,6 +351,9 @@ class MultiLabel(Task):
     def __init__(self, config: Config, labels: dict):
         self.config, self.class_names = config, list(labels["multilabel"])
         self.num_outputs = len(self.class_names)
+        if self.num_outputs < 2:  # (scikit-learn's per-row scores need two columns; one class is binary classification)
+            raise ConfigError(f"task.kind=multilabel needs at least 2 classes, not {self.class_names}: one class present or "
+                              f"not is task.kind=classification with 2 classes")
         self.positives, self.rows = labels.get("positives"), labels.get("rows")
         threshold = config.task.threshold
         # one per class; None (task.threshold=tune) until tuned ones are given, metrics() tuning them on what it scores
@@ -400,7 +404,11 @@ class MultiLabel(Task):
     def predictions(self, outputs):
         if self.thresholds is None:
             raise ValueError("multilabel predictions need thresholds: tuned ones given (use_thresholds) or task.threshold")
-        return self._joined(outputs.float().sigmoid().numpy() >= self.thresholds[None, :])
+        return self.predictions_at(outputs, self.thresholds)
+
+    def predictions_at(self, outputs, thresholds) -> list[str]:  # (thresholds: one per class, or a row of them per row)
+        thresholds = np.asarray(thresholds, dtype=np.float64)
+        return self._joined(outputs.float().sigmoid().numpy() >= (thresholds if thresholds.ndim == 2 else thresholds[None, :]))
 
     def target_labels(self, targets):
         return self._joined(targets.numpy() > 0.5)
@@ -481,14 +489,6 @@ class Ranking(Task):
 
     def predictions(self, outputs):
         return [f"{v:.6g}" for v in outputs.float().reshape(-1).tolist()]
-
-
-def group_ids(groups) -> torch.Tensor | None:
-    """Query names as integer ids, numbered in the order they first appear (ranking metrics group rows by them); None
-    stays None."""
-    if groups is None:
-        return None
-    return torch.from_numpy(Column.of(groups).first_codes())
 
 
 def _product(lists: list[list[str]]) -> list[list[str]]:

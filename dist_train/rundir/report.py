@@ -24,9 +24,10 @@ RUN_INFO_FILE = "run_info.json"
 
 
 def bars() -> bool:
-    """Progress bars where they can be redrawn: stderr is a terminal. Anywhere else (a file, a pipe) a bar is a line of
-    carriage returns; the training loop prints step lines there instead (step_line)."""
-    return sys.stderr.isatty()
+    """Progress bars where they can be redrawn: stderr is a terminal, or a notebook's kernel (tqdm.auto draws a widget).
+    Anywhere else (a file, a pipe) a bar is a line of carriage returns; the training loop prints step lines there
+    instead (step_line)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def progress(iterable, desc: str, accelerator: Accelerator) -> tqdm:
