@@ -21,7 +21,7 @@ from dist_train.commands.inference import predict, predict_split
 from dist_train.commands.scaffold import COMMANDS
 from dist_train.config import load_config
 from dist_train.config.locate import locate
-from dist_train.config.pretrained import weights_file
+from dist_train.config.pretrained import describe_weights, weights_file
 from dist_train.data.datasets import build_dataset
 from dist_train.data.splits import load_test_records
 from dist_train.errors import ConfigError, DistTrainError
@@ -147,6 +147,8 @@ def test_every_command_takes_its_forms_and_refuses_the_others_in_one_line(runs, 
         study = json.loads((runs["study"] / "hpo_summary.json").read_text())["best"]["dir"]
         assert weights_file(runs["study"]) == runs["study"] / study / "checkpoints" / "best" / "model.safetensors"
         assert weights_file(runs["run"]) == runs["run"] / "checkpoints" / "best" / "model.safetensors"
+        assert describe_weights(runs["run"]) == (f"a run: its best checkpoint, {(runs['run'] / 'checkpoints' / 'best').resolve().name}: "
+                                                 f"its weights {runs['run'] / 'checkpoints' / 'best' / 'model.safetensors'}")
 
 
 def test_dist_train_lists_every_command_and_each_says_its_own_usage(capsys):

@@ -56,6 +56,14 @@ def weights_file(pretrained: str | Path) -> Path:
     return path
 
 
+def describe_weights(pretrained: str | Path) -> str:
+    """What a model.pretrained folder was read as (weights_file), one line for the run's start."""
+    path, file = Path(pretrained), weights_file(pretrained)
+    if file.parent == path:
+        return f"the weights {file}"
+    return f"{locate(path, accept=('checkpoint', 'run')).said}: its weights {file}"
+
+
 def pretrained_cfg(arch: str, pretrained: str | Path | None) -> tuple[dict, str]:
     """timm's pretrained_cfg of the weights, and where it came from: the config.json beside the weights file (timm's
     hub cache and save_for_hf write one), else timm's own entry for `arch` (its tag, or the model's default tag)."""

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dist_train.config import Config
+from dist_train.config.pretrained import describe_weights
 from dist_train.custom import IndexedDataset, user_datasets
 from dist_train.data.datasets import ModelInput, build_dataset, decodes_on_device
 from dist_train.data.loaders import build_loader
@@ -133,6 +134,8 @@ def build_parts(accelerator: Accelerator, config: Config, given: Given | None = 
         data = load_data(config, given, limits)
     if data.pseudo is not None:
         main_print(accelerator, pseudo_line(data.pseudo))
+    if config.model.pretrained and Path(config.model.pretrained).is_dir():  # one of our runs, a checkpoint, timm's folder
+        main_print(accelerator, f"model.pretrained {config.model.pretrained}: {describe_weights(config.model.pretrained)}")
     model = build_network(config, data.task, given.model)
     model_name = config.model.name if given.model is None and config.model.file is None else type(model).__name__
     refuse_deepspeed_batchnorm(accelerator, config, model)
