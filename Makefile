@@ -13,7 +13,7 @@ OUT ?= runs/gpu-check
 
 install: $(STAMP)
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): setup.py constraints.txt tests/mlflow-server.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# uv installs the same pins as pip (constraints.txt) in about 20 s instead of about 3 min; pip where uv cannot be had
 	@# --compile-bytecode: the .pyc files pip writes and uv does not by default; without them, where PYTHONDONTWRITEBYTECODE
@@ -21,6 +21,11 @@ $(STAMP): setup.py constraints.txt
 	{ $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt uv && \
 	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[dev,deepspeed,export]'; } || \
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,deepspeed,export]'
+	@# an MLflow tracking server for the tests (tests/test_mlflow.py starts it): the full `mlflow`, in a venv of its own,
+	@# as a server is another machine's (its pins, tests/mlflow-server.txt, need pyarrow < 26; the client is mlflow-skinny)
+	test -x $(VENV)/mlflow-server/bin/python || $(PYTHON) -m venv $(VENV)/mlflow-server
+	{ $(BIN)/uv pip install --quiet --python $(VENV)/mlflow-server/bin/python -r tests/mlflow-server.txt; } || \
+	$(VENV)/mlflow-server/bin/python -m pip install --quiet --disable-pip-version-check -r tests/mlflow-server.txt
 	touch $(STAMP)
 
 # WORKERS tests at a time (pytest-xdist; tests/conftest.py keeps a module's shared runs on one worker); WORKERS=0: one.

@@ -30,8 +30,10 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15", "transformers>=4.40"],
         "wandb": ["wandb>=0.17"],
+        "mlflow": ["mlflow-skinny>=2.10"],  # the client (tracking.trackers: [mlflow]); a server is the full `mlflow`
         "export": ["onnx>=1.14", "onnxruntime>=1.16"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "pytest-randomly>=3.15", "psutil>=5.9", "wandb>=0.17",
+                "mlflow-skinny>=2.10",
                 # the docs site (make docs; tests/test_docs.py builds it)
                 "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings>=0.26", "mkdocstrings-python>=1.10"],
     },

@@ -35,6 +35,7 @@ from dist_train.models.metrics import tune_thresholds
 from dist_train.models.tasks import Task, load_folds
 from dist_train.rundir.checkpoint import complete_checkpoints
 from dist_train.rundir.files import atomic_path, write_text_atomic
+from dist_train.rundir.mlflow_runs import parent_run
 from dist_train.rundir.report import RUN_INFO_FILE
 
 OOF_FILE = "oof.csv"
@@ -60,16 +61,22 @@ def cross_validate(config: Config, resume: str | None = None, overwrite: bool = 
         whole = replace(config, cv=replace(config.cv, fold=None))  # the run's config, whichever fold this job trains
         write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(to_dict(whole), sort_keys=False))
     folds = [config.cv.fold] if config.cv.fold is not None else list(range(config.cv.folds))
-    for fold in folds:
-        train_fold(fold_config(config, fold), resume, overwrite)
-        if after_fold is not None and after_fold(fold):
+    # tracking.trackers with mlflow: a run for the cross-validation, the folds' runs nested under it, the OOF scores on it
+    with parent_run(config.tracking, output_dir, is_main_process_env()) as log_parent:
+        for fold in folds:
+            train_fold(fold_config(config, fold), resume, overwrite)
+            if after_fold is not None and after_fold(fold):
+                return None
+        remaining = [k for k in range(config.cv.folds) if fold_state(fold_output_dir(output_dir, k)) != "done"]
+        if remaining:
+            say_main(f"cv: fold(s) {', '.join(map(str, remaining))} of {config.cv.folds} not done yet; {OOF_FILE} and "
+                     f"{SUMMARY_FILE} are written when the last one finishes")
             return None
-    remaining = [k for k in range(config.cv.folds) if fold_state(fold_output_dir(output_dir, k)) != "done"]
-    if remaining:
-        say_main(f"cv: fold(s) {', '.join(map(str, remaining))} of {config.cv.folds} not done yet; {OOF_FILE} and {SUMMARY_FILE} "
-                 f"are written when the last one finishes")
-        return None
-    return summarize(config) if is_main_process_env() else None
+        if not is_main_process_env():
+            return None
+        summary = summarize(config)
+        log_parent({f"oof/{k[4:]}": v for k, v in summary["oof"].items() if isinstance(v, float)})
+        return summary
 
 
 def fold_config(config: Config, fold: int) -> Config:

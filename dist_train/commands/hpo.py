@@ -49,6 +49,7 @@ from dist_train.job.distributed import (
 )
 from dist_train.loop.trainer import fit
 from dist_train.rundir.files import write_text_atomic
+from dist_train.rundir.mlflow_runs import parent_run
 from dist_train.rundir.report import best_epoch_metric
 from dist_train.rundir.runlock import LockHeld, RunLock
 
@@ -79,16 +80,20 @@ def tune(config: Config, resume: str | None = None, overwrite: bool = False) -> 
             study.finish(outcomes[0], [o["position"] for o in outcomes])
         return study.claim()
 
-    try:
-        while True:
-            claim = agree(config, outcome, decide)
-            if claim is None:
-                break
-            say_main(claim["line"])
-            outcome = run_trial(config, claim, study)
-    finally:
-        if study is not None:
-            study.release()
+    # tracking.trackers with mlflow: a run for the study, each trial's run nested under it with its objective
+    with parent_run(config.tracking, Path(config.output_dir), is_main_process_env()) as log_parent:
+        try:
+            while True:
+                claim = agree(config, outcome, decide)
+                if claim is None:
+                    break
+                say_main(claim["line"])
+                outcome = run_trial(config, claim, study)
+                if outcome.get("value") is not None:
+                    log_parent({"objective": outcome["value"]}, step=claim["number"])
+        finally:
+            if study is not None:
+                study.release()
     if study is not None:
         with study.locked():  # (no other worker's result lands between the journal read and the files written)
             report(config, study.study, trial_config)

@@ -149,6 +149,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: file not found: {path}")
     validate_splits(config)
     validate_teacher_and_pseudo_labels(config)
+    validate_trackers(config)
 
 
 def validate_task(config: Config) -> None:
@@ -181,6 +182,26 @@ def validate_task(config: Config) -> None:
     for ok, message in task_checks:
         if not ok:
             raise ConfigError(message)
+
+
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"), "wandb": ("wandb", "wandb"),
+            "comet_ml": ("comet_ml", "comet-ml"), "aim": ("aim", "aim"), "clearml": ("clearml", "clearml"),
+            "dvclive": ("dvclive", "dvclive")}
+"""tracking.trackers' names (Accelerate's) -> (the module it imports, the package that has it)."""
+
+
+def validate_trackers(config: Config) -> None:
+    """Each tracker named is known and installed: Accelerate alone leaves out one that is not, without a word."""
+    import importlib.util
+
+    for name in config.tracking.trackers:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, list(TRACKERS), n=1)
+            raise ConfigError(f"tracking.trackers: unknown tracker {name!r}{f'; did you mean {close[0]}?' if close else ''} "
+                              f"(choose from {', '.join(TRACKERS)})")
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"tracking.trackers: {name} is not installed here: pip install {package}")
 
 
 def validate_splits(config: Config) -> None:

@@ -383,12 +383,24 @@ class CheckpointConfig:
 class TrackingConfig:
     """What is reported while training (TensorBoard always; train.log_every_n_steps sets the pace)."""
 
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where the scalars go, besides the run directory: any of tensorboard (always on), mlflow, wandb, comet_ml, aim,
+    clearml, dvclive (Accelerate's trackers; each needs its package). Each gets the flattened config as parameters,
+    every logged scalar with its step and, at the end, the final metrics."""
+    project: str = "dist_train"
+    """The experiment (MLflow) or project (the others) the runs are filed under."""
+    mlflow_uri: str | None = None
+    """The MLflow tracking server, e.g. http://mlflow.internal:5000; None: MLFLOW_TRACKING_URI (else ./mlruns)."""
+    mlflow_required: bool = True
+    """A tracking server that does not answer at the start is an error (one line); false: a warning, and the run goes
+    on without MLflow."""
     images: bool = True
     """Per evaluation: a confusion-matrix figure and a grid of the worst validation mistakes."""
     num_images: int = 16
     """How many of the worst mistakes the grid shows."""
     wandb: bool = False
-    """Also log to Weights & Biases (pip install wandb; WANDB_MODE=offline to log without an account)."""
+    """Also log to Weights & Biases (pip install wandb; WANDB_MODE=offline to log without an account): the older
+    spelling of tracking.trackers: [tensorboard, wandb]."""
     wandb_project: str = "dist_train"
 
 

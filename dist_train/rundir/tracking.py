@@ -1,8 +1,10 @@
-"""What a run reports while it trains: TensorBoard (and optionally W&B) from the main process only.
+"""What a run reports while it trains: TensorBoard, and the trackers tracking.trackers adds (MLflow, W&B, Comet, Aim,
+ClearML, DVCLive), from the main process only.
 
 Scalars go through Accelerate's trackers (`accelerator.log`, a no-op on other ranks). Per evaluation
 the main process also writes per-class F1, a confusion-matrix figure and a grid of the worst
-validation mistakes to TensorBoard, and at the end the hyper-parameters with the final metrics.
+validation mistakes to TensorBoard (the figure to MLflow too), and at the end the hyper-parameters with the final
+metrics (the other trackers: the flattened config as parameters at the start, the final metrics at the end).
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ import numpy as np
 import torch
 
 from dist_train.config import TrackingConfig
+from dist_train.errors import ConfigError
+from dist_train.job.distributed import same_on_all_ranks
+from dist_train.rundir.mlflow_runs import ResumableMLflow, connect
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -29,15 +34,31 @@ class Tracking:
         # after a resume, TensorBoard hides what the killed run logged past the checkpoint
         purge = {"purge_step": resumed_at + 1} if resumed_at is not None else {}
         trackers = [TensorBoardTracker(TENSORBOARD_DIR, str(run_dir), **purge)]
-        if cfg.wandb:
+        names = list(dict.fromkeys([*cfg.trackers, *(["wandb"] if cfg.wandb else [])]))
+        if "wandb" in names:
             from accelerate.tracking import WandBTracker
 
             run_id = wandb_run_id(run_dir) if accelerator.is_main_process else None
             trackers.append(WandBTracker(cfg.wandb_project, name=run_dir.name, dir=str(run_dir), resume="allow", id=run_id))
+        if "mlflow" in names and mlflow_on(accelerator, cfg):
+            trackers.append(ResumableMLflow(cfg, run_dir, resumed=resumed_at is not None))
+        trackers += [name for name in names if name not in ("tensorboard", "wandb", "mlflow")]  # Accelerate builds them
         accelerator.log_with = trackers  # Accelerate starts them, and logs, on the main process only
-        accelerator.init_trackers(TENSORBOARD_DIR)
-        if cfg.wandb and accelerator.is_main_process:
+        accelerator.init_trackers(cfg.project)  # (the project of the trackers Accelerate builds; TensorBoard's is its own)
+        if not accelerator.is_main_process:
+            return
+        if "wandb" in names:
             accelerator.get_tracker("wandb", unwrap=True).config.update(hparams, allow_val_change=True)
+        for tracker in self.others():
+            tracker.store_init_configuration(hparams)
+            if isinstance(tracker, ResumableMLflow) and (run_dir / "config.yaml").is_file():
+                tracker.log_artifact(run_dir / "config.yaml")
+
+    def others(self) -> list:
+        """The main process's trackers beside TensorBoard and W&B (whose parameters go their own ways)."""
+        if not self.accelerator.is_main_process:
+            return []
+        return [t for t in self.accelerator.trackers if t.name not in ("tensorboard", "wandb")]
 
     @property
     def writer(self):
@@ -58,7 +79,11 @@ class Tracking:
             writer.add_scalar(f"val_f1_per_class/{name}", f1, step)
         if not self.cfg.images:
             return
-        writer.add_figure("val/confusion_matrix", confusion_figure(metrics["confusion_matrix"], classes), step)
+        figure = confusion_figure(metrics["confusion_matrix"], classes)
+        for tracker in self.others():
+            if isinstance(tracker, ResumableMLflow):
+                tracker.log_figure(figure, "confusion_matrix.png")  # (the latest evaluation's)
+        writer.add_figure("val/confusion_matrix", figure, step)
         # (the grid reads the built-in dataset's image files; a user's dataset has none to show)
         grid = worst_mistakes_grid(dataset, outputs, classes, self.cfg.num_images) if hasattr(dataset, "records") else None
         if grid is not None:
@@ -73,11 +98,28 @@ class Tracking:
             return
         from torch.utils.tensorboard.summary import hparams
 
+        for tracker in self.others():
+            tracker.log({f"final/{k}": v for k, v in final_metrics.items()}, step=step)
         metrics = {f"hparam/{k}": v for k, v in final_metrics.items()}
         for summary in hparams(self.hparams, metrics):
             writer._get_file_writer().add_summary(summary)
         for key, value in metrics.items():
             writer.add_scalar(key, value, step)
+
+
+def mlflow_on(accelerator, cfg: TrackingConfig) -> bool:
+    """The main process checks the server (mlflow_runs.connect); its verdict -- on, off (a warning), or the error every
+    rank raises -- is every rank's."""
+    verdict = None
+    if accelerator.is_main_process:
+        try:
+            verdict = "on" if connect(cfg) else "off"
+        except ConfigError as exc:
+            verdict = str(exc)
+    verdict = same_on_all_ranks(accelerator, verdict)
+    if verdict not in ("on", "off"):
+        raise ConfigError(verdict)
+    return verdict == "on" and accelerator.is_main_process
 
 
 def wandb_run_id(run_dir: Path) -> str:
