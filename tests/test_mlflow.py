@@ -107,6 +107,11 @@ def test_a_cross_validation_is_a_parent_run_with_a_nested_run_per_fold(server, d
     summary = json.loads((tmp_path / "cv_summary.json").read_text())
     assert mlflow.get_run(parent).data.metrics["oof/accuracy"] == pytest.approx(summary["oof"]["val_accuracy"])
     assert "confusion_matrix.png" in {a.path for a in mlflow.list_artifacts(folds[0].info.run_id)}
+    # the folds' submission joins the cross-validation's run
+    proc = run_cli("predict.py", ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "submission.csv")],
+                   env={"MLFLOW_TRACKING_URI": server})
+    assert f"mlflow: submission.csv logged to the run {parent}" in proc.stdout
+    assert "submission.csv" in {a.path for a in mlflow.list_artifacts(parent)}
 
 
 def test_a_missing_tracker_and_a_server_that_is_not_there_are_one_line(digits_root, tmp_path):

@@ -30,6 +30,7 @@ from dist_train.models.losses import build_loss
 from dist_train.models.networks import build_model, read_weights
 from dist_train.models.tasks import Task, build_task, label_names, load_table, load_task, task_for_datasets
 from dist_train.rundir.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, verify
+from dist_train.rundir.mlflow_runs import attach
 from dist_train.rundir.submission import write_submission
 
 
@@ -79,6 +80,8 @@ class Prediction:
     """Multi-label, task.threshold=tune: where the decision thresholds come from (one line)."""
     located: list[str] = field(default_factory=list)
     """What each --checkpoint was read as (config.locate), a line each."""
+    homes: list[Path] = field(default_factory=list)
+    """Where each --checkpoint's run is (config.locate's home: a checkpoint, a cross-validation run, ...)."""
 
 
 def predict(config: Config, checkpoint: str | Path | list, output: str | Path | None = None, split: str = "test",
@@ -104,6 +107,10 @@ def predict(config: Config, checkpoint: str | Path | list, output: str | Path | 
         main_print(accelerator, f"wrote {len(result.row_ids)} predictions from {accelerator.num_processes} process(es)"
                                 f"{f' averaging {result.checkpoints} checkpoints' if result.checkpoints > 1 else ''}"
                                 f"{' with flip TTA' if config.inference.tta == 'hflip' else ''} to {path}")
+        if split == "test" and len(result.homes) == 1:  # tracking.trackers with mlflow: the submission joins the run
+            run_id = attach(config.tracking, result.homes[0], path)
+            if run_id is not None:
+                main_print(accelerator, f"mlflow: {path.name} logged to the run {run_id}")
         if split == "val":
             clean = targets if targets.is_floating_point() else targets.clamp(min=0)
             losses = (build_loss(config.loss, task.num_outputs, given=loss) if loss is not None else task.loss())(outputs, clean)
@@ -163,7 +170,7 @@ def predict_split(config: Config, checkpoint: str | Path | list, split: str = "t
     accelerator.free_memory()  # (Accelerate keeps a reference to every loader it prepared)
     gc.collect()
     return Prediction(accelerator, task, list(row_ids), outputs, targets, groups, len(weights), thresholds_from,
-                      [found.line() for found in located])
+                      [found.line() for found in located], [found.inner.home for found in located])
 
 
 THRESHOLDS_FILE = "thresholds.json"

@@ -143,3 +143,24 @@ def parent_run(cfg: TrackingConfig, directory: Path, main: bool):
         yield lambda metrics, step=None: mlflow.log_metrics(metrics, step=step)
     finally:
         mlflow.end_run()
+
+
+def attach(cfg: TrackingConfig, directory: Path, file: Path) -> str | None:
+    """`file` (a submission) as an artifact of the MLflow run of `directory` (a run, a checkpoint of one, a
+    cross-validation run: the nearest mlflow_run_id at or above it); the run's id, None when it has none. A server that
+    does not answer is a warning here: the file is written already."""
+    directory = Path(directory)
+    run_id = next((saved_run_id(d) for d in (directory, directory.parent, directory.parent.parent) if saved_run_id(d)), None)
+    if run_id is None or not wanted(cfg):
+        return None
+    try:
+        if not connect(cfg):
+            return None
+        from mlflow import MlflowClient
+
+        MlflowClient(cfg.mlflow_uri).log_artifact(run_id, str(file))
+    except Exception as exc:  # (ConfigError of a server down, or the upload failing)
+        print(f"warning: {file} not logged to MLflow run {run_id}: {str(exc).strip().splitlines()[0][:200]}", flush=True)
+        return None
+    return run_id
+
