@@ -4,6 +4,7 @@ with each step once, a cross-validation is a parent run with a run per fold, and
 that is not there is one line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,7 +37,9 @@ def server(tmp_path_factory):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen([str(SERVER), "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
                              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=run_env(), start_new_session=True)
+                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            # (no job runner: its consumer processes come and go while the tests run; tracking needs none)
+                            env=run_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS="false"))
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -49,12 +52,18 @@ def server(tmp_path_factory):
         assert proc.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
         time.sleep(0.3)
     yield uri
+    import psutil
+
+    descendants = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    for child in descendants:  # (any that left the server's process group)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     log.close()
 
 
