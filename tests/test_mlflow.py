@@ -137,3 +137,24 @@ def test_a_missing_tracker_and_a_server_that_is_not_there_are_one_line(digits_ro
                    env={"MLFLOW_TRACKING_URI": nobody})
     assert f"warning: tracking: the MLflow tracking server at {nobody} does not answer" in proc.stdout
     assert (tmp_path / "on" / "run_info.json").is_file() and not (tmp_path / "on" / "mlflow_run_id").exists()
+
+
+def test_a_server_lost_mid_run_is_one_warning_and_the_run_goes_on(capsys, tmp_path):
+    """What ResumableMLflow does when a call to the server fails in the middle of a run: one warning, then no more
+    calls (the run logs to TensorBoard only), instead of the exception ending the epoch."""
+    from dist_train.config import TrackingConfig
+    from dist_train.rundir.mlflow_runs import ResumableMLflow
+
+    tracker = ResumableMLflow(TrackingConfig(trackers=["tensorboard", "mlflow"]), tmp_path, resumed=False)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("Connection refused")
+
+    tracker._safely(failing, 1)
+    tracker._safely(failing, 2)
+    tracker.log({"train/loss": 0.5}, step=3)  # (would need the server: skipped once it was lost)
+    assert calls == [(1,)] and tracker.lost
+    out = capsys.readouterr().out
+    assert out.count("warning: MLflow stopped answering (ConnectionError: Connection refused); the run goes on") == 1
