@@ -66,7 +66,7 @@ def distilled(digits_root, teacher, tmp_path_factory):
     from dist_train.commands import inference
     from dist_train.loop import trainer
 
-    built, fit, targets = inference.build_model, trainer.fit, Distillation.targets
+    built, fit, targets = inference.trained_network, trainer.fit, Distillation.targets
 
     def counted_model(*a, **k):  # every network predict_split builds: here only the teacher's
         network = built(*a, **k)
@@ -91,7 +91,7 @@ def distilled(digits_root, teacher, tmp_path_factory):
 
     live = distill_module.LiveTeacher.forward
     monkey.setattr(distill_module.LiveTeacher, "forward", counted_live)
-    monkey.setattr(inference, "build_model", counted_model)
+    monkey.setattr(inference, "trained_network", counted_model)
     monkey.setattr(trainer, "fit", counted_fit)
     monkey.setattr(Distillation, "targets", counted_targets)
     try:

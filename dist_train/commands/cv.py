@@ -31,7 +31,6 @@ from dist_train.data.tables import group_ids, ids_digest, split_source
 from dist_train.errors import ConfigError, DataError
 from dist_train.job.distributed import forget_process_group, is_main_process_env, say_main
 from dist_train.loop.trainer import fit
-from dist_train.models.metrics import tune_thresholds
 from dist_train.models.tasks import Task, load_folds
 from dist_train.rundir.checkpoint import complete_checkpoints
 from dist_train.rundir.files import atomic_path, write_text_atomic
@@ -214,11 +213,8 @@ def nested_thresholds(task: Task, outputs: torch.Tensor, targets: torch.Tensor, 
     the rows it scores flatters them as a hold-out tuned to itself does: each fold is scored with the other folds'."""
     if task.kind != "multilabel" or task.thresholds is not None:
         return None
-    beta = task.config.task.threshold_beta
-    probabilities = outputs.float().sigmoid()
-    per_fold = np.stack([tune_thresholds(probabilities[torch.as_tensor(folds != k)], targets[torch.as_tensor(folds != k)], beta)
-                         for k in range(count)])
-    return per_fold, tune_thresholds(probabilities, targets, beta)
+    others = [torch.as_tensor(folds != k) for k in range(count)]
+    return np.stack([task.thresholds_for(outputs[rows], targets[rows]) for rows in others]), task.thresholds_for(outputs, targets)
 
 
 def write_oof(path: Path, task: Task, ids: list[str], folds: np.ndarray, targets: torch.Tensor, outputs: torch.Tensor,

@@ -12,7 +12,6 @@ import copy
 import importlib.util
 import json
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from dist_train.config.locate import Located, locate
 from dist_train.custom import user_datasets
 from dist_train.data.datasets import build_dataset
 from dist_train.errors import CheckpointError, ConfigError, ExportError
-from dist_train.models.networks import build_model, read_weights
+from dist_train.models.networks import read_weights, trained_network
 from dist_train.models.tasks import Task, build_task, label_names, load_task
 from dist_train.rundir.checkpoint import CLASSES_FILE, sha256, verify
 from dist_train.rundir.files import atomic_path
@@ -131,10 +130,8 @@ def exported_model(found: Located, overrides: list[str], model: nn.Module | None
     weights = [resolve_weights(c, config.inference.weights) for c in checkpoints]
     networks = []
     for path in weights:
-        network = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False),
-                              task.num_outputs, config.data.channels, config.data.image_size,
-                              given=copy.deepcopy(model) if model is not None and len(weights) > 1 else model)
-        network.load_state_dict(read_weights(path))
+        network = trained_network(config.model, task.num_outputs, config.data.channels, config.data.image_size,
+                                  read_weights(path), given=copy.deepcopy(model) if model is not None and len(weights) > 1 else model)
         networks.append(network.eval())
     if found.inner.form != "cv":
         return config, task, networks[0], {"checkpoint": str(checkpoints[0].resolve()), "weights": weights[0].name}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from dist_train.errors import CheckpointError, ConfigError, DataError
 from dist_train.job.distributed import build_accelerator, main_print
 from dist_train.loop.ranks import check_each_once, predict_gathered
 from dist_train.models.losses import build_loss
-from dist_train.models.networks import build_model, read_weights
+from dist_train.models.networks import read_weights, trained_network
 from dist_train.models.tasks import Task, build_task, label_names, load_table, load_task, task_for_datasets
 from dist_train.rundir.checkpoint import CLASSES_FILE, EMA_FILE, MANIFEST_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, verify
 from dist_train.rundir.mlflow_runs import attach
@@ -152,9 +152,8 @@ def predict_split(config: Config, checkpoint: str | Path | list, split: str = "t
     predictions, targets = [], None
     for path in weights:
         # Inference needs no DDP wrapper: each process runs its own copy of the weights on its shard.
-        network = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False), task.num_outputs,
-                              config.data.channels, config.data.image_size, given=model)
-        network.load_state_dict(read_weights(path))
+        network = trained_network(config.model, task.num_outputs, config.data.channels, config.data.image_size,
+                                  read_weights(path), given=model)
         network.to(accelerator.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         if config.inference.tta == "hflip":
             network = FlipAverage(network, task)
@@ -184,7 +183,8 @@ def saved_thresholds(located: list[Located], checkpoints: list, classes: int) ->
     several are. None saved: 0.5."""
     if len(located) == 1 and (located[0].home / THRESHOLDS_FILE).is_file():
         file = located[0].home / THRESHOLDS_FILE
-        return json.loads(file.read_text())["thresholds"], f"thresholds: tuned on {json.loads(file.read_text())['tuned_on']} ({file})"
+        saved = json.loads(file.read_text())
+        return saved["thresholds"], f"thresholds: tuned on {saved['tuned_on']} ({file})"
     found = []
     for checkpoint in checkpoints:
         state = Path(checkpoint) / TRAINER_STATE_FILE if Path(checkpoint).is_dir() else None

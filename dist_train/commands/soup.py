@@ -32,7 +32,7 @@ from dist_train.data.loaders import build_loader
 from dist_train.data.tables import split_source
 from dist_train.errors import ConfigError
 from dist_train.job.distributed import forget_process_group
-from dist_train.models.networks import build_model, has_batchnorm, read_weights
+from dist_train.models.networks import has_batchnorm, read_weights, trained_network
 from dist_train.models.tasks import build_task, load_table
 from dist_train.rundir.checkpoint import CLASSES_FILE, WEIGHTS_FILE, write_manifest
 
@@ -64,9 +64,8 @@ def soup(checkpoint: str | Path, output: str | Path, overrides: list[str] = (), 
     weights = [read_weights(resolve_weights(fold, config.inference.weights)) for fold in folds]
     labels = json.loads((folds[0] / CLASSES_FILE).read_text())
     task = build_task(config, labels)
-    model = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False), task.num_outputs,
-                        config.data.channels, config.data.image_size)
-    model.load_state_dict(average_weights(weights))
+    model = trained_network(config.model, task.num_outputs, config.data.channels, config.data.image_size,
+                            average_weights(weights))
     recomputed = recompute_batchnorm(model, config) if has_batchnorm(model) else 0
     tuned = cv_dir / THRESHOLDS_FILE  # multi-label, task.threshold=tune: the folds' out-of-fold thresholds go with it
     write_checkpoint(output, model, config, labels, {THRESHOLDS_FILE: tuned.read_text()} if tuned.is_file() else {})

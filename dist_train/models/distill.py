@@ -11,7 +11,6 @@ gradient is binary cross-entropy's against the teacher's probabilities at temper
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +25,7 @@ from dist_train.config import DataConfig, DistillConfig, config_from_dict
 from dist_train.data.columns import Column
 from dist_train.data.tables import ids_digest
 from dist_train.errors import ConfigError, DataError
-from dist_train.models.networks import build_model, read_weights
+from dist_train.models.networks import read_weights, trained_network
 from dist_train.models.tasks import Task, build_task
 
 TEACHER_CACHE = "teacher_logits.safetensors"
@@ -153,8 +152,7 @@ def live_teacher(spec: dict, student: DataConfig, device: torch.device) -> LiveT
     task = build_task(config, spec["labels"])
     networks = []
     for path in spec["weights"]:
-        network = build_model(replace(config.model, pretrained=None, freeze=[], grad_checkpointing=False), task.num_outputs,
-                              config.data.channels, config.data.image_size)
-        network.load_state_dict(read_weights(path))
+        network = trained_network(config.model, task.num_outputs, config.data.channels, config.data.image_size,
+                                  read_weights(path))
         networks.append(network.requires_grad_(False))
     return LiveTeacher(networks, task, config.inference.tta, student, config.data).to(device).eval()

@@ -97,11 +97,7 @@ def build_loss(cfg: LossConfig, num_classes: int, given: nn.Module | None = None
     if cfg.file is not None:
         return PerSampleLoss(load_function(cfg.file, "build_loss", "loss.file")(cfg, num_classes),
                              f"loss.file {cfg.file}: build_loss(...)")
-    weights = None
-    if cfg.class_weights is not None:
-        if len(cfg.class_weights) != num_classes:
-            raise ConfigError(f"loss.class_weights has {len(cfg.class_weights)} values for {num_classes} classes")
-        weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    weights = per_class(cfg.class_weights, num_classes, "loss.class_weights")
     if cfg.name == "cross_entropy":
         return CrossEntropy(cfg.label_smoothing, weights)
     if cfg.name == "focal":
@@ -168,11 +164,7 @@ def build_multilabel_loss(cfg: LossConfig, num_classes: int, positives: list[int
     if name not in MULTILABEL_LOSSES:
         raise ConfigError(f"loss.name={cfg.name}: task.kind=multilabel takes {', '.join(MULTILABEL_LOSSES)} (or "
                           f"cross_entropy, meaning bce)")
-    weights = None
-    if cfg.class_weights is not None:
-        if len(cfg.class_weights) != num_classes:
-            raise ConfigError(f"loss.class_weights has {len(cfg.class_weights)} values for {num_classes} classes")
-        weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    weights = per_class(cfg.class_weights, num_classes, "loss.class_weights")
     pos_weight = None
     if cfg.pos_weight == "balanced":
         if positives is None or rows is None:
@@ -180,12 +172,19 @@ def build_multilabel_loss(cfg: LossConfig, num_classes: int, positives: list[int
                               "with your own datasets give one value per class")
         counts = torch.tensor(positives, dtype=torch.float64)
         pos_weight = torch.where(counts > 0, (rows - counts) / counts.clamp(min=1), torch.ones_like(counts)).float()
-    elif cfg.pos_weight is not None:
-        if len(cfg.pos_weight) != num_classes:
-            raise ConfigError(f"loss.pos_weight has {len(cfg.pos_weight)} values for {num_classes} classes")
-        pos_weight = torch.tensor(cfg.pos_weight, dtype=torch.float32)
+    else:
+        pos_weight = per_class(cfg.pos_weight, num_classes, "loss.pos_weight")
     asl = {"gamma_neg": cfg.asl_gamma_neg, "gamma_pos": cfg.asl_gamma_pos, "clip": cfg.asl_clip}
     return BinaryLoss(name, cfg.label_smoothing, pos_weight, weights, cfg.focal_gamma, cfg.focal_alpha, asl)
+
+
+def per_class(values: list[float] | None, num_classes: int, key: str) -> torch.Tensor | None:
+    """A config list of one value per class as a float32 tensor (None stays None); another length is a ConfigError."""
+    if values is None:
+        return None
+    if len(values) != num_classes:
+        raise ConfigError(f"{key} has {len(values)} values for {num_classes} classes")
+    return torch.tensor(values, dtype=torch.float32)
 
 
 RegressionLossName = Literal["mse", "l1", "huber"]

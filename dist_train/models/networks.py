@@ -7,6 +7,7 @@ import pickle
 import pickletools
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -98,6 +99,16 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model, cfg.name if given is None and cfg.file is None else type(model).__name__)
     return model
+
+
+def trained_network(cfg: ModelConfig, num_outputs: int, in_channels: int, image_size: int, state: dict[str, torch.Tensor],
+                    given: nn.Module | None = None) -> nn.Module:
+    """A trained network rebuilt for inference (or averaging): the architecture of `cfg` (or `given`) without pretrained
+    weights, freezing or gradient checkpointing, `state` loaded into it."""
+    network = build_model(replace(cfg, pretrained=None, freeze=[], grad_checkpointing=False), num_outputs, in_channels,
+                          image_size, given=given)
+    network.load_state_dict(state)
+    return network
 
 
 def torchvision_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
