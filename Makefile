@@ -13,7 +13,7 @@ OUT ?= runs/gpu-check
 
 install: $(STAMP)
 
-$(STAMP): setup.py constraints.txt tests/mlflow-server.txt
+$(STAMP): setup.py constraints.txt tests/mlflow-server.txt tests/s3-server.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# uv installs the same pins as pip (constraints.txt) in about 20 s instead of about 3 min; pip where uv cannot be had
 	@# --compile-bytecode: the .pyc files pip writes and uv does not by default; without them, where PYTHONDONTWRITEBYTECODE
@@ -26,6 +26,10 @@ $(STAMP): setup.py constraints.txt tests/mlflow-server.txt
 	test -x $(VENV)/mlflow-server/bin/python || $(PYTHON) -m venv $(VENV)/mlflow-server
 	{ $(BIN)/uv pip install --quiet --python $(VENV)/mlflow-server/bin/python -r tests/mlflow-server.txt; } || \
 	$(VENV)/mlflow-server/bin/python -m pip install --quiet --disable-pip-version-check -r tests/mlflow-server.txt
+	@# an S3-compatible store for the tests (tests/test_shards.py starts it): moto's server mode, in a venv of its own
+	test -x $(VENV)/s3-server/bin/python || $(PYTHON) -m venv $(VENV)/s3-server
+	{ $(BIN)/uv pip install --quiet --python $(VENV)/s3-server/bin/python -r tests/s3-server.txt; } || \
+	$(VENV)/s3-server/bin/python -m pip install --quiet --disable-pip-version-check -r tests/s3-server.txt
 	touch $(STAMP)
 
 # WORKERS tests at a time (pytest-xdist; tests/conftest.py keeps a module's shared runs on one worker); WORKERS=0: one.

@@ -137,7 +137,7 @@ def _help(run, prog: str, argv: list[str]) -> str:
 
 
 def cli_reference() -> str:
-    from dist_train.commands import cli, scaffold
+    from dist_train.commands import cli, scaffold, shards
 
     commands = [
         ("train.py", "Train (one process: `python train.py`; several: `accelerate launch ... train.py`).", cli.train_main, []),
@@ -147,6 +147,7 @@ def cli_reference() -> str:
         ("dist-train export", "Export a checkpoint (or a cross-validation run as one ensemble) to ONNX, checked against PyTorch.",
          cli.export_main, []),
         ("dist-train soup", "Average the folds' weights of a cross-validation run into one model.", cli.soup_main, []),
+        ("dist-train shards", "Write a split as a shard set, into a directory or an S3-compatible store.", shards.main, []),
     ]
     out = ["# Command lines", "", "The `--help` of each command, generated from its own parser at build time.", ""]
     for name, what, run, argv in commands:

@@ -161,8 +161,8 @@ def test_dist_train_lists_every_command_and_each_says_its_own_usage(capsys):
     listing = run(scaffold.main, "--help")
     for name, line in COMMANDS.items():
         assert re.search(rf"^\s+{name}\s+{re.escape(line.split()[0])}", listing, re.M), (name, listing)
-    assert set(COMMANDS) == {"new", "train", "predict", "export", "soup"}
-    for name in ("train", "predict", "export", "soup"):
+    assert set(COMMANDS) == {"new", "train", "predict", "export", "soup", "shards"}
+    for name in ("train", "predict", "export", "soup", "shards"):
         assert run(scaffold.main, name, "--help").startswith(f"usage: dist-train {name} ")
     assert run(train_main, "--help").startswith("usage: ")  # train.py / predict.py: their own script's name
     versions = {run(scaffold.main, "--version"), run(train_main, "--version"), run(predict_main, "--version")}

@@ -186,10 +186,18 @@ def test_refusals_of_the_plan():
                                           r"whole accumulation steps.* train.elastic=adapt to train on with global batch 96"):
         elastic.plan(at_epoch_end(2, 32, 1), layout(3, 32, 1))
     mid = elastic.Saved(Layout(2, 32, 1), 2, mid_epoch=True, boundary="runs/x/step-00000040")
-    for mode in ("keep", "adapt"):
-        with pytest.raises(ConfigError, match=r"middle of epoch 3 .* resume from runs/x/step-00000040, saved at the end of an epoch"):
-            elastic.plan(mid, layout(1, 32, 1), elastic=mode)
+    with pytest.raises(ConfigError, match=r"middle of epoch 3 .* with global batch 96 instead of 64 .* resume from "
+                                          r"runs/x/step-00000040, saved at the end of an epoch"):
+        elastic.plan(mid, layout(2, 48, 1))
+    with pytest.raises(ConfigError, match=r"global batch 64 .* 3 process\(es\) x data.batch_size 32 cannot make it .*"
+                                          r"change data.batch_size; or, for another global batch, resume from "
+                                          r"runs/x/step-00000040"):  # no train.elastic=adapt for a mid-epoch position
+        elastic.plan(mid, layout(3, 32, 1), elastic="adapt")
     assert elastic.plan(mid, layout(2, 32, 1)).changed is False  # the same layout: a mid-epoch position is fine
+    kept = elastic.plan(mid, layout(1, 32, 1), elastic="adapt")  # the global batch kept: the epoch goes on exactly
+    assert (kept.now.accum, kept.rescale) == (2, False)
+    line, batches = kept.resumed(1257, 2, 6)  # 6 micro-batches of 2 x 32 done = 12 of 1 x 32
+    assert batches == 12 and line.endswith("; epoch 3 goes on after its first 384 samples")
     with pytest.raises(ConfigError, match=r"a DeepSpeed checkpoint resumes on the number of processes that saved it \(2; "
                                           r"this run has 1\)"):
         elastic.plan(at_epoch_end(2, 32, 1), layout(1, 32, 1), deepspeed=True)
@@ -281,17 +289,38 @@ def test_an_indivisible_change_is_refused_unless_adapted(stayed_on_two, digits_r
     assert ours[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # ends with the last epoch
 
 
-def test_a_mid_epoch_checkpoint_under_another_layout_names_the_last_epochs_end(digits_root, tmp_path):
+def epoch_rows(log_prefix, epoch: int, last_step: int | None = None) -> list[int]:
+    """The training rows the ranks' micro-batches took in `epoch` (faults.log_rows), up to optimizer step `last_step`."""
+    rows = []
+    for log in log_prefix.parent.glob(f"{log_prefix.name}.*"):
+        for line in log.read_text().splitlines():
+            e, step, *taken = map(int, line.split())
+            if e == epoch and (last_step is None or step <= last_step):
+                rows += taken
+    return rows
+
+
+def test_a_mid_epoch_checkpoint_resumes_on_another_number_of_processes_each_sample_once(digits_root, tmp_path):
+    """2 processes killed in the middle of epoch 2; resumed on 1 (accumulation 2 keeps the global batch 64): the epoch
+    goes on after the checkpoint's samples, every training row once in it. Another global batch is refused, naming the
+    last epoch's end."""
     overrides = {"data.batch_size": 32, "checkpoint.every_n_steps": 7, "checkpoint.keep_last": 5}
+    killed, resumed = tmp_path / "rows-killed", tmp_path / "rows-resumed"
     proc = run_cli("train.py", args(digits_root, tmp_path, **overrides), processes=2, check=False,
-                   env={FAULT_ENV: "kill@step:30"})
+                   env={FAULT_ENV: "kill@step:30", "DIST_TRAIN_ROWS_LOG": str(killed)})
     assert_killed(proc)
-    refused = run_cli("train.py", [*args(digits_root, tmp_path, **overrides), "--resume", "auto"], processes=1, check=False)
+    refused = run_cli("train.py", [*args(digits_root, tmp_path, **{**overrides, "data.batch_size": 48}), "--resume", "auto"],
+                      processes=1, check=False)
     assert refused.returncode == 2
-    assert ("the checkpoint was saved in the middle of epoch 2 by 2 processes x batch 32 x accumulation 1" in refused.stderr
+    assert ("1 process(es) x data.batch_size 48 cannot make it" in refused.stderr
             and f"resume from {tmp_path / 'checkpoints' / 'step-00000020'}, saved at the end of an epoch" in refused.stderr)
-    run_cli("train.py", [*args(digits_root, tmp_path, **overrides), "--resume", str(tmp_path / "checkpoints" / "step-00000020")],
-            processes=1)
+    proc = run_cli("train.py", [*args(digits_root, tmp_path, **overrides), "--resume", "auto"], processes=1,
+                   env={"DIST_TRAIN_ROWS_LOG": str(resumed)})
+    assert "train.grad_accum_steps is 2" in proc.stdout and "epoch 2 goes on after its first 512 samples" in proc.stdout
+    before, after = epoch_rows(killed, 2, last_step=28), epoch_rows(resumed, 2)
+    assert len(before) == 8 * 64 and len(set(before) & set(after)) == 0
+    assert sorted(before + after) == list(range(len(before) + len(after)))  # every row once: none repeated, none left
+    assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == [20, 40, 60]
 
 
 def test_two_runs_on_one_directory_one_runs_the_other_is_refused(stayed_on_two, digits_root, tmp_path):

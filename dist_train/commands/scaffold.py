@@ -38,6 +38,7 @@ COMMANDS = {
     "predict": "write one submission from a checkpoint, a run, a cross-validation run or a study (predict.py's arguments)",
     "export": "a checkpoint's model, or a cross-validation run's folds as one ensemble, as ONNX checked against PyTorch",
     "soup": "average a cross-validation run's folds into one checkpoint (a weight soup), scored beside the ensemble",
+    "shards": "write a split as a shard set (a few large files; a directory or s3://) to train and predict from",
 }
 """Every command of `dist-train`, with the line its --help lists."""
 
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from dist_train.commands.cli import export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["shards"]:
+        from dist_train.commands.shards import main as shards_main
+
+        return shards_main(argv[1:])
     if argv[:1] == ["soup"]:
         from dist_train.commands.cli import soup_main
 

@@ -1,6 +1,7 @@
 """The run's configuration, the base every other package imports: `from dist_train.config import Config, load_config`.
 
     sections.py    the typed sections (dataclasses): every key, its default and a one-line doc
+    data.py        the data section (its own module: the largest)
     parse.py       YAML/JSON and dotted overrides -> Config (unknown keys named), and back to YAML
     search.py      the hpo section: a hyper-parameter search and its space
     checks.py      cross-field validation; what a config leaves to be chosen (preprocessing, monitor); the hpo space

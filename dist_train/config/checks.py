@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.config import pretrained  # (timm itself is imported only for a timm model's weights)
+from dist_train.config.data import byte_count
 from dist_train.config.sections import Config, DataConfig, SplitConfig, flatten, to_dict
 from dist_train.errors import ConfigError
 
@@ -167,7 +168,8 @@ def validate_task(config: Config) -> None:
         (task.kind in ("classification", "multilabel") or not mixing,
          f"data.mixup_alpha/cutmix_alpha: mixing needs task.kind=classification or multilabel (not {task.kind})"),
         (task.kind == "classification" or config.data.bad_samples == "error", f"data.bad_samples=skip is for task.kind=classification (not {task.kind})"),
-        (task.kind == "classification" or config.data.source == "csv", f"task.kind={task.kind} reads its labels from CSV tables: set data.source=csv"),
+        (task.kind == "classification" or config.data.source in ("csv", "shards"),
+         f"task.kind={task.kind} reads its labels from CSV tables: set data.source=csv (or shards written from one)"),
         (task.kind == "classification" or not config.data.balanced_sampler, "data.balanced_sampler is for task.kind=classification"),
         (task.kind in ("classification", "multihead", "multilabel") or config.loss.class_weights is None,
          "loss.class_weights is for classification"),
@@ -222,6 +224,11 @@ def validate_splits(config: Config) -> None:
         (data.group_column is None or data.source != "folder", "data.group_column needs tables (data.source=csv): a folder "
                                                                "source's image folders are its classes"),
     ]
+    if data.source == "shards":
+        checks += [(data.shard_window >= 1, f"data.shard_window must be at least 1, not {data.shard_window}"),
+                   (data.file is None, "data.file's datasets replace data.source; leave data.source=shards out")]
+        if data.cache_limit is not None:
+            byte_count(data.cache_limit)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -255,6 +262,8 @@ def validate_teacher_and_pseudo_labels(config: Config) -> None:
             (not mixing, "data.pseudo_labels with mixup/CutMix is not supported (both make soft targets)"),
             (not data.balanced_sampler, "data.pseudo_labels: data.balanced_sampler needs one class per row"),
             (data.bad_samples == "error", "data.pseudo_labels: data.bad_samples=skip needs one class per row"),
+            (data.source != "shards", "data.pseudo_labels joins test images to the training set's; with data.source=shards "
+                                      "they are two shard sets: not supported yet (train from the tables)"),
         ]
     for ok, message in checks:
         if not ok:

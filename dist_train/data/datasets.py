@@ -4,6 +4,7 @@ and the model's input."""
 from __future__ import annotations
 
 import difflib
+import io
 import sys
 
 import torch
@@ -65,10 +66,18 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records.paths)
 
+    def source(self, index: int):
+        """(what Image.open reads: the file, or a shard's bytes; how messages name it)."""
+        if self.records.shards is None:
+            path = self.records.paths[index]
+            return path, path
+        row = int(self.records.rows[index])
+        return io.BytesIO(self.records.shards.read(row)), self.records.shards.describe(row)
+
     def __getitem__(self, index: int):
-        path, target = self.records.paths[index], as_target(self.records.targets[index])
+        (file, path), target = self.source(index), as_target(self.records.targets[index])
         try:
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 image = image.convert(self.mode)
         except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for truncated or foreign bytes
             where = f"{self.split} sample {index}: cannot read image {path} ({type(exc).__name__}: {exc})"
@@ -98,11 +107,12 @@ class EncodedImageDataset(ImageDataset):
         self.scale, self.ratio, self.center_fraction = tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.eval_crop_fraction
 
     def __getitem__(self, index: int):
-        path, target = self.records.paths[index], as_target(self.records.targets[index])
+        (file, path), target = self.source(index), as_target(self.records.targets[index])
         try:
-            with Image.open(path) as image:  # reads the header only: the size, and a first check of the file
+            with Image.open(file) as image:  # reads the header only: the size, and a first check of the file
                 width, height = image.size
-            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            data = torch.frombuffer(bytearray(file.getvalue() if isinstance(file, io.BytesIO) else file.read_bytes()),
+                                    dtype=torch.uint8)
         except (OSError, SyntaxError, ValueError) as exc:
             where = f"{self.split} sample {index}: cannot read image {path} ({type(exc).__name__}: {exc})"
             if self.bad_samples == "error":

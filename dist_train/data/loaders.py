@@ -15,6 +15,7 @@ from dist_train.data.datasets import EncodedImageDataset, ImageDataset
 from dist_train.data.decode import (
     collate_encoded,
 )
+from dist_train.data.shards import ShardWindowSampler
 from dist_train.data.workers import loader_worker_init, worker_context
 
 
@@ -60,9 +61,11 @@ def build_loader(dataset: ImageDataset, cfg: DataConfig, train: bool, seed: int)
     if workers > 0:
         atexit.unregister(_kill_loader_workers)
         atexit.register(_kill_loader_workers)
-    sampler = None
+    sampler, records = None, getattr(dataset, "records", None)  # (a user's dataset has none)
     if train and cfg.balanced_sampler:
-        sampler = ClassBalancedSampler(dataset.records.targets, seed)
+        sampler = ClassBalancedSampler(records.targets, seed)
+    elif train and getattr(records, "shards", None) is not None:  # a few shards at a time (data/shards.py)
+        sampler = ShardWindowSampler(records.shards.shard_of(records.rows), cfg.shard_window, seed)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size),

@@ -1,5 +1,5 @@
-"""Tables of samples: a split's rows (CSV table through the table cache, or class folders) read into Records of paths,
-labels, ids and groups."""
+"""Tables of samples: a split's rows (CSV table through the table cache, class folders, or a shard set's table) read
+into Records of paths, labels, ids and groups."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import pyarrow.compute as pc
 import torch
 
 from dist_train.config import DataConfig, SplitConfig
+from dist_train.config.data import byte_count
 from dist_train.data.columns import CHUNK, Column, PathColumn, distinct_count, row_index
-from dist_train.data.table_cache import Table, open_table
-from dist_train.errors import DataError
+from dist_train.data.shards import ROWS, ShardReader, ShardSet, cache_directory, is_remote, where
+from dist_train.data.table_cache import Table, cache_root, open_table
+from dist_train.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -41,6 +43,10 @@ class Records:
     labels: dict[str, Column] | None = None
     groups: Column | None = None
     split_groups: Column | None = None
+    rows: torch.Tensor | None = None
+    """A shard set's rows: each record's row in it (data/shards.py); None for images read from their files."""
+    shards: object = None
+    """A shard set's ShardReader, which reads the images of `rows`; None for images read from their files."""
 
     def __post_init__(self):
         self.paths = PathColumn.of(self.paths)
@@ -57,7 +63,8 @@ class Records:
         pick = lambda column: column.take(idx) if column is not None else None  # noqa: E731
         return Records(self.paths.take(idx), self.targets[idx] if len(self.targets) else self.targets, self.ids.take(idx),
                        {k: v.take(idx) for k, v in self.labels.items()} if self.labels is not None else None,
-                       pick(self.groups), pick(self.split_groups))
+                       pick(self.groups), pick(self.split_groups), self.rows[idx] if self.rows is not None else None,
+                       self.shards)
 
 
 def target_tensor(values) -> torch.Tensor:
@@ -86,7 +93,8 @@ class SplitSource:
 
     name: str
     """train, val or test."""
-    table: Path
+    table: Path | str
+    """(A shard set's: its rows.csv as a string, which may be an s3:// address.)"""
     image_root: Path
     image_column: str
     id_column: str
@@ -100,6 +108,8 @@ def split_source(cfg: DataConfig, name: str) -> SplitSource:
     value = getattr(cfg, name)
     own = value if isinstance(value, SplitConfig) else SplitConfig(table=value)
     image_root = own.image_root or cfg.image_root
+    if cfg.source == "shards":  # (messages name the set's table; an s3:// location is no Path)
+        return SplitSource(name, f"{shard_location(cfg, name)}/{ROWS}", Path(cfg.root), cfg.image_column, cfg.id_column, False)
     return SplitSource(name, resolve(cfg, own.table), resolve(cfg, image_root) if image_root else Path(cfg.root),
                        own.image_column or cfg.image_column, own.id_column or cfg.id_column, own.id_column is not None)
 
@@ -223,7 +233,7 @@ def sorted_labels(labels) -> list[str]:
 
 
 def _csv_split(cfg: DataConfig, source: SplitSource, labelled: bool, columns: list[str] | None = None,
-               query: str | None = None):
+               query: str | None = None, check_images: bool = True):
     """(image paths, label columns, ids, groups) of one table. The test split's ids are its id column (the submission
     echoes them: unique); a labelled row's id is its id column when the table has one, else its image path relative to
     the image root. Groups: data.group_column of a labelled table (None without it)."""
@@ -235,7 +245,8 @@ def _csv_split(cfg: DataConfig, source: SplitSource, labelled: bool, columns: li
     check_columns(path, table.names, required)
     if not table.num_rows:
         raise DataError(f"{path}: no rows")
-    _check_images_exist(table, source.image_root, source.image_column)
+    if check_images:
+        _check_images_exist(table, source.image_root, source.image_column)
     paths = PathColumn(table.column(source.image_column), str(source.image_root))
     labels = {c: table.column(c) for c in columns} if labelled else {}
     if query:
@@ -296,6 +307,8 @@ def _folder_split(cfg: DataConfig, source: SplitSource, labelled: bool) -> tuple
 
 
 def read_split(cfg: DataConfig, name: str, labelled: bool, columns: list[str] | None = None, query: str | None = None) -> Records:
+    if cfg.source == "shards":
+        return _shard_split(cfg, name, labelled, columns, query)
     source = split_source(cfg, name)
     groups = None
     if cfg.source == "folder":
@@ -303,6 +316,44 @@ def read_split(cfg: DataConfig, name: str, labelled: bool, columns: list[str] | 
     else:
         paths, labels, ids, groups = _csv_split(cfg, source, labelled, columns, query)
     return Records(paths, [], ids, labels if labelled else None, labels.pop(query) if query else None, groups)
+
+
+def shard_location(cfg: DataConfig, split: str) -> str:
+    """data.<split> of a shards source: an s3:// prefix as it is, a directory against data.root."""
+    value = getattr(cfg, split)
+    value = value.table if isinstance(value, SplitConfig) else value
+    if value is None:
+        raise ConfigError(f"data.{split} is not set: name the shard set (a directory or s3://bucket/prefix)")
+    return str(value).rstrip("/") if is_remote(value) else str(resolve(cfg, str(value)))
+
+
+def _shard_split(cfg: DataConfig, split: str, labelled: bool, columns: list[str] | None, query: str | None):
+    """A split of a shards source as Records: its table read from rows.csv, its images from the shards."""
+    location = shard_location(cfg, split)
+    shard_set = ShardSet.open(location)
+    root = cache_root(cfg.cache_dir)
+    table = shard_set.rows_table(cache_directory(root, location))
+    index = shard_set.index
+    source = SplitSource(split, table, Path(location), index["image_column"], index["id_column"], index["id_named"])
+    paths, labels, ids, groups = _csv_split(cfg, source, labelled, columns, query, check_images=False)
+    limit = byte_count(cfg.cache_limit) if cfg.cache_limit else None
+    reader = ShardReader(shard_set, root, limit, keep_open=cfg.shard_window + 1)
+    if limit is not None and is_remote(location):
+        biggest = max((s["bytes"] for s in shard_set.shards), default=0)
+        need = 2 * min(cfg.shard_window, len(shard_set.shards)) * biggest
+        if limit < need:
+            raise ConfigError(f"data.cache_limit {cfg.cache_limit} is below what reading {location} takes: "
+                              f"2 x data.shard_window ({cfg.shard_window}) shards of up to {biggest / 1e6:.1f} MB = "
+                              f"{need / 1e6:.1f} MB; raise it, lower data.shard_window or write smaller shards")
+        if split == "train" and cfg.balanced_sampler and limit < sum(s["bytes"] for s in shard_set.shards):
+            raise ConfigError(f"data.balanced_sampler draws rows from every shard of {location} at any time, which a "
+                              f"data.cache_limit ({cfg.cache_limit}) smaller than the set would download again and "
+                              f"again: raise the limit above the set's size, or copy the set to a local directory")
+    if len(reader) != len(paths):
+        raise DataError(f"{where(location)}: {ROWS} has {len(paths)} rows, its shards {len(reader)}: the set is damaged; "
+                        f"write it again")
+    return Records(paths, [], ids, labels if labelled else None, labels.pop(query) if query else None, groups,
+                   rows=torch.arange(len(paths)), shards=reader)
 
 
 def ids_digest(ids: Sequence[str]) -> str:

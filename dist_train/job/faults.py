@@ -312,6 +312,17 @@ def planned(action: str, point: str) -> bool:
     return any(a == action and p == point and r == rank() for a, p, r in _planned())
 
 
+ROWS_LOG_ENV = "DIST_TRAIN_ROWS_LOG"
+
+
+def log_rows(epoch: int, step: int, rows) -> None:
+    """Test-only: the training rows a micro-batch of this rank took, as "epoch step row row ...", appended to
+    $DIST_TRAIN_ROWS_LOG.<rank> (a no-op unless it is set): what a test of resumes counts samples by."""
+    if path := os.environ.get(ROWS_LOG_ENV):
+        with open(f"{path}.{rank()}", "a") as log:
+            log.write(f"{epoch} {step} {' '.join(map(str, rows.tolist()))}\n")
+
+
 def inject(point: str) -> None:
     """Carry out the faults planned at `point` for this rank (a no-op unless DIST_TRAIN_FAULT is set)."""
     if not _planned():

@@ -50,6 +50,15 @@ class Resumption:
     def changed(self) -> bool:
         return self.saved.as_list() != self.now.as_list()
 
+    def resumed(self, samples: int, epochs_done: int, saved_batches: int) -> tuple[str, int]:
+        """(message(), the checkpoint's micro-batches per process of its epoch counted in this run's layout: the same
+        samples done)."""
+        done = saved_batches * self.saved.processes * self.saved.batch_size
+        line = self.message(samples, epochs_done)
+        if done:
+            line += f"; epoch {epochs_done + 1} goes on after its first {done} samples"
+        return line, done // (self.now.processes * self.now.batch_size)
+
     def message(self, samples: int, epochs_done: int) -> str:
         """What changed, in one line (`samples`: the training set's size, for the steps per epoch)."""
         saved, now = self.saved.with_samples(samples), self.now.with_samples(samples)
@@ -74,28 +83,34 @@ def plan(saved: Saved, now: Layout, *, elastic: str = "keep", max_steps: int | N
     rescales the schedule). Other processes: the accumulation that keeps the checkpoint's global batch, or with
     train.elastic=adapt, when none does, the configured one with a rescaled schedule. Refused: a mid-epoch position
     under another layout (it would mean other samples), DeepSpeed on other processes (its ZeRO state is partitioned
-    per process), and a rescaled schedule with train.max_steps (whose steps would count other batches)."""
+    per process), a mid-epoch position with another global batch (the rest of the epoch would be other batches), and a
+    rescaled schedule with train.max_steps (whose steps would count other batches). A mid-epoch position with the global
+    batch kept goes on exactly: the sample order is the same on any number of processes and each optimizer step takes
+    the next global batch of it, so the checkpoint's k steps are its first k x global batch samples (local_batches)."""
     old = saved.layout or now
     if old.as_list() == now.as_list():
         return Resumption(old, now)
-    if saved.mid_epoch:
-        hint = (f"resume from {saved.boundary}, saved at the end of an epoch" if saved.boundary
-                else "no checkpoint saved at an epoch's end exists")
-        raise ConfigError(f"the checkpoint was saved in the middle of epoch {saved.epochs_done + 1} by {_describe(old)}; "
-                          f"under {_describe(now)} that position means other samples: {hint} (--resume DIR)")
     if deepspeed and old.processes != now.processes:
         raise ConfigError(f"a DeepSpeed checkpoint resumes on the number of processes that saved it ({old.processes}; "
                           f"this run has {now.processes}): its ZeRO state is partitioned per process")
     resumption = Resumption(old, now, rescale=old.global_batch != now.global_batch)
+    hint = (f"resume from {saved.boundary}, saved at the end of an epoch" if saved.boundary
+            else "no checkpoint saved at an epoch's end exists")
     if old.processes != now.processes:
         per_step = now.processes * now.batch_size
         if old.global_batch % per_step == 0:
             return Resumption(old, Layout(now.processes, now.batch_size, old.global_batch // per_step))
-        if elastic != "adapt":
+        if elastic != "adapt" or saved.mid_epoch:
             raise ConfigError(f"the checkpoint was trained with global batch {old.global_batch} ({_describe(old)}); "
                               f"{now.processes} process(es) x data.batch_size {now.batch_size} cannot make it with whole "
                               f"accumulation steps. Resume on a number of processes that divides it, change "
-                              f"data.batch_size, or set train.elastic=adapt to train on with global batch {now.global_batch}")
+                              f"data.batch_size" + (f"; or, for another global batch, {hint} (--resume DIR)" if saved.mid_epoch
+                                                    else f", or set train.elastic=adapt to train on with global batch "
+                                                         f"{now.global_batch}"))
+    if saved.mid_epoch and resumption.rescale:
+        raise ConfigError(f"the checkpoint was saved in the middle of epoch {saved.epochs_done + 1} by {_describe(old)}; "
+                          f"with global batch {now.global_batch} instead of {old.global_batch} the rest of the epoch "
+                          f"would be other batches: {hint} (--resume DIR), or keep the global batch")
     if resumption.rescale and max_steps is not None:
         raise ConfigError(f"resuming with another global batch ({old.global_batch} -> {now.global_batch}) rescales the "
                           f"schedule by epochs, but train.max_steps={max_steps} counts optimizer steps of either batch: "

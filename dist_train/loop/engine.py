@@ -205,8 +205,9 @@ class Run:
         resumption = self.parts.resumption
         if checkpoint is not None:
             self.checkpointer.resume(checkpoint, rescale=resumption is not None and resumption.rescale)
-            if resumption is not None and resumption.changed:
-                self.reporter.say(resumption.message(self.layout.samples, self.state.epoch))
+            if resumption is not None and resumption.changed:  # (mid-epoch: its batches done counted in this layout)
+                line, self.state.batches_done = resumption.resumed(self.layout.samples, self.state.epoch, self.state.batches_done)
+                self.reporter.say(line)
             self.reporter.say(f"resumed from {checkpoint}: epoch {self.state.epoch + 1}, batch {self.state.batches_done}, "
                               f"step {self.state.global_step}")
         self.info = describe_run(self.accelerator, self.parts, self.ranks.gather_processes(), checkpoint, self.started)
@@ -320,11 +321,11 @@ class Run:
                      local_batches=first, local_samples=first * self.layout.batch_size)  # batches before a resume were full
 
     def _micro_batch(self, batch, index: int, epoch: Epoch) -> MicroBatch:
-        """The model's input (data.ModelInput: decode on the device, dtype, memory layout), unreadable images
-        weighed out, mixup/CutMix applied, and the teacher's outputs for its rows (distill.teacher)."""
+        """The model's input (data.ModelInput), unreadable images weighed out, mixup/CutMix, the teacher's outputs."""
         images, targets, rows = batch
         images, targets = self.parts.prepare_input(images, targets)
         real = self.layout.real_rows(index, len(targets), self.accelerator.process_index)
+        faults.log_rows(epoch.number, self.state.global_step + 1, rows[:real])
         readable = None
         if self.config.data.bad_samples == "skip":  # unreadable images arrive as blanks with target BAD_TARGET
             readable = targets >= 0
@@ -397,8 +398,7 @@ class Run:
     # --- evaluation and the epoch's end ----------------------------------------------------------
 
     def evaluate(self) -> tuple[dict, dict]:
-        """The validation split through the model (its EMA when kept), each rank its shard, gathered; returns the
-        metrics (rank 0's, on every rank) and the gathered outputs."""
+        """The validation split through the model (its EMA when kept), sharded, gathered: (metrics, outputs)."""
         parts = self.parts
         self.ranks.share_buffers(parts.model, parts.ema)
         model = parts.ema.module if parts.ema is not None else parts.model

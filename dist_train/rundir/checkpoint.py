@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -185,10 +186,11 @@ class Checkpointer:
         its steps under another global batch; the schedule restarts at its epoch in this run's steps."""
         accelerator = self.accelerator
         saved = saved_state(directory)
-        if saved.get("batches_done") and saved.get("layout") != self.layout:  # elastic.plan refuses it first, by name
+        layout = saved.get("layout") or self.layout
+        if saved.get("batches_done") and math.prod(layout) != math.prod(self.layout):  # elastic.plan refuses it first
             raise CheckpointError(f"{directory} was saved in the middle of an epoch by [processes, batch, accumulation] "
-                                  f"= {saved.get('layout')}; this run has {self.layout}, under which that position means "
-                                  f"other samples")
+                                  f"= {layout}; this run has {self.layout}, whose global batch differs: the rest of the "
+                                  f"epoch would be other batches")
         if not (directory / f"random_states_{accelerator.process_index}.pkl").is_file():  # Accelerate would skip it silently
             print(f"rank {accelerator.process_index}: {directory} holds no RNG state for this rank (it was saved by "
                   f"{saved.get('layout', ['?'])[0]} processes): its random numbers restart from the seed", flush=True)

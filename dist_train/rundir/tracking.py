@@ -185,7 +185,8 @@ def worst_mistakes_grid(dataset, outputs: dict, classes: list[str], count: int) 
     probs = logits.softmax(1)
     tiles = []
     for row in chosen.tolist():
-        image = Image.open(dataset.records.paths[int(indices[row])]).convert("RGB").resize((96, 96), Image.NEAREST)
+        file = dataset.source(int(indices[row]))[0] if hasattr(dataset, "source") else dataset.records.paths[int(indices[row])]
+        image = Image.open(file).convert("RGB").resize((96, 96), Image.NEAREST)
         canvas = Image.new("RGB", (96, 112), "white")
         canvas.paste(image, (0, 16))
         caption = f"{classes[targets[row]]} as {classes[predicted[row]]} ({probs[row, predicted[row]]:.2f})"
