@@ -142,7 +142,7 @@ def main() -> None:
             watcher.start()
             try:
                 speed = train(data, args.work / "run-s3", 1, "s3://bench/train", 1,
-                              [f"data.cache_dir={cache}", f"data.cache_limit={limit}", "data.shard_window=2"], env,
+                              [f"data.cache_dir={cache}", f"data.cache_limit={limit}", "data.shard_window=1"], env,
                               val=Path(f"{local}-val"))
             finally:
                 done.set()

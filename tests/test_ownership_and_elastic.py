@@ -198,6 +198,9 @@ def test_refusals_of_the_plan():
     assert (kept.now.accum, kept.rescale) == (2, False)
     line, batches = kept.resumed(1257, 2, 6)  # 6 micro-batches of 2 x 32 done = 12 of 1 x 32
     assert batches == 12 and line.endswith("; epoch 3 goes on after its first 384 samples")
+    assert kept.resumed(1257, 2, 20)[1] == 40  # saved at the epoch's last step (a preemption): all of it done
+    with pytest.raises(ConfigError, match=r"a DeepSpeed run resumes the middle of an epoch on the same layout only"):
+        elastic.plan(mid, layout(2, 16, 2), deepspeed=True)
     with pytest.raises(ConfigError, match=r"a DeepSpeed checkpoint resumes on the number of processes that saved it \(2; "
                                           r"this run has 1\)"):
         elastic.plan(at_epoch_end(2, 32, 1), layout(1, 32, 1), deepspeed=True)
@@ -306,8 +309,8 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_number_of_processes_each_samp
     last epoch's end."""
     overrides = {"data.batch_size": 32, "checkpoint.every_n_steps": 7, "checkpoint.keep_last": 5}
     killed, resumed = tmp_path / "rows-killed", tmp_path / "rows-resumed"
-    proc = run_cli("train.py", args(digits_root, tmp_path, **overrides), processes=2, check=False,
-                   env={FAULT_ENV: "kill@step:30", "DIST_TRAIN_ROWS_LOG": str(killed)})
+    proc = run_cli("train.py", args(digits_root, tmp_path, **overrides), processes=2, check=False,  # saved at step 21:
+                   env={FAULT_ENV: "kill@step:24", "DIST_TRAIN_ROWS_LOG": str(killed)})  # 1 step into epoch 2, an odd one
     assert_killed(proc)
     refused = run_cli("train.py", [*args(digits_root, tmp_path, **{**overrides, "data.batch_size": 48}), "--resume", "auto"],
                       processes=1, check=False)
@@ -316,10 +319,11 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_number_of_processes_each_samp
             and f"resume from {tmp_path / 'checkpoints' / 'step-00000020'}, saved at the end of an epoch" in refused.stderr)
     proc = run_cli("train.py", [*args(digits_root, tmp_path, **overrides), "--resume", "auto"], processes=1,
                    env={"DIST_TRAIN_ROWS_LOG": str(resumed)})
-    assert "train.grad_accum_steps is 2" in proc.stdout and "epoch 2 goes on after its first 512 samples" in proc.stdout
-    before, after = epoch_rows(killed, 2, last_step=28), epoch_rows(resumed, 2)
-    assert len(before) == 8 * 64 and len(set(before) & set(after)) == 0
+    assert "train.grad_accum_steps is 2" in proc.stdout and "epoch 2 goes on after its first 64 samples" in proc.stdout
+    before, after = epoch_rows(killed, 2, last_step=21), epoch_rows(resumed, 2)
+    assert len(before) == 64 and len(set(before) & set(after)) == 0
     assert sorted(before + after) == list(range(len(before) + len(after)))  # every row once: none repeated, none left
+    # the accumulation windows start at the checkpoint (not at Accelerate's saved micro-batch count, 21: odd)
     assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == [20, 40, 60]
 
 

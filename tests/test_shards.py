@@ -194,13 +194,16 @@ def test_the_cache_limit_holds_while_a_set_three_times_larger_streams(sets, s3, 
     cache = cache_directory(tmp_path, "s3://data/digits/train")
     local = ShardReader(ShardSet.open(str(sets / "train")), tmp_path, None)
     sampler = ShardWindowSampler(reader.shard_of(np.arange(1257)), window=2, seed=0)
+    cache.mkdir(parents=True)
+    stale = cache / f".{shard_set.shards[0]['sha256'][:32]}.part-999999"  # a download whose process died
+    stale.write_bytes(b"x" * (limit // 2))
     largest = 0
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         for row in sampler:
             assert reader.read(row) == local.read(row)
             largest = max(largest, sum(p.stat().st_size for p in cache.iterdir()))
-    assert largest <= limit
+    assert largest <= limit and not stale.exists()
     assert len(list(cache.glob("*.arrow"))) < 13  # shards were deleted to keep to it (and fetched again)
     config = load_config(config_path("digits.yaml"), ["data.source=shards", "data.train=s3://data/digits/train",
                                                       f"data.cache_dir={tmp_path}", "data.cache_limit=20KB"])

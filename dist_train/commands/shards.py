@@ -85,7 +85,7 @@ def _write_shard(job: tuple) -> dict:
                 images.append(f.read())
         except OSError as exc:
             raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    table = pa.table({"row": pa.array(range(start, start + len(files)), pa.int64()), "image": pa.array(images, pa.binary())})
+    table = pa.table({"row": pa.array(range(start, start + len(files)), pa.int64()), "image": pa.array(images, pa.large_binary())})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=len(files) or None)
@@ -155,8 +155,9 @@ def write_shards(config: Config, split: str, output: str, shard_mb: float = 256.
     except OSError as exc:
         raise DataError(f"cannot write to {where(output)}: {exc}") from None
     jobs, kept = [], []
-    for i, start in enumerate(range(0, len(files), per_shard)):
-        plan = hashlib.sha256(f"{table_sha} {start} {per_shard}".encode()).hexdigest()[:32]
+    for i, start in enumerate(range(0, len(files), per_shard)):  # (a shard is kept for the same files of the same table)
+        chosen = "\n".join(files[start:start + per_shard])
+        plan = hashlib.sha256(f"{table_sha} {start} {per_shard} {chosen}".encode()).hexdigest()[:32]
         done = _done(store, root, shard_name(i), plan)
         if done:
             kept.append(done)
@@ -177,7 +178,7 @@ def write_shards(config: Config, split: str, output: str, shard_mb: float = 256.
                 for info in pool.imap_unordered(_write_shard, jobs):
                     infos.append(info)
                     bar.update()
-    infos.sort(key=lambda info: info["name"])
+    infos.sort(key=lambda info: int(info["name"].split("-")[1].split(".")[0]))
     from dist_train import __version__
 
 

@@ -21,6 +21,7 @@ dependency already, reads and writes the files, memory-maps them and speaks S3.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -40,8 +41,8 @@ FORMAT = "dist_train shards 1"
 INDEX, ROWS = "index.json", "rows.csv"
 ATTEMPTS = 4
 """Tries of one S3 request (the SDK's retries) and of one shard's download (ours, with a pause), before the error."""
-STALE_PART_S = 3600
-"""A partial download untouched this long belongs to a process that died: deleted when room is made."""
+ROOM_WAIT_S = 120
+"""How long a download waits for room that other processes' downloads hold, before it is an error."""
 
 
 def shard_name(i: int) -> str:
@@ -152,50 +153,66 @@ def cache_directory(cache_root: Path, location: str) -> Path:
 
 
 class ShardCache:
-    """Local copies of an S3 set's shards in `directory`; every set's copies under `directory.parent` together hold
-    at most `limit` bytes (None: no limit): room is made before a download, the least recently used deleted first,
-    and a download reserves its full size first (a file of that length), so that processes downloading at once
-    cannot pass the limit together. Downloads are verified against the index's sha256."""
+    """Local copies of an S3 set's shards in `directory`, named by their sha256 (a set written again at the same place
+    is never read from an older copy); every set's copies under `directory.parent` together hold at most `limit`
+    bytes (None: no limit). Room is made before a download, the least recently opened copies deleted first, and a
+    download reserves its full size first (a file of that length), so that processes downloading at once do not pass
+    the limit together; a partial download whose process died (its lock free) is deleted. A copy deleted while a
+    loader worker still maps it frees its disk when the worker moves on. Downloads are checked against the sha256."""
 
     def __init__(self, directory: Path, limit: int | None):
         self.directory, self.limit = directory, limit
 
     def fetch(self, location: str, shard: dict) -> Path:
-        name, size = shard["name"], shard["bytes"]
-        target = self.directory / name
+        key, size = shard["sha256"][:32], shard["bytes"]
+        target = self.directory / f"{key}.arrow"
         if _touch(target, size):
             return target
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with _locked(self.directory / f".{name}.lock"):
-            if _touch(target, size):
-                return target
-            part = self.directory / f".{name}.part-{os.getpid()}"
-            self._reserve(part, size)
-            try:
-                self._download(location, shard, part)
-                part.replace(target)
-            finally:
-                part.unlink(missing_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with _locked(self.directory / f".{key}.lock"):
+                if _touch(target, size):
+                    return target
+                for stale in self.directory.glob(f".{key}.part-*"):  # (this lock's holder downloads: others died)
+                    stale.unlink(missing_ok=True)
+                part = self.directory / f".{key}.part-{os.getpid()}"
+                self._reserve(part, size, shard["name"])
+                try:
+                    self._download(location, shard, part)
+                    part.replace(target)
+                finally:
+                    part.unlink(missing_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot keep a copy of shard {shard['name']} of {where(location)} in {self.directory}: "
+                            f"{exc.strerror or exc}", rank_local=True) from None
         return target
 
-    def _reserve(self, part: Path, size: int) -> None:
-        root = self.directory.parent
-        with _locked(root / ".room.lock"):
-            if self.limit is not None:
-                self._make_room(root, size)
-            with open(part, "wb") as f:
-                f.truncate(size)
+    def _reserve(self, part: Path, size: int, name: str) -> None:
+        root, waited = self.directory.parent, 0.0
+        while True:
+            with _locked(root / ".room.lock"):
+                if self.limit is None or self._make_room(root, size):
+                    with open(part, "wb") as f:
+                        f.truncate(size)
+                    return
+            if waited > ROOM_WAIT_S:
+                raise DataError(f"data.cache_limit ({self.limit / 1e6:.1f} MB) has no room for shard {name} "
+                                f"({size / 1e6:.1f} MB) in {root} after {ROOM_WAIT_S} s: other downloads hold it; raise "
+                                f"the limit", rank_local=True)
+            time.sleep(0.2)  # the room is in downloads of other processes: wait for them to finish
+            waited += 0.2
 
-    def _make_room(self, root: Path, size: int) -> None:
-        now, files, used = time.time(), [], 0
+    def _make_room(self, root: Path, size: int) -> bool:
+        """Delete the least recently opened copies until `size` more bytes fit; False if downloads in flight fill it."""
+        files, used = [], 0
         for path in root.glob("*/*"):
             try:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
             if path.name.startswith(".") and ".part-" in path.name:
-                if now - stat.st_mtime > STALE_PART_S:
-                    path.unlink(missing_ok=True)
+                if _lock_free(path.with_name(path.name.split(".part-")[0] + ".lock")):
+                    path.unlink(missing_ok=True)  # its process died mid-download
                 else:
                     used += stat.st_size
             elif path.suffix == ".arrow":
@@ -206,6 +223,7 @@ class ShardCache:
                 break
             path.unlink(missing_ok=True)
             used -= length
+        return used + size <= self.limit
 
     def _download(self, location: str, shard: dict, part: Path) -> None:
         store, root = filesystem(location)
@@ -220,15 +238,29 @@ class ShardCache:
                 break
             except FileNotFoundError:
                 raise DataError(f"shard {shard['name']} of {where(location)} is missing: the set is damaged; write it "
-                                f"again") from None
+                                f"again", rank_local=True) from None
             except OSError as exc:
                 if attempt == ATTEMPTS - 1:
                     raise DataError(f"cannot download shard {shard['name']} of {where(location)} after {ATTEMPTS} tries: "
-                                    f"{_first_line(exc)}") from None
+                                    f"{_first_line(exc)}", rank_local=True) from None
                 time.sleep(0.5 * 2 ** attempt)
         if digest.hexdigest() != shard["sha256"]:
             raise DataError(f"shard {shard['name']} of {where(location)} does not match {INDEX} (sha256): the set is "
-                            f"damaged; write it again")
+                            f"damaged; write it again", rank_local=True)
+
+
+def _lock_free(lock: Path) -> bool:
+    """Nobody holds `lock` (flock: a dead holder's lock is free)."""
+    try:
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return True
+    except OSError:
+        return False
 
 
 def _touch(path: Path, size: int) -> bool:
@@ -280,22 +312,26 @@ class ShardReader:
             self._open.move_to_end(shard)
             return images
         info = self.shards[shard]
-        path = self.cache.fetch(self.location, info) if self.cache else Path(self.location) / info["name"]
-        try:
-            if path.stat().st_size != info["bytes"]:
-                raise DataError(f"shard {info['name']} of {where(self.location)} has {path.stat().st_size} bytes, its "
-                                f"{INDEX} says {info['bytes']}: the set is damaged; write it again")
-            batch = pa.ipc.open_file(pa.memory_map(str(path), "r")).get_batch(0)
-            first = batch.column(0)[0].as_py() if batch.num_rows else None
-        except FileNotFoundError:
-            raise DataError(f"shard {info['name']} of {where(self.location)} is missing ({path}): the set is damaged; "
-                            f"write it again") from None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"shard {info['name']} of {where(self.location)} cannot be read ({_first_line(exc)}): the set "
-                            f"is damaged; write it again") from None
+        for attempt in range(2):
+            path = self.cache.fetch(self.location, info) if self.cache else Path(self.location) / info["name"]
+            try:
+                if path.stat().st_size != info["bytes"]:
+                    raise DataError(f"shard {info['name']} of {where(self.location)} has {path.stat().st_size} bytes, "
+                                    f"its {INDEX} says {info['bytes']}: the set is damaged; write it again", rank_local=True)
+                batch = pa.ipc.open_file(pa.memory_map(str(path), "r")).get_batch(0)
+                first = batch.column(0)[0].as_py() if batch.num_rows else None
+                break
+            except FileNotFoundError:
+                if self.cache and attempt == 0:
+                    continue  # a copy deleted by another process making room since it was fetched: fetched again
+                raise DataError(f"shard {info['name']} of {where(self.location)} is missing ({path}): the set is "
+                                f"damaged; write it again", rank_local=True) from None
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DataError(f"shard {info['name']} of {where(self.location)} cannot be read ({_first_line(exc)}): "
+                                f"the set is damaged; write it again", rank_local=True) from None
         if batch.num_rows != info["rows"] or first != int(self.starts[shard]):
             raise DataError(f"shard {info['name']} of {where(self.location)} holds other rows than its {INDEX} says: the "
-                            f"set is damaged; write it again")
+                            f"set is damaged; write it again", rank_local=True)
         self._open[shard] = images = batch.column(1)
         while len(self._open) > self.keep_open:
             self._open.popitem(last=False)
@@ -320,7 +356,7 @@ class ShardWindowSampler(Sampler[int]):
         return len(self.by_shard)
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed % 2**63, self.epoch])
         order = rng.permutation(len(self.present))
         for start in range(0, len(order), self.window):
             chosen = order[start:start + self.window]

@@ -53,11 +53,14 @@ class Resumption:
     def resumed(self, samples: int, epochs_done: int, saved_batches: int) -> tuple[str, int]:
         """(message(), the checkpoint's micro-batches per process of its epoch counted in this run's layout: the same
         samples done)."""
-        done = saved_batches * self.saved.processes * self.saved.batch_size
+        saved, now = self.saved.with_samples(samples), self.now.with_samples(samples)
         line = self.message(samples, epochs_done)
+        if saved_batches >= saved.batches_per_process:  # saved at the epoch's last step (a preemption): all done
+            return line, now.batches_per_process if saved_batches else 0
+        done = saved_batches * saved.processes * saved.batch_size
         if done:
             line += f"; epoch {epochs_done + 1} goes on after its first {done} samples"
-        return line, done // (self.now.processes * self.now.batch_size)
+        return line, done // (now.processes * now.batch_size)
 
     def message(self, samples: int, epochs_done: int) -> str:
         """What changed, in one line (`samples`: the training set's size, for the steps per epoch)."""
@@ -107,7 +110,11 @@ def plan(saved: Saved, now: Layout, *, elastic: str = "keep", max_steps: int | N
                               f"data.batch_size" + (f"; or, for another global batch, {hint} (--resume DIR)" if saved.mid_epoch
                                                     else f", or set train.elastic=adapt to train on with global batch "
                                                          f"{now.global_batch}"))
-    if saved.mid_epoch and resumption.rescale:
+    if saved.mid_epoch and (resumption.rescale or deepspeed):
+        if deepspeed and not resumption.rescale:
+            raise ConfigError(f"the checkpoint was saved in the middle of epoch {saved.epochs_done + 1} by {_describe(old)}; "
+                              f"a DeepSpeed run resumes the middle of an epoch on the same layout only: {hint} (--resume "
+                              f"DIR), or keep the checkpoint's data.batch_size and train.grad_accum_steps")
         raise ConfigError(f"the checkpoint was saved in the middle of epoch {saved.epochs_done + 1} by {_describe(old)}; "
                           f"with global batch {now.global_batch} instead of {old.global_batch} the rest of the epoch "
                           f"would be other batches: {hint} (--resume DIR), or keep the global batch")

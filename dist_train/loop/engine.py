@@ -199,14 +199,14 @@ class Run:
         self.info: dict = {}
 
     def start(self, checkpoint: Path | None = None) -> None:
-        """Resume from `checkpoint` when given (checkpoint.choose_checkpoint; under another layout as the parts'
-        resumption says), then open the run directory's records (config.yaml, run_info.json, metrics.jsonl,
-        TensorBoard) and say what runs."""
+        """Resume from `checkpoint` when given (under another layout as the parts' resumption says), then open the run
+        directory's records (config.yaml, run_info.json, metrics.jsonl, TensorBoard) and say what runs."""
         resumption = self.parts.resumption
         if checkpoint is not None:
             self.checkpointer.resume(checkpoint, rescale=resumption is not None and resumption.rescale)
             if resumption is not None and resumption.changed:  # (mid-epoch: its batches done counted in this layout)
                 line, self.state.batches_done = resumption.resumed(self.layout.samples, self.state.epoch, self.state.batches_done)
+                self.accelerator.step = 0  # the saved micro-batch count is the old accumulation's: a window starts here
                 self.reporter.say(line)
             self.reporter.say(f"resumed from {checkpoint}: epoch {self.state.epoch + 1}, batch {self.state.batches_done}, "
                               f"step {self.state.global_step}")
