@@ -240,3 +240,39 @@ def test_a_damaged_set_or_a_store_not_there_is_one_line_naming_the_shard_or_the_
     with pytest.raises(DataError, match=r"cannot read index.json of s3://data/digits/train \(endpoint http://127.0.0.1:\d+\): "
                                         r".*NETWORK_CONNECTION"):
         ShardSet.open("s3://data/digits/train")
+
+
+def test_both_decode_paths_see_the_same_samples_from_shards_as_from_the_files(tmp_path):
+    """The loader workers' decode + augmentation, and data.decode=device's bytes and crop boxes, from a shard set of
+    JPEGs are the files' own, sample for sample."""
+    import torch
+    from PIL import Image
+
+    from dist_train.commands.shards import write_shards
+    from dist_train.data.datasets import build_dataset
+
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "train.csv", "w") as f:
+        f.write("id,image,label\n")
+        for i in range(12):
+            pixels = rng.integers(0, 256, size=(30 + i, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.jpg", quality=85)
+            f.write(f"r{i},images/{i}.jpg,{i % 3}\n")
+    common = [f"data.root={tmp_path}", "data.val=null", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=16",
+              "data.train_crop=random_resized_crop", "data.train_augment=[{name: RandomHorizontalFlip}]"]
+    files = load_config(config_path("digits.yaml"), ["data.source=csv", *common])
+    write_shards(files, "train", str(tmp_path / "set"), rows=5, workers=1, say=lambda line: None)
+    shards = load_config(config_path("digits.yaml"), ["data.source=shards", f"data.train={tmp_path / 'set'}", *common])
+    table, packed = read_split(files.data, "train", True), read_split(shards.data, "train", True)
+    table.targets = packed.targets = torch.arange(12)  # (the task encodes the labels; here any targets will do)
+    for on_device in (False, True):
+        ours, theirs = (build_dataset(r, c.data, "train", seed=5, on_device=on_device) for r, c in ((packed, shards), (table, files)))
+        ours.set_epoch(2), theirs.set_epoch(2)
+        for i in range(12):
+            (a, ta, ia), (b, tb, ib) = ours[i], theirs[i]
+            if on_device:
+                assert torch.equal(a["data"], b["data"]) and a["box"] == b["box"] and a["flip"] == b["flip"]
+            else:
+                assert torch.equal(a, b)
+            assert (ta, ia) == (tb, ib)

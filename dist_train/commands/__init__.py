@@ -10,7 +10,8 @@
     parity.py     `python -m dist_train.commands.parity`: 2 processes train as 1 does
     api.py        dist_train.Trainer: the loop from Python, with a model, loss or datasets of one's own
     soup.py       dist-train soup: a cross-validation run's folds averaged into one checkpoint
-    scaffold.py   the dist-train command (`new DIR`, `train`, `predict`, `export`, `soup`)
+    shards.py     dist-train shards: a split written as a shard set (a directory or s3://)
+    scaffold.py   the dist-train command (`new DIR`, `train`, `predict`, `export`, `soup`, `shards`)
 
 May import: every package.
 """

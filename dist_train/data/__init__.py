@@ -1,6 +1,7 @@
 """Data: from a table's rows to batches on the device.
 
-    tables.py    a split's rows (CSV table or class folders) read into Records
+    tables.py    a split's rows (CSV table, class folders or a shard set's table) read into Records
+    shards.py    shard sets: images packed in large files, in a directory or S3; their cache, reader and order
     splits.py    which rows train and which validate: hold-out, groups, k folds; the built-in digits
     datasets.py  images decoded and transformed (or left encoded for the device), targets, the model's input
     decode.py    JPEGs decoded on the device (nvJPEG) and their crops
