@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -242,12 +243,13 @@ def test_a_damaged_set_or_a_store_not_there_is_one_line_naming_the_shard_or_the_
         ShardSet.open("s3://data/digits/train")
 
 
-def test_both_decode_paths_see_the_same_samples_from_shards_as_from_the_files(tmp_path):
+def test_both_decode_paths_see_the_same_samples_from_shards_as_from_the_files(tmp_path, monkeypatch):
     """The loader workers' decode + augmentation, and data.decode=device's bytes and crop boxes, from a shard set of
-    JPEGs are the files' own, sample for sample."""
+    JPEGs are the files' own, sample for sample. (And the writer's progress lines, where no bar is drawn.)"""
     import torch
     from PIL import Image
 
+    from dist_train.commands import shards as command
     from dist_train.commands.shards import write_shards
     from dist_train.data.datasets import build_dataset
 
@@ -262,7 +264,11 @@ def test_both_decode_paths_see_the_same_samples_from_shards_as_from_the_files(tm
     common = [f"data.root={tmp_path}", "data.val=null", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=16",
               "data.train_crop=random_resized_crop", "data.train_augment=[{name: RandomHorizontalFlip}]"]
     files = load_config(config_path("digits.yaml"), ["data.source=csv", *common])
-    write_shards(files, "train", str(tmp_path / "set"), rows=5, workers=1, say=lambda line: None)
+    monkeypatch.setattr(command, "PROGRESS_S", 0.0)
+    lines = []
+    write_shards(files, "train", str(tmp_path / "set"), rows=5, workers=1, say=lines.append)
+    assert re.fullmatch(r"shards: 1/3 written, 5 images, [\d,]+ images/s, \d+ min left", lines[1]), lines
+    assert len(lines) == 4 and lines[-1].startswith(f"shards: wrote {tmp_path / 'set'}: 12 rows in 3 shards")
     shards = load_config(config_path("digits.yaml"), ["data.source=shards", f"data.train={tmp_path / 'set'}", *common])
     table, packed = read_split(files.data, "train", True), read_split(shards.data, "train", True)
     table.targets = packed.targets = torch.arange(12)  # (the task encodes the labels; here any targets will do)

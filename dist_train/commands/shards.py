@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,6 +34,10 @@ from dist_train.rundir.report import bars
 
 SIZE_SAMPLE = 1000
 """Image files whose mean size sets the rows per shard (--shard-size)."""
+READ_THREADS = 16
+"""Image files a writing process reads at once."""
+PROGRESS_S = 30.0
+"""Seconds between progress lines where no bar is drawn."""
 
 
 def split_table(config: Config, split: str) -> tuple[list[str], bytes, dict]:
@@ -78,13 +83,8 @@ def _write_shard(job: tuple) -> dict:
     """One shard: its rows' image files into an Arrow file at the output (a pool worker's task)."""
     output, i, start, files, plan = job
     store, root = filesystem(output)
-    images = []
-    for path in files:
-        try:
-            with open(path, "rb") as f:
-                images.append(f.read())
-        except OSError as exc:
-            raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # a shared file system answers each open with a round trip
+        images = list(pool.map(_read_image, files))
     table = pa.table({"row": pa.array(range(start, start + len(files)), pa.int64()), "image": pa.array(images, pa.large_binary())})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
@@ -98,6 +98,14 @@ def _write_shard(job: tuple) -> dict:
     except OSError as exc:
         raise DataError(f"cannot write {info['name']} to {where(output)}: {str(exc).strip().splitlines()[0]}") from None
     return info
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
 
 
 def _put(store, path: str, data) -> None:
@@ -130,6 +138,26 @@ def _done(store, root: str, name: str, plan: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return info if info.get("plan") == plan and size == info.get("bytes") else None
+
+
+class Progress:
+    """A line every PROGRESS_S seconds where no bar is drawn (a batch job's log): shards and images done, the rate,
+    the time left."""
+
+    def __init__(self, shards: int, images: int, say):
+        self.shards, self.images, self.say = shards, images, say
+        self.done_shards = self.done_images = 0
+        self.started = self.last = time.monotonic()
+
+    def update(self, rows: int) -> None:
+        self.done_shards, self.done_images = self.done_shards + 1, self.done_images + rows
+        now = time.monotonic()
+        if bars() or now - self.last < PROGRESS_S or self.done_shards == self.shards:
+            return
+        self.last, rate = now, self.done_images / max(now - self.started, 1e-9)
+        left = (self.images - self.done_images) / max(rate, 1e-9)
+        self.say(f"shards: {self.done_shards}/{self.shards} written, {self.done_images:,} images, {rate:,.0f} images/s, "
+                 f"{left / 60:.0f} min left")
 
 
 def rows_per_shard(files: list[str], shard_mb: float) -> int:
@@ -168,16 +196,21 @@ def write_shards(config: Config, split: str, output: str, shard_mb: float = 256.
         + (f" ({len(kept)} already written, kept)" if kept else ""))
     infos = list(kept)
     workers = max(1, min(workers or min(8, os.cpu_count() or 1), len(jobs) or 1))
+    progress = Progress(len(jobs), sum(len(job[3]) for job in jobs), say)
     with tqdm(total=len(jobs), desc="shards", unit="shard", disable=not bars(), dynamic_ncols=True) as bar:
         if workers == 1:
-            for job in jobs:
-                infos.append(_write_shard(job))
-                bar.update()
+            done = map(_write_shard, jobs)
         else:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                for info in pool.imap_unordered(_write_shard, jobs):
-                    infos.append(info)
-                    bar.update()
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+            done = pool.imap_unordered(_write_shard, jobs)
+        try:
+            for info in done:
+                infos.append(info)
+                bar.update()
+                progress.update(info["rows"])
+        finally:
+            if workers > 1:
+                pool.terminate()
     infos.sort(key=lambda info: int(info["name"].split("-")[1].split(".")[0]))
     from dist_train import __version__
 
