@@ -198,7 +198,9 @@ def test_refusals_of_the_plan():
     assert (kept.now.accum, kept.rescale) == (2, False)
     line, batches = kept.resumed(1257, 2, 6)  # 6 micro-batches of 2 x 32 done = 12 of 1 x 32
     assert batches == 12 and line.endswith("; epoch 3 goes on after its first 384 samples")
-    assert kept.resumed(1257, 2, 20)[1] == 40  # saved at the epoch's last step (a preemption): all of it done
+    # saved at the epoch's last step (a preemption): all of it done -- 14 padded batches of 3 x 32 are 40 of 1 x 32
+    last = elastic.plan(elastic.Saved(Layout(3, 32, 1), 2, mid_epoch=True), layout(1, 32, 1))
+    assert last.resumed(1257, 2, 14) == (last.message(1257, 2), 40)
     with pytest.raises(ConfigError, match=r"a DeepSpeed run resumes the middle of an epoch on the same layout only"):
         elastic.plan(mid, layout(2, 16, 2), deepspeed=True)
     with pytest.raises(ConfigError, match=r"a DeepSpeed checkpoint resumes on the number of processes that saved it \(2; "

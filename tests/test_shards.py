@@ -23,6 +23,7 @@ from test_ownership_and_elastic import epoch_rows
 
 from dist_train.config import load_config
 from dist_train.data.shards import ShardReader, ShardSet, ShardWindowSampler, cache_directory
+from dist_train.data.table_cache import _locked
 from dist_train.data.tables import read_split
 from dist_train.errors import ConfigError, DataError
 from dist_train.job.faults import FAULT_ENV
@@ -205,6 +206,13 @@ def test_the_cache_limit_holds_while_a_set_three_times_larger_streams(sets, s3, 
             assert reader.read(row) == local.read(row)
             largest = max(largest, sum(p.stat().st_size for p in cache.iterdir()))
     assert largest <= limit and not stale.exists()
+    live = cache / f".{shard_set.shards[1]['sha256'][:32]}.part-1"  # a download in flight: its lock held
+    with _locked(cache / f".{shard_set.shards[1]['sha256'][:32]}.lock"):
+        live.write_bytes(b"x" * (limit - 100))
+        assert reader.cache._make_room(cache.parent, 200) is False and live.exists()  # kept, counted: wait, delete nothing
+        assert len(list(cache.glob("*.arrow"))) > 0
+        live.unlink()
+    assert reader.cache._make_room(cache.parent, limit + 1) is None  # never fits: said at once
     assert len(list(cache.glob("*.arrow"))) < 13  # shards were deleted to keep to it (and fetched again)
     config = load_config(config_path("digits.yaml"), ["data.source=shards", "data.train=s3://data/digits/train",
                                                       f"data.cache_dir={tmp_path}", "data.cache_limit=20KB"])
@@ -265,6 +273,7 @@ def test_both_decode_paths_see_the_same_samples_from_shards_as_from_the_files(tm
               "data.train_crop=random_resized_crop", "data.train_augment=[{name: RandomHorizontalFlip}]"]
     files = load_config(config_path("digits.yaml"), ["data.source=csv", *common])
     monkeypatch.setattr(command, "PROGRESS_S", 0.0)
+    monkeypatch.setattr(command, "bars", lambda: False)  # (as in a batch job's log, also under pytest -s)
     lines = []
     write_shards(files, "train", str(tmp_path / "set"), rows=5, workers=1, say=lines.append)
     assert re.fullmatch(r"shards: 1/3 written, 5 images, [\d,]+ images/s, \d+ min left", lines[1]), lines

@@ -83,8 +83,11 @@ def _write_shard(job: tuple) -> dict:
     """One shard: its rows' image files into an Arrow file at the output (a pool worker's task)."""
     output, i, start, files, plan = job
     store, root = filesystem(output)
-    with ThreadPoolExecutor(READ_THREADS) as pool:  # a shared file system answers each open with a round trip
+    pool = ThreadPoolExecutor(READ_THREADS)  # a shared file system answers each open with a round trip
+    try:
         images = list(pool.map(_read_image, files))
+    finally:
+        pool.shutdown(cancel_futures=True)
     table = pa.table({"row": pa.array(range(start, start + len(files)), pa.int64()), "image": pa.array(images, pa.large_binary())})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
@@ -180,6 +183,9 @@ def write_shards(config: Config, split: str, output: str, shard_mb: float = 256.
             Path(root).mkdir(parents=True, exist_ok=True)
         if _exists(store, f"{root}/{INDEX}"):  # the set is being rewritten: unfinished until its index is back
             store.delete_file(f"{root}/{INDEX}")
+        if not is_remote(output):  # what an interrupted run was writing
+            for tmp in Path(root).glob("*.tmp-*"):
+                tmp.unlink(missing_ok=True)
     except OSError as exc:
         raise DataError(f"cannot write to {where(output)}: {exc}") from None
     jobs, kept = [], []

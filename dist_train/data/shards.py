@@ -41,8 +41,6 @@ FORMAT = "dist_train shards 1"
 INDEX, ROWS = "index.json", "rows.csv"
 ATTEMPTS = 4
 """Tries of one S3 request (the SDK's retries) and of one shard's download (ours, with a pause), before the error."""
-ROOM_WAIT_S = 120
-"""How long a download waits for room that other processes' downloads hold, before it is an error."""
 
 
 def shard_name(i: int) -> str:
@@ -157,7 +155,8 @@ class ShardCache:
     is never read from an older copy); every set's copies under `directory.parent` together hold at most `limit`
     bytes (None: no limit). Room is made before a download, the least recently opened copies deleted first, and a
     download reserves its full size first (a file of that length), so that processes downloading at once do not pass
-    the limit together; a partial download whose process died (its lock free) is deleted. A copy deleted while a
+    the limit together (one waits while the others' downloads fill it); a partial download whose process died (its
+    lock free) is deleted. A copy deleted while a
     loader worker still maps it frees its disk when the worker moves on. Downloads are checked against the sha256."""
 
     def __init__(self, directory: Path, limit: int | None):
@@ -188,23 +187,25 @@ class ShardCache:
         return target
 
     def _reserve(self, part: Path, size: int, name: str) -> None:
-        root, waited = self.directory.parent, 0.0
+        root = self.directory.parent
         while True:
             with _locked(root / ".room.lock"):
-                if self.limit is None or self._make_room(root, size):
+                room = True if self.limit is None else self._make_room(root, size)
+                if room:
                     with open(part, "wb") as f:
                         f.truncate(size)
                     return
-            if waited > ROOM_WAIT_S:
-                raise DataError(f"data.cache_limit ({self.limit / 1e6:.1f} MB) has no room for shard {name} "
-                                f"({size / 1e6:.1f} MB) in {root} after {ROOM_WAIT_S} s: other downloads hold it; raise "
-                                f"the limit", rank_local=True)
-            time.sleep(0.2)  # the room is in downloads of other processes: wait for them to finish
-            waited += 0.2
+            if room is None:
+                raise DataError(f"shard {name} ({size / 1e6:.1f} MB) is larger than data.cache_limit "
+                                f"({self.limit / 1e6:.1f} MB): raise the limit", rank_local=True)
+            time.sleep(0.2)  # other processes' downloads hold the room: wait for them to finish (or die)
 
-    def _make_room(self, root: Path, size: int) -> bool:
-        """Delete the least recently opened copies until `size` more bytes fit; False if downloads in flight fill it."""
-        files, used = [], 0
+    def _make_room(self, root: Path, size: int) -> bool | None:
+        """Delete the least recently opened copies until `size` more bytes fit: True; False while downloads of other
+        processes in flight hold the room (nothing deleted then); None if it can never fit."""
+        if size > self.limit:
+            return None
+        files, copies, in_flight = [], 0, 0
         for path in root.glob("*/*"):
             try:
                 stat = path.stat()
@@ -214,16 +215,18 @@ class ShardCache:
                 if _lock_free(path.with_name(path.name.split(".part-")[0] + ".lock")):
                     path.unlink(missing_ok=True)  # its process died mid-download
                 else:
-                    used += stat.st_size
+                    in_flight += stat.st_size
             elif path.suffix == ".arrow":
                 files.append((stat.st_mtime, path, stat.st_size))
-                used += stat.st_size
+                copies += stat.st_size
+        if in_flight + size > self.limit:
+            return False
         for _, path, length in sorted(files):
-            if used + size <= self.limit:
+            if in_flight + copies + size <= self.limit:
                 break
             path.unlink(missing_ok=True)
-            used -= length
-        return used + size <= self.limit
+            copies -= length
+        return True
 
     def _download(self, location: str, shard: dict, part: Path) -> None:
         store, root = filesystem(location)
