@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dist_train.config import Config, load_config, to_dict
 from dist_train.data.shards import FORMAT, INDEX, ROWS, filesystem, is_remote, shard_name, where
 from dist_train.data.splits import materialize_digits
-from dist_train.data.table_cache import open_table
+from dist_train.data.table_cache import _write_atomically, open_table
 from dist_train.data.tables import _check_images_exist, _folder_split, check_columns, split_source
 from dist_train.errors import DataError, DistTrainError
 from dist_train.job.distributed import fail
@@ -116,10 +116,7 @@ def _put(store, path: str, data) -> None:
     from pyarrow import fs
 
     if isinstance(store, fs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        _write_atomically(Path(path), lambda tmp: tmp.write_bytes(data))
         return
     for attempt in range(3):
         try:

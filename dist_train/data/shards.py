@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import Sampler
 
-from dist_train.data.table_cache import _locked
+from dist_train.data.table_cache import _locked, _write_atomically
 from dist_train.errors import DataError
 
 FORMAT = "dist_train shards 1"
@@ -119,29 +119,20 @@ class ShardSet:
         return self.index["shards"]
 
     def rows_table(self, cache: Path) -> Path:
-        """rows.csv as a local file: in place, or (S3) copied into `cache` once and checked against the index."""
+        """rows.csv as a local file: in place, or (S3) copied into `cache` once, checked against the index and named by
+        its sha256 (so a start trusts a copy without hashing it again)."""
         if not is_remote(self.location):
             return Path(self.location) / ROWS
-        path = cache / ROWS
-        if path.is_file() and _sha256_file(path) == self.index["rows_sha256"]:
+        path = cache / f"rows-{self.index['rows_sha256'][:32]}.csv"
+        if path.is_file():
             return path
         data = read_bytes(self.location, ROWS)
         if hashlib.sha256(data).hexdigest() != self.index["rows_sha256"]:
             raise DataError(f"{where(self.location)}: {ROWS} does not match {INDEX} (sha256): the set is damaged; write "
                             f"it again")
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{ROWS}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        _write_atomically(path, lambda tmp: tmp.write_bytes(data))
         return path
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_directory(cache_root: Path, location: str) -> Path:

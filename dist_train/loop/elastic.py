@@ -84,10 +84,9 @@ def plan(saved: Saved, now: Layout, *, elastic: str = "keep", max_steps: int | N
 
     The same processes: the config's batch settings are the user's choice, taken as they are (a new global batch
     rescales the schedule). Other processes: the accumulation that keeps the checkpoint's global batch, or with
-    train.elastic=adapt, when none does, the configured one with a rescaled schedule. Refused: a mid-epoch position
-    under another layout (it would mean other samples), DeepSpeed on other processes (its ZeRO state is partitioned
-    per process), a mid-epoch position with another global batch (the rest of the epoch would be other batches), and a
-    rescaled schedule with train.max_steps (whose steps would count other batches). A mid-epoch position with the global
+    train.elastic=adapt, when none does, the configured one with a rescaled schedule. Refused: DeepSpeed on other
+    processes (its ZeRO state is partitioned per process), a mid-epoch position with another global batch (the rest of
+    the epoch would be other batches) or, under DeepSpeed, another layout at all, and a rescaled schedule with train.max_steps (whose steps would count other batches). A mid-epoch position with the global
     batch kept goes on exactly: the sample order is the same on any number of processes and each optimizer step takes
     the next global batch of it, so the checkpoint's k steps are its first k x global batch samples (local_batches)."""
     old = saved.layout or now
@@ -110,14 +109,14 @@ def plan(saved: Saved, now: Layout, *, elastic: str = "keep", max_steps: int | N
                               f"data.batch_size" + (f"; or, for another global batch, {hint} (--resume DIR)" if saved.mid_epoch
                                                     else f", or set train.elastic=adapt to train on with global batch "
                                                          f"{now.global_batch}"))
-    if saved.mid_epoch and (resumption.rescale or deepspeed):
-        if deepspeed and not resumption.rescale:
-            raise ConfigError(f"the checkpoint was saved in the middle of epoch {saved.epochs_done + 1} by {_describe(old)}; "
-                              f"a DeepSpeed run resumes the middle of an epoch on the same layout only: {hint} (--resume "
-                              f"DIR), or keep the checkpoint's data.batch_size and train.grad_accum_steps")
+    if saved.mid_epoch and resumption.rescale:
         raise ConfigError(f"the checkpoint was saved in the middle of epoch {saved.epochs_done + 1} by {_describe(old)}; "
                           f"with global batch {now.global_batch} instead of {old.global_batch} the rest of the epoch "
                           f"would be other batches: {hint} (--resume DIR), or keep the global batch")
+    if saved.mid_epoch and deepspeed:
+        raise ConfigError(f"the checkpoint was saved in the middle of epoch {saved.epochs_done + 1} by {_describe(old)}; "
+                          f"a DeepSpeed run resumes the middle of an epoch on the same layout only: {hint} (--resume "
+                          f"DIR), or keep the checkpoint's data.batch_size and train.grad_accum_steps")
     if resumption.rescale and max_steps is not None:
         raise ConfigError(f"resuming with another global batch ({old.global_batch} -> {now.global_batch}) rescales the "
                           f"schedule by epochs, but train.max_steps={max_steps} counts optimizer steps of either batch: "
