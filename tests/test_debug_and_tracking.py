@@ -5,12 +5,12 @@ import csv
 import json
 import os
 import re
-import struct
 
 import pytest
 from conftest import config_path, read_jsonl, run_cli, tiny_overrides
 
 from dist_train.rundir import report
+from dist_train.rundir.logged import wandb_history, wandb_records
 from dist_train.rundir.report import progress
 
 
@@ -63,38 +63,13 @@ def test_wandb_offline_logs_from_the_main_process_only(digits_root, tmp_path):
             processes=2, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # one run, written by rank 0
-    history, config = [], []
-    for record in wandb_records(next(runs[0].glob("run-*.wandb"))):
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-        elif kind == "config":
-            config += [i.key for i in record.config.update]
-    assert [h["_step"] for h in history] == list(range(1, 21))  # one row per optimizer step
+    history = list(wandb_history(next(runs[0].glob("run-*.wandb"))))
+    config = [i.key for r in wandb_records(next(runs[0].glob("run-*.wandb"))) if r.WhichOneof("record_type") == "config"
+              for i in r.config.update]
+    # a row per optimizer step and one for the evaluation, each at its step (the x-axis W&B's charts use)
+    assert [h["global_step"] for h in history] == [*range(1, 21), 20]
     assert history[-1]["val/accuracy"] == read_jsonl(tmp_path / "metrics.jsonl")[0]["val_accuracy"]
     assert "optim.lr" in config and "tracking.wandb" in config
-
-
-def wandb_records(path):
-    """The records of a .wandb file: a LevelDB-style log (7-byte file header, 32 KiB blocks of chunks,
-    each with a 7-byte header: crc, length, type) of wandb_internal_pb2.Record messages."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, pending = 7, b""
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
-            pos += 32768 - pos % 32768
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a FULL record, or the LAST chunk of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
-            pending = b""
 
 
 class Rank:
@@ -130,3 +105,33 @@ def test_a_run_written_to_a_file_prints_step_lines_and_no_carriage_return(digits
                         r"run \d:\d\d:\d\d", lines[1]), lines[1]
     assert lines[3].endswith("eta epoch 0:00:00, run 0:00:00")
     assert sum(line.startswith("epoch ") for line in proc.stdout.splitlines()) == 2  # the epochs' lines, as before
+
+
+def test_tensorboard_resumed_at_an_evaluations_step_shows_it_once(tmp_path):
+    """A checkpoint taken before its step's evaluation (a preemption at an epoch's last step), whose run went on to log
+    that evaluation and one more step before it was killed: the resume evaluates at that step again. TensorBoard shows
+    the evaluation once and the step's own training values kept; what came after the checkpoint is purged and logged
+    again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dist_train.rundir.tracking import ResumableTensorBoard
+
+    killed = SummaryWriter(str(tmp_path / "tensorboard"))
+    for step in range(1, 22):
+        killed.add_scalar("train/loss", 1 / step, step)
+    killed.add_scalar("epoch", 1, 20)
+    killed.add_scalar("val/accuracy", 0.5, 20)
+    killed.close()
+    resumed = ResumableTensorBoard(tmp_path, resumed_at=20)
+    resumed.start()
+    resumed.log({"epoch": 1, "val/accuracy": 0.5, "train/epoch_loss": 0.3}, step=20)
+    resumed.log({"train/loss": 0.04}, step=21)
+    assert resumed.held.line() == "tensorboard: 2 values the killed run logged for step 20 are kept, not logged again"
+    resumed.writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0}, purge_orphaned_data=True)
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("epoch")] == [(20, 1.0)]
+    assert [e.step for e in events.Scalars("val/accuracy")] == [20] and [e.step for e in events.Scalars("train/epoch_loss")] == [20]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")][-2:] == [(20, 0.05), (21, 0.04)]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 22))

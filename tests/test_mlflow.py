@@ -7,18 +7,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
+from collections import Counter
 
 import pytest
-from conftest import ROOT, assert_killed, config_path, run_cli, run_env, tiny_overrides
+from conftest import ROOT, assert_killed, config_path, read_jsonl, run_cli, run_env, tiny_overrides
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dist_train.config import load_config
 from dist_train.errors import ConfigError
 from dist_train.job.faults import FAULT_ENV
+from dist_train.rundir.logged import wandb_history
 
 SERVER = ROOT / ".venv" / "mlflow-server" / "bin" / "mlflow"
 
@@ -79,26 +83,66 @@ def client(uri: str):
     return MlflowClient(uri)
 
 
-def test_a_two_process_run_killed_and_resumed_is_one_mlflow_run_with_each_step_once(server, digits_root, tmp_path):
-    env = {"MLFLOW_TRACKING_URI": server}
-    run = args(digits_root, tmp_path, "killed", **{"checkpoint.every_n_steps": 7})
-    killed = run_cli("train.py", run, processes=2, check=False, env={**env, FAULT_ENV: "kill@step:10"})
-    assert_killed(killed)
+# 1257 rows, 32 per process on 2 processes: 20 steps an epoch, every step logged; 2 epochs. Where rank 0 is killed, and
+# the checkpoint the resume starts from (a periodic save never falls on an epoch's last step: the epoch's save follows):
+KILLS = {
+    # right after epoch 1's last optimizer step, before its evaluation: saved at 14; steps 15-20 are replayed and in the
+    # trackers already, the evaluation at step 20 is replayed and is not (the old MLflow tracker dropped it)
+    "before-evaluation": ({"checkpoint.every_n_steps": 7}, "kill@step:20", 14, "steps 15-20"),
+    # right after epoch 1's evaluation, before the epoch's save: saved at 10; steps 11-20 and the evaluation replayed,
+    # all in the trackers already
+    "after-evaluation": ({"checkpoint.every_n_steps": 10}, "kill@evaluated:20", 10, "steps 11-20"),
+}
+
+
+@pytest.mark.parametrize("kill", KILLS)
+def test_a_run_killed_and_resumed_holds_each_metric_once_in_every_tracker(kill, server, digits_root, tmp_path):
+    """TensorBoard (as TensorBoard shows it), MLflow (the server's histories) and W&B (its offline runs' files, as a
+    sync would upload them) each hold every (metric, step) of metrics.jsonl exactly once, and every training step's."""
+    overrides, fault, saved, replayed = KILLS[kill]
+    env = {"MLFLOW_TRACKING_URI": server, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    run = args(digits_root, tmp_path, f"killed-{kill}", **{"tracking.trackers": "[tensorboard, mlflow, wandb]", **overrides})
+    assert_killed(run_cli("train.py", run, processes=2, check=False, env={**env, FAULT_ENV: fault}))
     run_id = (tmp_path / "mlflow_run_id").read_text()
     resumed = run_cli("train.py", [*run, "--resume", "auto"], processes=2, env=env)
-    assert "resumed from" in resumed.stdout and (tmp_path / "mlflow_run_id").read_text() == run_id
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step-{saved:08d}'}" in resumed.stdout
+    assert (tmp_path / "mlflow_run_id").read_text() == run_id
+    lines = [line for line in resumed.stdout.splitlines() if "are kept, not logged again" in line]
+    # (W&B: as much as wandb-core wrote before its process was killed with rank 0 -- nothing, offline, with wandb 0.31)
+    # (TensorBoard: what is past the checkpoint is purged and logged again; at its step, see test_tensorboard_...)
+    assert [line.split(":")[0] for line in lines if not line.startswith("wandb:")] == ["mlflow"], resumed.stdout
+    assert all(re.fullmatch(rf"\w+: \d+ values the killed run logged for {replayed} are kept, not logged again", line)
+               for line in lines), lines
+
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [20, 40]
+    expected = Counter([("train/loss", step) for step in range(1, 41)]
+                       + [(key, r["step"]) for r in records for key in ("epoch", "train/epoch_loss", "val/accuracy", "val/loss")])
+    keys = {key for key, _ in expected}
 
     mlflow = client(server)
-    experiment = mlflow.get_experiment_by_name("killed")
-    runs = mlflow.search_runs([experiment.experiment_id])
-    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
-    # 1257 rows, 32 per process on 2 processes: 20 steps an epoch, logged every step; 8-10 were replayed by the resume
-    steps = [m.step for m in mlflow.get_metric_history(run_id, "train/loss")]
-    assert steps == list(range(1, 41))
-    assert [m.step for m in mlflow.get_metric_history(run_id, "val/accuracy")] == [20, 40]
-    data = runs[0].data
-    assert data.params["optim.lr"] == "0.003" and data.params["tracking.project"] == "killed"
+    held = Counter((key, m.step) for key in keys for m in mlflow.get_metric_history(run_id, key))
+    assert held == expected
+    assert len(mlflow.get_metric_history(run_id, "final/best_val_accuracy")) == 1
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0}, purge_orphaned_data=True)
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert Counter((key, e.step) for key in keys for e in events.Scalars(key)) == expected
+    assert [e.step for e in events.Scalars("val_f1_per_class/3")] == [20, 40]
+    assert [e.step for e in events.Scalars("hparam/best_val_accuracy")] == [40] and "train/lr" in tags
+
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # the killed run's and the resumed run's, one W&B run id
+    rows = [row for folder in runs for row in wandb_history(next(folder.glob("run-*.wandb")))]
+    assert Counter((key, row["global_step"]) for row in rows for key in row if key in keys) == expected
+    for folder in runs:  # W&B's own row counter only goes forward within each process
+        steps = [row["_step"] for row in wandb_history(next(folder.glob("run-*.wandb")))]
+        assert steps == sorted(steps)
+
     info = json.loads((tmp_path / "run_info.json").read_text())
+    data = mlflow.get_run(run_id).data
+    assert data.params["optim.lr"] == "0.003" and data.params["tracking.project"] == f"killed-{kill}"
     assert data.metrics["final/best_val_accuracy"] == pytest.approx(info["best"]["value"])
     assert {a.path for a in mlflow.list_artifacts(run_id)} == {"config.yaml", "confusion_matrix.png"}
 
@@ -145,7 +189,7 @@ def test_a_server_lost_mid_run_is_one_warning_and_the_run_goes_on(capsys, tmp_pa
     from dist_train.config import TrackingConfig
     from dist_train.rundir.mlflow_runs import ResumableMLflow
 
-    tracker = ResumableMLflow(TrackingConfig(trackers=["tensorboard", "mlflow"]), tmp_path, resumed=False)
+    tracker = ResumableMLflow(TrackingConfig(trackers=["tensorboard", "mlflow"]), tmp_path, resumed_at=None)
     calls = []
 
     def failing(*args, **kwargs):

@@ -290,7 +290,8 @@ def report_failure(exc: BaseException) -> None:
 #            nanloss (NaN added to that step's loss: its gradient stays finite), oom,
 #            fsize=BYTES (a file-size limit from then on: later writes fail with EFBIG), signal=NAME
 #   points:  step:N (after optimizer step N; for nan: its micro-batches), batch:N (after the N-th
-#            micro-batch of the run), epoch:N (after epoch N's save), save-PHASE:N (inside the save of
+#            micro-batch of the run), evaluated:N (an evaluation at step N recorded, before the epoch's save),
+#            epoch:N (after epoch N's save), save-PHASE:N (inside the save of
 #            step N; PHASE in written, fsynced, sealed, linked, rotating), find:B (batch-size trial B)
 
 FAULT_ENV = "DIST_TRAIN_FAULT"

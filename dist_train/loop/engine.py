@@ -409,8 +409,7 @@ class Run:
         return self.ranks.rank0_metrics(metrics), outputs
 
     def end_epoch(self, result: EpochResult, metrics: dict, outputs: dict) -> str | None:
-        """Decide (improved? stop?), record, save (`best` when improved), and say so; returns why the run stops
-        after this epoch ("max_steps", "patience") or None."""
+        """Decide (improved? stop?), record, save (`best` when improved), say so; why the run stops after it, or None."""
         state, monitor = self.state, self.config.checkpoint.monitor
         lr = self.parts.schedule.lr()
         self.parts.schedule.step_metric(metrics[monitor])
@@ -433,6 +432,7 @@ class Run:
         if result.skipped_samples:
             self.reporter.say(f"epoch {state.epoch}: skipped {result.skipped_samples} unreadable training images "
                               f"(data.bad_samples=skip; {state.skipped_samples} in all)")
+        faults.inject(f"evaluated:{state.global_step}")  # (recorded, not yet saved)
         path = self.save(best=decision.improved)
         faults.inject(f"epoch:{state.epoch}")
         if self.ranks.any_preempted(self.signals.received is not None):  # e.g. a signal during validation

@@ -2,9 +2,9 @@
 or study, continued (not duplicated) by a resumed run; only the main process talks to the server.
 
     connect(cfg)              the server checked once per process: one line (or a warning) when it does not answer
-    ResumableMLflow           Accelerate's MLflowTracker with the run's id kept in <run dir>/mlflow_run_id, the steps a
-                              killed run had logged skipped when its resume replays them, and a server lost mid-run a
-                              warning (the run goes on), never a traceback mid-epoch
+    ResumableMLflow           Accelerate's MLflowTracker with the run's id kept in <run dir>/mlflow_run_id, each (metric,
+                              step) the killed run had logged skipped when its resume replays it, and a server lost
+                              mid-run a warning (the run goes on), never a traceback mid-epoch
     parent_run(cfg, dir)      an MLflow run for a cross-validation run or a study, active while its folds or trials run
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from accelerate.tracking import MLflowTracker
 
 from dist_train.config import TrackingConfig
 from dist_train.errors import ConfigError
+from dist_train.rundir.logged import Held, mlflow_held
 
 RUN_ID_FILE = "mlflow_run_id"
 """In a run directory (a cross-validation run's, a study's): the id of its MLflow run."""
@@ -73,34 +74,34 @@ def saved_run_id(directory: Path) -> str | None:
 
 class ResumableMLflow(MLflowTracker):
     """The run directory's MLflow run (nested under an active parent: a cross-validation's or a study's), continued
-    when the run resumes: its id is kept in the run directory, the steps the killed run logged are not logged again,
-    and the config's parameters are logged once, by the run that started it."""
+    when the run resumes: its id is kept in the run directory, each (metric, step) the killed run logged is not logged
+    again (the server's histories read at the start), and the config's parameters are logged once, by the run that
+    started it."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, resumed: bool):
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, resumed_at: int | None):
         import mlflow
 
         super().__init__(experiment_name=cfg.project, run_id=saved_run_id(run_dir), run_name=run_dir.name,
                          nested_run=mlflow.active_run() is not None)
-        self.run_dir, self.resumed, self.logged_until, self.lost = run_dir, resumed, -1, False
+        self.run_dir, self.resumed_at, self.held, self.lost = run_dir, resumed_at, Held("mlflow"), False
 
     def start(self):
         super().start()
         (self.run_dir / RUN_ID_FILE).write_text(self.active_run.info.run_id)
-        if self.resumed:  # what the killed run logged past its checkpoint is replayed: log each step once
+        if self.resumed_at is not None:  # what the killed run logged past its checkpoint is replayed: log each once
             from mlflow import MlflowClient
 
-            client, run_id = MlflowClient(), self.active_run.info.run_id
-            steps = [m.step for key in ("train/loss", "epoch") for m in client.get_metric_history(run_id, key)]
-            self.logged_until = max(steps, default=-1)
+            pairs = mlflow_held(MlflowClient(), self.active_run.info.run_id, self.resumed_at)
+            self.held = Held("mlflow", pairs, self.resumed_at)
 
     def store_init_configuration(self, values: dict):
-        if not self.resumed:  # (a parameter's value cannot change: an elastic resume's batch keys would be refused)
+        if self.resumed_at is None:  # (a parameter's value cannot change: an elastic resume's batch keys would be refused)
             self._safely(super().store_init_configuration, values)
 
     def log(self, values: dict, step: int | None = None, **kwargs):
-        if step is not None and step <= self.logged_until:
-            return
-        self._safely(super().log, values, step=step, **kwargs)
+        values = self.held.fresh(values, step)
+        if values:
+            self._safely(super().log, values, step=step, **kwargs)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         import mlflow

@@ -1,6 +1,9 @@
 """What a run reports while it trains: TensorBoard, and the trackers tracking.trackers adds (MLflow, W&B, Comet, Aim,
 ClearML, DVCLive), from the main process only.
 
+A resumed run logs each (metric, step) once in every tracker: what the killed run's trackers hold from the checkpoint's
+step on is read back at the start (rundir/logged.py), and only what they lack is logged.
+
 Scalars go through Accelerate's trackers (`accelerator.log`, a no-op on other ranks). Per evaluation
 the main process also writes per-class F1, a confusion-matrix figure and a grid of the worst
 validation mistakes to TensorBoard (the figure to MLflow too), and at the end the hyper-parameters with the final
@@ -13,40 +16,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.tracking import TensorBoardTracker, WandBTracker
 
 from dist_train.config import TrackingConfig
 from dist_train.errors import ConfigError
 from dist_train.job.distributed import same_on_all_ranks
+from dist_train.rundir.logged import WANDB_STEP, Held, tensorboard_held, wandb_held
 from dist_train.rundir.mlflow_runs import ResumableMLflow, connect
 
 TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_ONLY = ("val_f1_per_class/", "hparam/", "val/confusion_matrix", "val/worst_mistakes")
+"""What the main process writes to TensorBoard alone (Tracking.evaluation, Tracking.finish)."""
 
 
 class Tracking:
     """The run's trackers; every method is safe to call on every rank (only the main process writes)."""
 
     def __init__(self, accelerator, cfg: TrackingConfig, run_dir: Path, hparams: dict, resumed_at: int | None):
-        from accelerate.tracking import TensorBoardTracker
-
         self.accelerator = accelerator
         self.cfg = cfg
         self.hparams = hparams
-        # after a resume, TensorBoard hides what the killed run logged past the checkpoint
-        purge = {"purge_step": resumed_at + 1} if resumed_at is not None else {}
-        trackers = [TensorBoardTracker(TENSORBOARD_DIR, str(run_dir), **purge)]
+        trackers = [ResumableTensorBoard(run_dir, resumed_at)]
         names = list(dict.fromkeys([*cfg.trackers, *(["wandb"] if cfg.wandb else [])]))
         if "wandb" in names:
-            from accelerate.tracking import WandBTracker
-
             run_id = wandb_run_id(run_dir) if accelerator.is_main_process else None
-            trackers.append(WandBTracker(cfg.wandb_project, name=run_dir.name, dir=str(run_dir), resume="allow", id=run_id))
+            trackers.append(ResumableWandB(cfg.wandb_project, run_dir, run_id, resumed_at))
         if "mlflow" in names and mlflow_on(accelerator, cfg):
-            trackers.append(ResumableMLflow(cfg, run_dir, resumed=resumed_at is not None))
+            trackers.append(ResumableMLflow(cfg, run_dir, resumed_at))
         trackers += [name for name in names if name not in ("tensorboard", "wandb", "mlflow")]  # Accelerate builds them
         accelerator.log_with = trackers  # Accelerate starts them, and logs, on the main process only
         accelerator.init_trackers(cfg.project)  # (the project of the trackers Accelerate builds; TensorBoard's is its own)
         if not accelerator.is_main_process:
             return
+        for tracker in accelerator.trackers:
+            if (line := tracker.held.line() if isinstance(getattr(tracker, "held", None), Held) else None):
+                print(line, flush=True)
         if "wandb" in names:
             accelerator.get_tracker("wandb", unwrap=True).config.update(hparams, allow_val_change=True)
         for tracker in self.others():
@@ -61,6 +65,10 @@ class Tracking:
         return [t for t in self.accelerator.trackers if t.name not in ("tensorboard", "wandb")]
 
     @property
+    def tensorboard(self) -> "ResumableTensorBoard":
+        return self.accelerator.get_tracker("tensorboard")
+
+    @property
     def writer(self):
         """TensorBoard's SummaryWriter on the main process, else None."""
         if not self.accelerator.is_main_process:
@@ -73,7 +81,7 @@ class Tracking:
     def evaluation(self, step: int, metrics: dict, classes: list[str], dataset, outputs: dict) -> None:
         """Per-class F1, the confusion matrix and the worst mistakes of one evaluation."""
         writer = self.writer
-        if writer is None:
+        if writer is None or self.tensorboard.held.holds("epoch", step):  # (the killed run logged this evaluation)
             return
         for name, f1 in zip(classes, metrics["per_class_f1"]):
             writer.add_scalar(f"val_f1_per_class/{name}", f1, step)
@@ -101,10 +109,74 @@ class Tracking:
         for tracker in self.others():
             tracker.log({f"final/{k}": v for k, v in final_metrics.items()}, step=step)
         metrics = {f"hparam/{k}": v for k, v in final_metrics.items()}
+        if self.tensorboard.held.holds(next(iter(metrics)), step):  # (written once, by a run killed after writing it)
+            return
         for summary in hparams(self.hparams, metrics):
             writer._get_file_writer().add_summary(summary)
         for key, value in metrics.items():
             writer.add_scalar(key, value, step)
+
+
+class ResumableTensorBoard(TensorBoardTracker):
+    """Accelerate's TensorBoard tracker, resumed: the killed run's events past the checkpoint hidden (purge_step), and
+    at the checkpoint's step itself (an evaluation the killed run may have logged after it) only what it lacks."""
+
+    def __init__(self, run_dir: Path, resumed_at: int | None):
+        super().__init__(TENSORBOARD_DIR, str(run_dir), **({"purge_step": resumed_at + 1} if resumed_at is not None else {}))
+        self.resumed_at, self.held = resumed_at, Held("tensorboard")
+
+    def start(self):
+        super().start()
+        if self.resumed_at is not None:
+            self.held = Held("tensorboard", tensorboard_held(self.logging_dir, self.resumed_at), self.resumed_at)
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        super().log(self.held.fresh(values, step), step=step, **kwargs)
+
+
+class ResumableWandB(WandBTracker):
+    """Accelerate's W&B tracker: one W&B run per run directory (its id kept there), every value logged with the
+    optimizer step as `global_step`, the x-axis of every chart (W&B refuses a row whose `_step` goes backwards, as an
+    evaluation at a resumed run's first step would); after a resume, only what the W&B run lacks."""
+
+    def __init__(self, project: str, run_dir: Path, run_id: str | None, resumed_at: int | None):
+        super().__init__(project, name=run_dir.name, dir=str(run_dir), resume="allow", id=run_id)
+        self.run_dir, self.resumed_at, self.held = run_dir, resumed_at, Held("wandb")
+
+    def start(self):
+        super().start()
+        self.run.define_metric(WANDB_STEP)
+        self.run.define_metric("*", step_metric=WANDB_STEP)
+        if self.resumed_at is None:
+            return
+        try:
+            self.held = Held("wandb", wandb_held(self.run, self.run_dir, 0), self.resumed_at)
+        except Exception as exc:  # the server's API: whatever it or the network did
+            print(f"warning: W&B: the run's history could not be read ({type(exc).__name__}: {str(exc)[:160]}); "
+                  f"values the killed run logged past step {self.resumed_at} may be logged twice", flush=True)
+            return
+        self._restore()
+
+    def _restore(self) -> None:
+        """What the killed run logged up to the checkpoint and W&B lost, logged again from TensorBoard's record (every
+        value logged through Accelerate is in both): wandb-core drops the rows it has not written when the process
+        that started it is killed (offline, all of them: measured with wandb 0.31)."""
+        lost: dict[int, dict[str, float]] = {}
+        for (tag, step), value in tensorboard_held(self.run_dir / TENSORBOARD_DIR, 0).items():
+            if step <= self.resumed_at and value is not None and not tag.startswith(TENSORBOARD_ONLY) \
+                    and not self.held.holds(tag, step):
+                lost.setdefault(step, {})[tag] = value
+        for step in sorted(lost):
+            self.run.log({**lost[step], WANDB_STEP: step})
+            self.held.restored.update((tag, step) for tag in lost[step])
+        if lost:
+            print(f"wandb: {sum(map(len, lost.values()))} values of steps {min(lost)}-{max(lost)} that the killed run's "
+                  f"W&B had not written logged again from TensorBoard's record", flush=True)
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        values = self.held.fresh(values, step)
+        if values:
+            self.run.log({**values, **({WANDB_STEP: step} if step is not None else {})}, **kwargs)
 
 
 def mlflow_on(accelerator, cfg: TrackingConfig) -> bool:
