@@ -1,5 +1,5 @@
 # make install: .venv with the pinned, tested versions; make test: the suite (WORKERS=N tests at a time, default 2);
-# make demo: the digits run; make docs: the site into site/; make gpu-check OUT=DIR: the GPU check with the machine's own Python
+# make demo: the digits run; make package-check: the built wheel, installed outside the checkout, used as a user would; make docs: the site into site/; make gpu-check OUT=DIR: the GPU check with the machine's own Python
 # (bench/gpu_check.py), report in DIR.
 PYTHON ?= python3
 VENV := .venv
@@ -9,11 +9,11 @@ LAUNCH := $(BIN)/accelerate launch --config_file accelerate_config.yaml --num_pr
 RUN_DIR := runs/digits
 OUT ?= runs/gpu-check
 
-.PHONY: install test test-fast demo gpu-check clean slurm-deps docs docs-serve
+.PHONY: install test test-fast demo gpu-check clean slurm-deps docs docs-serve package-check
 
 install: $(STAMP)
 
-$(STAMP): setup.py constraints.txt tests/mlflow-server.txt tests/s3-server.txt
+$(STAMP): setup.py pyproject.toml dist_train/__init__.py constraints.txt tests/mlflow-server.txt tests/s3-server.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# uv installs the same pins as pip (constraints.txt) in about 20 s instead of about 3 min; pip where uv cannot be had
 	@# --compile-bytecode: the .pyc files pip writes and uv does not by default; without them, where PYTHONDONTWRITEBYTECODE
@@ -21,6 +21,12 @@ $(STAMP): setup.py constraints.txt tests/mlflow-server.txt tests/s3-server.txt
 	{ $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt uv && \
 	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[dev,deepspeed,export]'; } || \
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,deepspeed,export]'
+	@# DeepSpeed's CPU collectives JIT-build a C++ op (deepspeed_shm_comm, into ~/.cache/torch_extensions) when the first
+	@# DeepSpeed job starts, and again whenever the venv's path changes (every fresh clone): 1-2.5 min of two compilers
+	@# on this machine, paid here once instead of inside a timed test
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	  get_accelerator().create_op_builder('ShareMemCommBuilder').load()" > /dev/null 2>&1 || \
+	  echo "warning: DeepSpeed's CPU op did not build here; the first DeepSpeed test builds it"
 	@# an MLflow tracking server for the tests (tests/test_mlflow.py starts it): the full `mlflow`, in a venv of its own,
 	@# as a server is another machine's (its pins, tests/mlflow-server.txt, need pyarrow < 26; the client is mlflow-skinny)
 	test -x $(VENV)/mlflow-server/bin/python || $(PYTHON) -m venv $(VENV)/mlflow-server
@@ -53,6 +59,11 @@ demo: install
 	@echo "submission:       $(RUN_DIR)/submission.csv"
 	@echo "TensorBoard logs: $(RUN_DIR)/tensorboard   ($(BIN)/tensorboard --logdir $(RUN_DIR)/tensorboard)"
 	@echo "metrics:          $(RUN_DIR)/metrics.jsonl"
+
+# The package as a pip user gets it (.ci/package_check.sh): sdist + wheel built offline, the wheel installed into a fresh
+# venv outside the checkout, and a new project trained and predicted from there with nothing of the repository read
+package-check: install
+	bash .ci/package_check.sh
 
 # The docs site (mkdocs.yml): built into site/ in strict mode (a broken link fails), or served at http://127.0.0.1:8000
 docs: install

@@ -88,7 +88,7 @@ def main() -> int:
         parser.error(f"unknown case(s) {', '.join(unknown)}; the cases: {', '.join(CASES)}")
     work = Path(tempfile.mkdtemp(prefix="compare_trees-"))
     sys.path.insert(0, str(args.after.resolve()))
-    from dist_train.data.splits import materialize_digits
+    from dist_train.data.digits import materialize_digits
     materialize_digits(work / "digits")
     write_grouped(work / "digits")
     same = True

@@ -265,7 +265,7 @@ def model_row(args) -> None:
     """A ~200 M-parameter timm model: 3 cross-validation folds of one optimizer step each (each saves a sealed
     checkpoint), a resume of fold 0 for one more step, `dist-train soup` of the 3 folds; and the plain torch.save /
     safetensors.save_file of the same model and optimizer state."""
-    from dist_train.data.splits import materialize_digits
+    from dist_train.data.digits import materialize_digits
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)

@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from dist_train.data.splits import materialize_digits
+    from dist_train.data.digits import materialize_digits
 
     times: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_train.config import load_config  # noqa: E402
 from dist_train.data.datasets import build_dataset  # noqa: E402
 from dist_train.data.loaders import build_loader  # noqa: E402
-from dist_train.data.splits import materialize_digits  # noqa: E402
+from dist_train.data.digits import materialize_digits  # noqa: E402
 from dist_train.data.tables import Records  # noqa: E402
 from dist_train.data.workers import prestart_worker_server  # noqa: E402
 

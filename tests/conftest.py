@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    from dist_train.data.splits import materialize_digits
+    from dist_train.data.digits import materialize_digits
 
     root = tmp_path_factory.mktemp("data") / "digits"
     materialize_digits(root)

@@ -23,10 +23,11 @@ from dist_train.job.distributed import build_accelerator, unwrap
 from dist_train.loop.build import build_parts
 from dist_train.loop.engine import Run
 from dist_train.rundir import checkpoint as ckpt
+from dist_train.rundir.weights import state_digest
 
 
 def same(a, b) -> bool:
-    return ckpt.state_digest(a) == ckpt.state_digest(b)
+    return state_digest(a) == state_digest(b)
 
 
 def load_pickle(path: Path):

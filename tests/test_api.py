@@ -17,7 +17,7 @@ from dist_train import Trainer
 from dist_train.commands.cli import predict_main, train_main
 from dist_train.config import Config, load_config
 from dist_train.errors import ConfigError
-from dist_train.rundir.checkpoint import state_digest
+from dist_train.rundir.weights import state_digest
 
 TRAIN, VAL, TEST = 1257, 270, 270  # the digits' splits
 DIGITS = [str(d) for d in range(10)]

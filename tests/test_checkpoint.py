@@ -15,6 +15,7 @@ from conftest import config_path, read_jsonl, run_cli, run_env
 from dist_train.errors import CheckpointError, SampleError
 from dist_train.models.networks import read_weights
 from dist_train.rundir import checkpoint as ckpt
+from dist_train.rundir.weights import state_digest
 
 OLD_CHECKPOINT = Path(__file__).parent / "fixtures" / "checkpoint-before-reshape"
 
@@ -116,7 +117,7 @@ def test_a_checkpoint_from_before_the_reshape_loads_exactly_and_resumes_as_today
     assert ends[0]["global_step"] == ends[1]["global_step"] > 5
     assert ends[0]["final_weights_sha256_per_rank"] == ends[1]["final_weights_sha256_per_rank"]
     assert ends[0]["final_optimizer_sha256_per_rank"] == ends[1]["final_optimizer_sha256_per_rank"]
-    ema = [ckpt.state_digest(read_weights(d / "checkpoints" / "last" / ckpt.EMA_FILE)) for d in (old, todays)]
+    ema = [state_digest(read_weights(d / "checkpoints" / "last" / ckpt.EMA_FILE)) for d in (old, todays)]
     assert ema[0] == ema[1]
     timing = {"samples_per_sec", "epoch_seconds", "data_wait_fraction"}
     lines = [[{k: v for k, v in line.items() if k not in timing} for line in read_jsonl(d / "metrics.jsonl")] for d in (old, todays)]

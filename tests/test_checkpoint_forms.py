@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import config_path, run_cli, tiny_overrides
 
+import dist_train
 from dist_train.commands import scaffold
 from dist_train.commands.cli import export_main, predict_main, soup_main, train_main
 from dist_train.commands.distill import find_teacher
@@ -168,6 +169,7 @@ def test_dist_train_lists_every_command_and_each_says_its_own_usage(capsys):
     versions = {run(scaffold.main, "--version"), run(train_main, "--version"), run(predict_main, "--version")}
     assert len(versions) == 1
     (line,) = versions
+    assert line.startswith(f"dist_train {dist_train.__version__} (")
     assert re.fullmatch(r"dist_train \S+ \(torch \S+, torchvision \S+, accelerate \S+, Python \S+, \S+ \S+\)\n", line), line
 
 

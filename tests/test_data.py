@@ -10,7 +10,8 @@ from PIL import Image
 from dist_train.config import DataConfig, load_config
 from dist_train.data.datasets import ImageDataset, build_transform
 from dist_train.data.loaders import ClassBalancedSampler
-from dist_train.data.splits import load_test_records, materialize_digits
+from dist_train.data.digits import materialize_digits
+from dist_train.data.splits import load_test_records
 from dist_train.data.tables import read_csv, sorted_labels
 from dist_train.errors import ConfigError, DataError
 from dist_train.models.tasks import load_records

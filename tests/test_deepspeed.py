@@ -32,10 +32,20 @@ def ddp_run(digits_root, tmp_path_factory):
     return out, train(digits_root, out, 2, **{"data.batch_size": 32})
 
 
+@pytest.fixture(scope="module")
+def zero3_run(digits_root, tmp_path_factory):
+    """A ZeRO-3 run, uninterrupted: the stage test's and the kill test's reference (one run, shared)."""
+    out = tmp_path_factory.mktemp("zero3")
+    return out, ds_train(digits_root, out, 3)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_is_sharded_and_trains_as_ddp_does(ddp_run, digits_root, tmp_path, stage):
+def test_zero_stage_is_sharded_and_trains_as_ddp_does(ddp_run, digits_root, tmp_path, stage, request):
     ddp_dir, ddp_metrics = ddp_run
-    metrics = ds_train(digits_root, tmp_path, stage)
+    if stage == 3:
+        tmp_path, metrics = request.getfixturevalue("zero3_run")
+    else:
+        metrics = ds_train(digits_root, tmp_path, stage)
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["distributed_type"] == "DistributedType.DEEPSPEED" and info["zero_stage"] == stage
     assert info["num_processes"] == 2
@@ -57,10 +67,10 @@ def test_zero2_with_accumulation_matches_ddp(ddp_run, digits_root, tmp_path):
     assert diff <= WEIGHT_TOL
 
 
-def test_zero3_killed_then_resumed_equals_uninterrupted_and_predicts_from_consolidated_weights(ddp_run, digits_root, tmp_path):
+def test_zero3_killed_then_resumed_equals_uninterrupted_and_predicts_from_consolidated_weights(ddp_run, zero3_run, digits_root,
+                                                                                             tmp_path):
     ddp_dir, _ = ddp_run
-    uninterrupted = tmp_path / "full"
-    ds_train(digits_root, uninterrupted, 3)
+    uninterrupted, _ = zero3_run
     args = ["--config", config_path("digits.yaml"),
             *tiny_overrides(digits_root, tmp_path / "killed", **{**EXACT, "deepspeed.enabled": "true",
                                                                  "deepspeed.zero_stage": 3, "data.batch_size": 32})]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import math
 import re
@@ -13,10 +14,11 @@ import torch
 from conftest import BIN, ROOT, config_path, read_jsonl, run_cli, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import dist_train
 from dist_train.config import ModelConfig
 from dist_train.job.distributed import BACKEND_ENV
 from dist_train.models.networks import build_model, read_weights
-from dist_train.rundir.checkpoint import state_digest
+from dist_train.rundir.weights import state_digest
 
 TRAIN = 1257  # digits training split
 VAL = 270
@@ -78,6 +80,8 @@ def test_run_directory_contents(two_process_run):
     for key in ("val_loss", "val_accuracy", "val_f1_macro", "lr", "samples_per_sec"):
         assert all(isinstance(m[key], float) for m in metrics), key
     assert info["versions"]["torch"] == torch.__version__
+    # one version: the package's, its installed metadata's (setup.py reads it), the run's record
+    assert info["versions"]["dist_train"] == dist_train.__version__ == importlib.metadata.version("dist_train")
     state = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["epoch"] == 2 and state["global_step"] == 40
     assert [s[1] for s in scalars(out, "val/accuracy")] == pytest.approx([m["val_accuracy"] for m in metrics])

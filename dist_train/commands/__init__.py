@@ -12,6 +12,7 @@
     soup.py       dist-train soup: a cross-validation run's folds averaged into one checkpoint
     shards.py     dist-train shards: a split written as a shard set (a directory or s3://)
     scaffold.py   the dist-train command (`new DIR`, `train`, `predict`, `export`, `soup`, `shards`)
+    versions.py   --version: one line of versions, from the packages' metadata
 
 May import: every package.
 """

@@ -7,6 +7,7 @@ import sys
 import traceback
 from dataclasses import replace
 
+from dist_train.commands.versions import PrintVersion
 from dist_train.config import load_config
 from dist_train.data.workers import prestart_worker_server
 from dist_train.errors import ConfigError, DistTrainError
@@ -20,36 +21,6 @@ OVERRIDES_HELP = "dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64 output
 CHECKPOINT_FORMS = ("a checkpoint directory (e.g. runs/x/checkpoints/best), a run directory (its best checkpoint), a "
                     "cross-validation run's directory (every fold's best) or a study's directory (its best trial)")
 LAST_HELP = "a run's (and each fold's) last checkpoint instead of its best"
-
-
-def version_line() -> str:
-    """dist_train's version with torch's, Accelerate's, Python's and the platform, one line for a bug report (read from
-    the installed packages' metadata: nothing heavy is imported)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    from dist_train import __version__
-
-    def of(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return (f"dist_train {__version__} (torch {of('torch')}, torchvision {of('torchvision')}, accelerate {of('accelerate')}, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.machine()})")
-
-
-class PrintVersion(argparse.Action):
-    """--version: version_line() as it is (argparse's own version action wraps it to the terminal's width), then exit."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print dist_train's, torch's, Accelerate's and Python's versions in one line, and exit")
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(version_line(), flush=True)
-        parser.exit()
 
 
 def _parser(description: str, config_help: str = "YAML or JSON config (default: built-in defaults = the digits run)",

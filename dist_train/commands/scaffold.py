@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dist_train.commands.versions import PrintVersion
+
 TEMPLATE = Path(__file__).parents[1] / "templates" / "project"
 FILES = ("config.yaml", "model.py", "dataset.py", "loss.py", "test_smoke.py", "README.md", "accelerate_config.yaml")
 """What a new project holds, besides its example data in data/."""
@@ -17,7 +19,7 @@ FILES = ("config.yaml", "model.py", "dataset.py", "loss.py", "test_smoke.py", "R
 def new_project(directory: Path) -> list[str]:
     """Write the template into `directory` (new or empty) and scikit-learn's digits into its data/ as example
     data; returns what was written."""
-    from dist_train.data.splits import materialize_digits
+    from dist_train.data.digits import materialize_digits
     from dist_train.errors import DistTrainError
 
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -62,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         from dist_train.commands.cli import soup_main
 
         return soup_main(argv[1:])
-    from dist_train.commands.cli import PrintVersion
-
     parser = argparse.ArgumentParser(prog="dist-train", description="dist_train's commands; `dist-train COMMAND --help` "
                                                                     "says each one's arguments.")
     parser.add_argument("--version", action=PrintVersion)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dist_train.config import Config, load_config, to_dict
 from dist_train.data.shards import FORMAT, INDEX, ROWS, filesystem, is_remote, shard_name, where
-from dist_train.data.splits import materialize_digits
+from dist_train.data.digits import materialize_digits
 from dist_train.data.table_cache import _write_atomically, open_table
 from dist_train.data.tables import _check_images_exist, _folder_split, check_columns, split_source
 from dist_train.errors import DataError, DistTrainError

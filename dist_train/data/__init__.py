@@ -2,7 +2,8 @@
 
     tables.py    a split's rows (CSV table, class folders or a shard set's table) read into Records
     shards.py    shard sets: images packed in large files, in a directory or S3; their cache, reader and order
-    splits.py    which rows train and which validate: hold-out, groups, k folds; the built-in digits
+    splits.py    which rows train and which validate: hold-out, groups, k folds
+    digits.py    the built-in example data: scikit-learn's digits written as PNGs and tables (no torch)
     datasets.py  images decoded and transformed (or left encoded for the device), targets, the model's input
     decode.py    JPEGs decoded on the device (nvJPEG) and their crops
     mixing.py    mixup / CutMix of a batch
@@ -19,8 +20,8 @@ OLD_NAMES = {
     "BAD_TARGET": "decode",
     "ClassBalancedSampler": "loaders",
     "DEVICE_AUGMENTATIONS": "datasets",
-    "DIGITS_MARKER": "splits",
-    "DIGITS_SPLIT_SEED": "splits",
+    "DIGITS_MARKER": "digits",
+    "DIGITS_SPLIT_SEED": "digits",
     "DeviceDecoder": "decode",
     "EncodedImageDataset": "datasets",
     "IMAGE_SUFFIXES": "tables",
@@ -45,7 +46,7 @@ OLD_NAMES = {
     "load_training": "splits",
     "loader_worker_init": "workers",
     "main_is_guarded": "workers",
-    "materialize_digits": "splits",
+    "materialize_digits": "digits",
     "prestart_worker_server": "workers",
     "random_resized_crop_box": "decode",
     "read_csv": "tables",

@@ -12,7 +12,7 @@ from accelerate.utils import gather_object
 
 from dist_train.job.distributed import any_rank, broadcast_buffers, same_on_all_ranks
 from dist_train.loop.build import input_dtype
-from dist_train.rundir.checkpoint import full_state_dict, state_digest
+from dist_train.rundir.weights import full_state_dict, state_digest
 from dist_train.rundir.report import progress
 
 

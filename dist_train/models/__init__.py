@@ -8,7 +8,8 @@ schedules, EMA, BatchNorm handling.
     ema.py             the weights' exponential moving average
     losses.py          cross-entropy, label smoothing, focal, F1; users' losses
     distill.py         knowledge distillation: the loss against a teacher, its cached outputs
-    tasks.py           what a task predicts, its loss, its metrics and its submission columns
+    tasks/             what a task predicts, its loss, its metrics and its submission columns: a module per kind
+                       (classification, multihead, multilabel, regression, ranking), base.py, loading.py
     metrics.py         metrics on gathered predictions, each implemented once
     optim.py           parameter groups, optimizers, schedules (warmup, step, cosine, plateau)
 

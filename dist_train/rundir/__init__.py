@@ -1,6 +1,7 @@
 """The run directory on disk, and every write into it (rank 0's, atomic).
 
     checkpoint.py  sealed checkpoints: complete-then-rename, sha256 manifests, rotation, resume
+    weights.py     a model's weights whole on every rank (ZeRO-3 gathered); digests of states
     runlock.py     one run per directory: the lock, taken over from a dead job
     report.py      config.yaml, run_info.json, metrics.jsonl, the console lines (rank 0)
     tracking.py    TensorBoard (and W&B, MLflow, Accelerate's others) on the main process

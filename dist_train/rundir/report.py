@@ -14,6 +14,7 @@ import torchvision
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from dist_train import __version__
 from dist_train.config import Config, preprocessing, preprocessing_summary, to_dict
 from dist_train.job.distributed import main_print
 from dist_train.rundir.files import write_text_atomic
@@ -119,7 +120,7 @@ def describe_run(accelerator: Accelerator, parts, processes: list[dict], resumed
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "dist_train": __version__, "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "accelerate": accelerate.__version__,
         },
         "distributed_type": str(accelerator.distributed_type),

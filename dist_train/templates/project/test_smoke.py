@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from dist_train import Trainer
-from dist_train.data.splits import materialize_digits
+from dist_train.data.digits import materialize_digits
 
 HERE = Path(__file__).parent
 
