@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import time
 
 import pytest
 from conftest import config_path, read_jsonl, run_cli, tiny_overrides
@@ -123,6 +124,9 @@ def test_tensorboard_resumed_at_an_evaluations_step_shows_it_once(tmp_path):
     killed.add_scalar("epoch", 1, 20)
     killed.add_scalar("val/accuracy", 0.5, 20)
     killed.close()
+    # another second: TensorBoard reads a directory's event files in the order of their names, whose first field is the
+    # second they were opened in (two writers of one process within a second are ordered by a counter, as text)
+    time.sleep(1.05)
     resumed = ResumableTensorBoard(tmp_path, resumed_at=20)
     resumed.start()
     resumed.log({"epoch": 1, "val/accuracy": 0.5, "train/epoch_loss": 0.3}, step=20)
