@@ -17,7 +17,7 @@ class Held:
     """The (metric, step) pairs one tracker holds at or past the checkpoint's step."""
 
     def __init__(self, name: str, pairs=(), resumed_at: int = 0):
-        self.name, self.pairs, self.resumed_at, self.skipped = name, set(pairs), resumed_at, 0
+        self.name, self.pairs, self.resumed_at = name, set(pairs), resumed_at
         self.restored: set[tuple[str, int]] = set()
         """Pairs this run logged again at its start because the tracker had lost them (W&B, from TensorBoard's record)."""
 
@@ -25,9 +25,7 @@ class Held:
         """`values` less those the tracker holds at `step`."""
         if step is None or not (self.pairs or self.restored):
             return values
-        kept = {k: v for k, v in values.items() if not self.holds(k, step)}
-        self.skipped += len(values) - len(kept)
-        return kept
+        return {k: v for k, v in values.items() if not self.holds(k, step)}
 
     def holds(self, tag: str, step: int) -> bool:
         return (tag, step) in self.pairs or (tag, step) in self.restored
