@@ -116,6 +116,8 @@ def test_a_run_killed_and_resumed_holds_each_metric_once_in_every_tracker(kill, 
 
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [20, 40]
+    # each rank's share of each epoch, the resumed one's counted from its start
+    assert all(r["rank_batches"] == [20, 20] and r["rank_samples"] == [640, 640] for r in records), records
     expected = Counter([("train/loss", step) for step in range(1, 41)]
                        + [(key, r["step"]) for r in records for key in ("epoch", "train/epoch_loss", "val/accuracy", "val/loss")])
     keys = {key for key, _ in expected}
